@@ -1,0 +1,228 @@
+"""Campaigns as data: load, validate and derive each item's grant terms.
+
+A campaign file is TOML.  Every term a grant carries (amount, valid_from,
+valid_until) is computed here from the file alone, never from the clock, so a
+grant written weeks later by a rerun is identical to the first attempt.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pipeline.errors import CampaignError, CampaignNotStartedError
+
+ITEM_KINDS = ("emoticon", "coupon", "pass", "cash")
+KINDS_WITH_AMOUNT = frozenset({"coupon", "cash"})
+ITEMS_PER_CAMPAIGN_MAX = 64
+AMOUNT_KRW_MAX = 100_000_000
+VALIDITY_DAYS_MAX = 3650
+DEFAULT_CAMPAIGN_RESOURCE = "kakao_outage_2022.toml"
+
+_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_VALIDITY_PATTERN = re.compile(r"^(\d{1,5})d$")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One thing every eligible user receives, with its fixed terms."""
+
+    sku: str
+    kind: str
+    amount_krw: int | None
+    validity_days: int | None  # None = permanent
+    valid_from: dt.datetime
+    valid_until: dt.datetime | None
+
+    def terms(self) -> dict[str, Any]:
+        """The terms a grant of this item carries, as plain JSON-able values."""
+        return {
+            "sku": self.sku,
+            "kind": self.kind,
+            "amount_krw": self.amount_krw,
+            "valid_from": self.valid_from.isoformat(),
+            "valid_until": None if self.valid_until is None else self.valid_until.isoformat(),
+        }
+
+    def terms_hash(self) -> str:
+        """A short digest of :meth:`terms`; equal digests mean identical grants."""
+        canonical = json.dumps(self.terms(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Campaign:
+    """A validated campaign: identity, time zone, start instant and items."""
+
+    campaign_id: str
+    name: str
+    time_zone: str
+    starts_at: dt.datetime  # aware, in the campaign's time zone
+    items: tuple[Item, ...]
+    source: str
+
+    def item(self, sku: str) -> Item:
+        """The item with this sku; :class:`CampaignError` if there is none."""
+        for item in self.items:
+            if item.sku == sku:
+                return item
+        known = ", ".join(i.sku for i in self.items)
+        raise CampaignError(f"campaign {self.campaign_id!r} has no item {sku!r} (items: {known})")
+
+    def require_started(self, now: dt.datetime) -> None:
+        """Refuse to grant before the campaign's start instant."""
+        if now < self.starts_at:
+            raise CampaignNotStartedError(
+                f"campaign {self.campaign_id!r} starts at {self.starts_at.isoformat()}; "
+                f"it is now {now.astimezone(self.starts_at.tzinfo).isoformat()}. "
+                "Nothing is granted before the start; run again after it."
+            )
+
+
+def load_campaign(path: Path | None = None) -> Campaign:
+    """Load and validate a campaign file; ``None`` loads the bundled default."""
+    if path is None:
+        resource = resources.files("pipeline.campaigns").joinpath(DEFAULT_CAMPAIGN_RESOURCE)
+        text = resource.read_text(encoding="utf-8")
+        source = f"<bundled {DEFAULT_CAMPAIGN_RESOURCE}>"
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CampaignError(f"{path}: cannot read the campaign file ({exc.strerror})") from exc
+        source = str(path)
+    return parse_campaign(text, source)
+
+
+def parse_campaign(text: str, source: str) -> Campaign:
+    """Validate campaign TOML text; errors name ``source`` and the field."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CampaignError(f"{source}: not valid TOML: {exc}") from exc
+    section = document.get("campaign")
+    if not isinstance(section, dict):
+        raise CampaignError(f"{source}: missing the [campaign] table")
+    _reject_unknown(source, "campaign", section, {"id", "name", "time_zone", "start"})
+    campaign_id = _required_str(source, "campaign.id", section.get("id"))
+    if not _ID_PATTERN.match(campaign_id):
+        raise CampaignError(
+            f"{source}: campaign.id {campaign_id!r} must be 1-63 lowercase letters, digits, '-' or '_'"
+        )
+    name = _required_str(source, "campaign.name", section.get("name"))
+    time_zone = _required_str(source, "campaign.time_zone", section.get("time_zone"))
+    try:
+        zone = ZoneInfo(time_zone)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise CampaignError(
+            f"{source}: campaign.time_zone {time_zone!r} is not a known IANA time zone "
+            "(for example 'Asia/Seoul')"
+        ) from exc
+    starts_at = _parse_start(source, section.get("start"), zone)
+
+    raw_items = document.get("items")
+    if not isinstance(raw_items, list) or not raw_items:
+        raise CampaignError(f"{source}: needs at least one [[items]] table")
+    if len(raw_items) > ITEMS_PER_CAMPAIGN_MAX:
+        raise CampaignError(f"{source}: {len(raw_items)} items; at most {ITEMS_PER_CAMPAIGN_MAX}")
+    extra = set(document) - {"campaign", "items"}
+    if extra:
+        raise CampaignError(f"{source}: unknown top-level key(s) {sorted(extra)}")
+    items = tuple(_parse_item(source, index, raw, starts_at) for index, raw in enumerate(raw_items))
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        if item.sku in seen:
+            raise CampaignError(f"{source}: items[{index}].sku {item.sku!r} is a duplicate sku")
+        seen.add(item.sku)
+    return Campaign(campaign_id, name, time_zone, starts_at, items, source)
+
+
+def _parse_start(source: str, value: object, zone: ZoneInfo) -> dt.datetime:
+    field = "campaign.start"
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value) if "T" in value else dt.date.fromisoformat(value)
+        except ValueError as exc:
+            raise CampaignError(
+                f"{source}: {field} {value!r} is not a date (2023-01-05) or local date-time "
+                "(2023-01-05T00:00:00)"
+            ) from exc
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            raise CampaignError(
+                f"{source}: {field} must be a local date-time without offset; "
+                "the zone comes from campaign.time_zone"
+            )
+        return value.replace(tzinfo=zone)
+    if isinstance(value, dt.date):
+        return dt.datetime.combine(value, dt.time(0, 0), tzinfo=zone)
+    raise CampaignError(f"{source}: {field} is required: a date such as 2023-01-05")
+
+
+def _parse_item(source: str, index: int, raw: object, starts_at: dt.datetime) -> Item:
+    where = f"items[{index}]"
+    if not isinstance(raw, dict):
+        raise CampaignError(f"{source}: {where} must be a table")
+    _reject_unknown(source, where, raw, {"sku", "kind", "amount_krw", "validity"})
+    sku = _required_str(source, f"{where}.sku", raw.get("sku"))
+    if not _ID_PATTERN.match(sku):
+        raise CampaignError(
+            f"{source}: {where}.sku {sku!r} must be 1-63 lowercase letters, digits, '-' or '_'"
+        )
+    kind = _required_str(source, f"{where}.kind", raw.get("kind"))
+    if kind not in ITEM_KINDS:
+        raise CampaignError(
+            f"{source}: {where}.kind {kind!r} is unknown; use one of {', '.join(ITEM_KINDS)}"
+        )
+    amount = raw.get("amount_krw")
+    if kind in KINDS_WITH_AMOUNT:
+        if isinstance(amount, bool) or not isinstance(amount, int):
+            raise CampaignError(f"{source}: {where}.amount_krw is required for a {kind}: whole won")
+        if amount <= 0 or amount > AMOUNT_KRW_MAX:
+            raise CampaignError(
+                f"{source}: {where}.amount_krw {amount} must be between 1 and {AMOUNT_KRW_MAX:,}"
+            )
+    elif amount is not None:
+        raise CampaignError(f"{source}: {where}.amount_krw is not allowed for a {kind}")
+    validity = raw.get("validity")
+    validity_days: int | None
+    if validity == "permanent":
+        validity_days = None
+    else:
+        match = _VALIDITY_PATTERN.match(validity) if isinstance(validity, str) else None
+        if match is None:
+            raise CampaignError(
+                f"{source}: {where}.validity {validity!r} must be \"permanent\" or a day count "
+                "such as \"90d\""
+            )
+        validity_days = int(match.group(1))
+        if not 1 <= validity_days <= VALIDITY_DAYS_MAX:
+            raise CampaignError(
+                f"{source}: {where}.validity {validity!r} must be between 1d and {VALIDITY_DAYS_MAX}d"
+            )
+    # Calendar days in the campaign's zone, anchored at the start: never the clock.
+    valid_until = None if validity_days is None else starts_at + dt.timedelta(days=validity_days)
+    return Item(sku, kind, amount if kind in KINDS_WITH_AMOUNT else None, validity_days,
+                starts_at, valid_until)
+
+
+def _required_str(source: str, field: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise CampaignError(f"{source}: {field} is required and must be a non-empty string")
+    return value
+
+
+def _reject_unknown(source: str, where: str, table: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise CampaignError(
+            f"{source}: {where} has unknown key(s) {unknown}; allowed: {sorted(allowed)}"
+        )

@@ -1,0 +1,88 @@
+"""The composition root: read the environment once and build the objects the jobs use.
+
+Nothing below this module reads the environment; everything receives its
+settings as arguments.
+
+| variable                    | default                               |
+|-----------------------------|---------------------------------------|
+| ENTITLE_HOME                | ./var                                 |
+| ENTITLE_LEDGER_URL          | sqlite:///$ENTITLE_HOME/ledger.sqlite |
+| ENTITLE_CAMPAIGN            | the bundled kakao-outage-2022 campaign |
+| ENTITLE_PARTITIONS          | 256                                   |
+| ENTITLE_REJECTED_SHARE_MAX  | 0.0001 (0.01 %)                       |
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.campaign import Campaign, load_campaign
+from pipeline.errors import ConfigError
+from pipeline.partitioning import PARTITION_COUNT_DEFAULT, check_partition_count
+from pipeline.snapshot import REJECTED_SHARE_MAX_DEFAULT
+
+
+def utc_now() -> dt.datetime:
+    """The current instant, timezone-aware (the only clock the jobs use)."""
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Deployment settings, resolved from the environment."""
+
+    home: Path
+    ledger_url: str
+    campaign_file: Path | None
+    partition_count: int
+    rejected_share_max: float
+    clock: Callable[[], dt.datetime] = field(default=utc_now, compare=False)
+
+    def campaign(self) -> Campaign:
+        """Load and validate the configured campaign."""
+        return load_campaign(self.campaign_file)
+
+    def describe_ledger(self) -> str:
+        """The ledger URL with any password hidden."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.ledger_url).render_as_string(hide_password=True)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from ``environ`` (default ``os.environ``), validated."""
+    env = os.environ if environ is None else environ
+    home = Path(env.get("ENTITLE_HOME", "var")).expanduser().resolve()
+    ledger_url = env.get("ENTITLE_LEDGER_URL") or f"sqlite:///{home / 'ledger.sqlite'}"
+    campaign_value = env.get("ENTITLE_CAMPAIGN")
+    campaign_file = Path(campaign_value).expanduser() if campaign_value else None
+    partition_count = _int(env, "ENTITLE_PARTITIONS", PARTITION_COUNT_DEFAULT)
+    check_partition_count(partition_count)
+    share = _float(env, "ENTITLE_REJECTED_SHARE_MAX", REJECTED_SHARE_MAX_DEFAULT)
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"ENTITLE_REJECTED_SHARE_MAX={share} must be a share between 0 and 1 (0.0001 = 0.01 %)")
+    return Settings(home, ledger_url, campaign_file, partition_count, share)
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from exc
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a number") from exc

@@ -1,0 +1,85 @@
+"""The package's exception hierarchy and its invariant helper.
+
+Operating errors (bad input, a refused edit, a database that says no) are
+subclasses of :class:`EntitleError`; each carries the exit code the CLI uses and
+a message that names the file, row or field and says what to do.  Programmer
+errors are caught by :func:`invariant`, which raises even under ``python -O``.
+"""
+
+from __future__ import annotations
+
+
+class EntitleError(Exception):
+    """Base class of every expected error this package raises."""
+
+    exit_code = 1
+
+
+class ConfigError(EntitleError):
+    """A setting or environment variable has a value we cannot use."""
+
+    exit_code = 2
+
+
+class CampaignError(EntitleError):
+    """The campaign file is invalid; the message names the field."""
+
+    exit_code = 3
+
+
+class SnapshotError(EntitleError):
+    """The user file cannot be read or has too many bad rows."""
+
+    exit_code = 3
+
+
+class PartitionError(EntitleError):
+    """A partition file is missing, unreadable or disagrees with its manifest."""
+
+    exit_code = 4
+
+
+class SchemaMismatchError(EntitleError):
+    """A file read or written does not match its schema in ``schemas/``."""
+
+    exit_code = 4
+
+
+class LedgerError(EntitleError):
+    """The ledger refused an operation or is in a state we do not accept."""
+
+    exit_code = 5
+
+
+class TermsChangedError(LedgerError):
+    """An item's terms changed after grants exist for it."""
+
+    exit_code = 5
+
+
+class CampaignNotStartedError(EntitleError):
+    """Granting was asked for before the campaign's start instant."""
+
+    exit_code = 6
+
+
+class GrantFailedError(EntitleError):
+    """One or more partitions failed; the message lists them."""
+
+    exit_code = 7
+
+
+class QueryError(EntitleError):
+    """A named query does not exist or its parameters are wrong."""
+
+    exit_code = 2
+
+
+class InvariantViolation(AssertionError):
+    """A condition the code relies on did not hold: a bug, not bad input."""
+
+
+def invariant(condition: bool, message: str) -> None:
+    """Raise :class:`InvariantViolation` when ``condition`` is false (survives ``-O``)."""
+    if not condition:
+        raise InvariantViolation(message)

@@ -1,0 +1,315 @@
+"""The pipeline's use cases (freeze, partition, grant, status, plan, summary), shared by the CLI and the DAG.
+
+Each function takes an open :class:`Pipeline` and plain values and returns
+plain dataclasses, so the CLI can print them and Airflow tasks can pass their
+small dict form through XCom.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from pipeline import ledger, snapshot
+from pipeline.campaign import Campaign
+from pipeline.config import Settings
+from pipeline.errors import LedgerError, SnapshotError
+from pipeline.granting import GrantContext, PartitionOutcome, grant_partition
+from pipeline.ledger import CampaignKeys
+from pipeline.partitioning import PartitionEntry, load_manifest, partition_snapshot, partitions_dir
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """An open pipeline: settings, the validated campaign and the ledger engine."""
+
+    settings: Settings
+    campaign: Campaign
+    engine: Engine
+    keys: CampaignKeys
+
+
+def open_pipeline(settings: Settings) -> Pipeline:
+    """Validate the campaign, create the ledger schema if needed and register the campaign."""
+    campaign = settings.campaign()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    engine = ledger.create_ledger_engine(settings.ledger_url)
+    ledger.create_schema(engine)
+    keys = ledger.register_campaign(engine, campaign, settings.clock())
+    return Pipeline(settings, campaign, engine, keys)
+
+
+@dataclass(frozen=True)
+class PreparedSnapshot:
+    """A frozen, partitioned snapshot registered in the ledger."""
+
+    report: snapshot.SnapshotReport
+    partitions_dir: Path
+    partition_count: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """Small plain values: references, never data."""
+        return {
+            "snapshot_id": self.report.snapshot_id,
+            "snapshot_dir": self.report.directory,
+            "partitions_dir": str(self.partitions_dir),
+            "partition_count": self.partition_count,
+            "eligible_users": self.report.eligible_users,
+            "quarantine_file": self.report.quarantine_file,
+        }
+
+
+def freeze(pipeline: Pipeline, users_file: Path, exclusion_file: Path | None = None) -> snapshot.SnapshotReport:
+    """Validate and freeze a user file into a snapshot (no ledger writes)."""
+    return snapshot.freeze_snapshot(
+        users_file,
+        pipeline.settings.home,
+        pipeline.campaign.campaign_id,
+        exclusion_file,
+        pipeline.settings.rejected_share_max,
+    )
+
+
+def partition(
+    pipeline: Pipeline, report: snapshot.SnapshotReport, on_progress: Callable[[int], None] | None = None
+) -> PreparedSnapshot:
+    """Partition a frozen snapshot and register it as the campaign's current snapshot."""
+    count = pipeline.settings.partition_count
+    out_dir = partitions_dir(Path(report.directory), count)
+    partition_snapshot(report.users_file, out_dir, count, on_progress)
+    ledger.register_snapshot(
+        pipeline.engine,
+        pipeline.keys.campaign_key,
+        report.snapshot_id,
+        {
+            "source_file": report.source_file,
+            "snapshot_dir": report.directory,
+            "eligible_users": report.eligible_users,
+            "rejected_rows": report.null_rows + report.not_integer_rows + report.out_of_range_rows,
+            "duplicate_rows": report.duplicate_rows,
+            "excluded_users": report.excluded_users,
+            "partition_count": count,
+        },
+        pipeline.settings.clock(),
+    )
+    return PreparedSnapshot(report, out_dir, count)
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """A registered run over one snapshot's partitions."""
+
+    run_id: str
+    run_key: int
+    snapshot_id: str
+    entries: tuple[PartitionEntry, ...]
+
+
+def new_run_id(pipeline: Pipeline, trigger: str = "cli") -> str:
+    """A fresh, sortable run id for runs started outside Airflow."""
+    return f"{trigger}__{pipeline.settings.clock():%Y%m%dT%H%M%SZ}__{uuid.uuid4().hex[:8]}"
+
+
+def start_run(
+    pipeline: Pipeline, run_id: str | None = None, snapshot_id: str | None = None, trigger: str = "cli"
+) -> RunHandle:
+    """Register a run over the given (default: current) snapshot and load its manifest."""
+    row = _snapshot_row(pipeline, snapshot_id)
+    count = int(row["partition_count"])
+    entries = tuple(load_manifest(partitions_dir(Path(row["snapshot_dir"]), count)))
+    run_id = run_id or new_run_id(pipeline, trigger)
+    run_key = ledger.register_run(
+        pipeline.engine, run_id, pipeline.keys.campaign_key, row["snapshot_id"], trigger, pipeline.settings.clock()
+    )
+    return RunHandle(run_id, run_key, str(row["snapshot_id"]), entries)
+
+
+def _snapshot_row(pipeline: Pipeline, snapshot_id: str | None) -> dict[str, Any]:
+    if snapshot_id is None:
+        row = ledger.current_snapshot(pipeline.engine, pipeline.keys.campaign_key)
+        if row is None:
+            raise SnapshotError(
+                f"campaign {pipeline.campaign.campaign_id!r} has no snapshot in {pipeline.settings.describe_ledger()}; "
+                "run `entitle run --users FILE` first"
+            )
+        return row
+    with pipeline.engine.connect() as connection:
+        found = connection.execute(
+            sa.select(ledger.snapshots).where(
+                ledger.snapshots.c.campaign_key == pipeline.keys.campaign_key,
+                ledger.snapshots.c.snapshot_id == snapshot_id,
+            )
+        ).first()
+    if found is None:
+        raise SnapshotError(f"snapshot {snapshot_id!r} is not registered for campaign {pipeline.campaign.campaign_id!r}")
+    return dict(found._mapping)
+
+
+def select_partitions(
+    pipeline: Pipeline, run: RunHandle, partition_ids: Iterable[int] | None, only_failed: bool
+) -> list[PartitionEntry]:
+    """The run's partitions restricted to ``partition_ids`` and/or to those not finished."""
+    chosen = list(run.entries)
+    if partition_ids is not None:
+        wanted = set(partition_ids)
+        unknown = sorted(wanted - {e.partition_id for e in chosen})
+        if unknown:
+            raise SnapshotError(
+                f"partition id(s) {unknown} do not exist; snapshot {run.snapshot_id} has "
+                f"partitions 0..{len(chosen) - 1}"
+            )
+        chosen = [e for e in chosen if e.partition_id in wanted]
+    if only_failed:
+        latest = latest_attempts(pipeline, run.snapshot_id)
+        chosen = [e for e in chosen if latest.get(e.partition_id, {}).get("status") in ("failed", "running")]
+    return chosen
+
+
+def grant(
+    pipeline: Pipeline,
+    run: RunHandle,
+    entries: Iterable[PartitionEntry],
+    verify: bool = False,
+    on_outcome: Callable[[PartitionOutcome], None] | None = None,
+) -> list[PartitionOutcome]:
+    """Grant each partition in turn; a failed partition does not stop the others."""
+    context = GrantContext(
+        pipeline.engine, pipeline.campaign, pipeline.keys, run.run_key, run.snapshot_id, pipeline.settings.clock
+    )
+    pipeline.campaign.require_started(pipeline.settings.clock())
+    outcomes = []
+    for entry in entries:
+        outcome = grant_partition(context, entry, verify)
+        outcomes.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+    return outcomes
+
+
+def latest_attempts(pipeline: Pipeline, snapshot_id: str) -> dict[int, dict[str, Any]]:
+    """The latest attempt per partition of a snapshot, keyed by partition id."""
+    table = ledger.partition_attempts
+    latest = (
+        sa.select(table.c.partition_id, sa.func.max(table.c.attempt_key).label("attempt_key"))
+        .where(table.c.campaign_key == pipeline.keys.campaign_key, table.c.snapshot_id == snapshot_id)
+        .group_by(table.c.partition_id)
+        .subquery()
+    )
+    query = sa.select(table, ledger.runs.c.run_id).join(
+        latest, latest.c.attempt_key == table.c.attempt_key
+    ).join(ledger.runs, ledger.runs.c.run_key == table.c.run_key)
+    with pipeline.engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return {int(r.partition_id): dict(r._mapping) for r in rows}
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """Per-partition state of a campaign's current snapshot."""
+
+    campaign_id: str
+    snapshot_id: str
+    partition_count: int
+    done: int
+    failed: int
+    running: int
+    pending: int
+    partitions: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for JSON output."""
+        return asdict(self)
+
+
+def status(pipeline: Pipeline, snapshot_id: str | None = None) -> StatusReport:
+    """Done, failed (with the error), running and pending partitions of a snapshot."""
+    row = _snapshot_row(pipeline, snapshot_id)
+    count = int(row["partition_count"])
+    latest = latest_attempts(pipeline, str(row["snapshot_id"]))
+    partitions = []
+    for partition_id in range(count):
+        attempt = latest.get(partition_id)
+        state = "pending" if attempt is None else str(attempt["status"])
+        partitions.append(
+            {
+                "partition_id": partition_id,
+                "status": state,
+                "planned": None if attempt is None else attempt["planned"],
+                "written": None if attempt is None else attempt["written"],
+                "already_present": None if attempt is None else attempt["already_present"],
+                "duration_s": None if attempt is None else attempt["duration_s"],
+                "run_id": None if attempt is None else attempt["run_id"],
+                "error": None if attempt is None else attempt["error"],
+            }
+        )
+    states = [p["status"] for p in partitions]
+    return StatusReport(
+        pipeline.campaign.campaign_id,
+        str(row["snapshot_id"]),
+        count,
+        states.count("done"),
+        states.count("failed"),
+        states.count("running"),
+        states.count("pending"),
+        partitions,
+    )
+
+
+@dataclass(frozen=True)
+class ItemTotal:
+    """Grants of one item and their face value."""
+
+    item_sku: str
+    item_kind: str
+    grants: int
+    amount_krw: int | None
+    face_value_krw: int
+
+
+def plan_items(campaign: Campaign, users: int) -> list[ItemTotal]:
+    """Per-item counts and face value if each of ``users`` receives every item."""
+    return [
+        ItemTotal(i.sku, i.kind, users, i.amount_krw, users * (i.amount_krw or 0)) for i in campaign.items
+    ]
+
+
+def ledger_totals(pipeline: Pipeline) -> list[ItemTotal]:
+    """Live grants per item of the campaign, counted in the ledger itself."""
+    g, v, i = ledger.grants, ledger.grant_voids, ledger.campaign_items
+    voided = sa.exists().where(
+        v.c.campaign_key == g.c.campaign_key,
+        v.c.user_bucket == g.c.user_bucket,
+        v.c.user_id == g.c.user_id,
+        v.c.item_key == g.c.item_key,
+    )
+    counts = (
+        sa.select(g.c.item_key, sa.func.count().label("n"), sa.func.coalesce(sa.func.sum(g.c.amount_krw), 0).label("v"))
+        .where(g.c.campaign_key == pipeline.keys.campaign_key, ~voided)
+        .group_by(g.c.item_key)
+        .subquery()
+    )
+    query = (
+        sa.select(i.c.item_sku, i.c.item_kind, i.c.amount_krw, counts.c.n, counts.c.v)
+        .select_from(i.outerjoin(counts, counts.c.item_key == i.c.item_key))
+        .where(i.c.campaign_key == pipeline.keys.campaign_key)
+        .order_by(i.c.item_key)
+    )
+    with pipeline.engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return [ItemTotal(r.item_sku, r.item_kind, int(r.n or 0), r.amount_krw, int(r.v or 0)) for r in rows]
+
+
+def require_all_done(outcomes: list[PartitionOutcome]) -> None:
+    """Raise :class:`LedgerError` naming every failed partition, if any failed."""
+    failed = [o for o in outcomes if o.status != "done"]
+    if failed:
+        listed = "; ".join(f"part-{o.partition_id:04d}: {o.error}" for o in failed[:10])
+        raise LedgerError(
+            f"{len(failed)} partition(s) failed: {listed}. Fix the cause, then `entitle grant --only-failed`."
+        )

@@ -1,0 +1,431 @@
+"""The grant ledger: SQLAlchemy Core tables, engine set-up and registration of campaigns and runs.
+
+One row in ``grants`` per (campaign, item, user).  Its primary key is
+``(campaign_key, user_bucket, user_id, item_key)`` and a CHECK constraint pins
+``user_bucket`` to the partition function of ``user_id`` (see
+:mod:`pipeline.partitioning`), so the key is unique on (campaign, item, user):
+a duplicate grant is impossible at the database level, while one pipeline
+partition's grants stay one contiguous range of the key.  The ledger is
+append-only: triggers refuse UPDATE and DELETE of grants and voids;
+corrections are new rows in ``grant_voids``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from pipeline.campaign import ITEM_KINDS, Campaign, Item
+from pipeline.errors import LedgerError, TermsChangedError, invariant
+from pipeline.partitioning import BUCKET_MODULUS, BUCKET_MULTIPLIER
+
+SCHEMA_VERSION = 1
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQLITE_BUSY_TIMEOUT_MS = 120_000
+SQLITE_CACHE_KIB = 262_144
+UTC = dt.UTC
+
+
+class Instant(sa.types.TypeDecorator[dt.datetime]):
+    """A timezone-aware instant: TIMESTAMPTZ on PostgreSQL, UTC epoch microseconds on SQLite."""
+
+    impl = sa.BigInteger
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        """TIMESTAMPTZ where the database has one, BIGINT microseconds elsewhere."""
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(sa.TIMESTAMP(timezone=True))
+        return dialect.type_descriptor(sa.BigInteger())
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        """Refuse naive datetimes; convert to the storage form."""
+        if value is None:
+            return None
+        invariant(value.tzinfo is not None, f"naive datetime {value!r} reached the ledger")
+        if dialect.name == "postgresql":
+            return value
+        return to_epoch_us(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        """Return an aware datetime in UTC."""
+        if value is None:
+            return None
+        if isinstance(value, dt.datetime):
+            return value.astimezone(UTC)
+        return from_epoch_us(int(value))
+
+
+def to_epoch_us(value: dt.datetime) -> int:
+    """Microseconds since 1970-01-01T00:00Z of an aware datetime."""
+    delta = value - dt.datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_epoch_us(value: int) -> dt.datetime:
+    """The aware UTC datetime of epoch microseconds."""
+    return dt.datetime(1970, 1, 1, tzinfo=UTC) + dt.timedelta(microseconds=value)
+
+
+metadata = sa.MetaData()
+
+ledger_meta = sa.Table(
+    "ledger_meta",
+    metadata,
+    sa.Column("meta_key", sa.String(64), primary_key=True),
+    sa.Column("meta_value", sa.String(256), nullable=False),
+)
+
+campaigns = sa.Table(
+    "campaigns",
+    metadata,
+    sa.Column("campaign_key", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("campaign_id", sa.String(63), nullable=False, unique=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("time_zone", sa.String(64), nullable=False),
+    sa.Column("starts_at", Instant, nullable=False),
+    sa.Column("registered_at", Instant, nullable=False),
+)
+
+campaign_items = sa.Table(
+    "campaign_items",
+    metadata,
+    sa.Column("item_key", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), nullable=False),
+    sa.Column("item_sku", sa.String(63), nullable=False),
+    sa.Column("item_kind", sa.String(16), nullable=False),
+    sa.Column("amount_krw", sa.BigInteger, nullable=True),
+    sa.Column("validity_days", sa.Integer, nullable=True),
+    sa.Column("valid_from", Instant, nullable=False),
+    sa.Column("valid_until", Instant, nullable=True),
+    sa.Column("terms_hash", sa.String(16), nullable=False),
+    sa.UniqueConstraint("campaign_key", "item_sku", name="uq_campaign_items_sku"),
+    sa.CheckConstraint("item_kind IN (" + ", ".join(f"'{k}'" for k in ITEM_KINDS) + ")", name="ck_item_kind"),
+    sa.CheckConstraint("amount_krw IS NULL OR amount_krw > 0", name="ck_item_amount_positive"),
+)
+
+snapshots = sa.Table(
+    "snapshots",
+    metadata,
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), primary_key=True),
+    sa.Column("snapshot_id", sa.String(16), primary_key=True),
+    sa.Column("source_file", sa.Text, nullable=False),
+    sa.Column("snapshot_dir", sa.Text, nullable=False),
+    sa.Column("eligible_users", sa.BigInteger, nullable=False),
+    sa.Column("rejected_rows", sa.BigInteger, nullable=False),
+    sa.Column("duplicate_rows", sa.BigInteger, nullable=False),
+    sa.Column("excluded_users", sa.BigInteger, nullable=False),
+    sa.Column("partition_count", sa.Integer, nullable=False),
+    sa.Column("registered_at", Instant, nullable=False),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("run_key", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(250), nullable=False, unique=True),
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), nullable=False),
+    sa.Column("snapshot_id", sa.String(16), nullable=False),
+    sa.Column("trigger", sa.String(32), nullable=False),
+    sa.Column("started_at", Instant, nullable=False),
+)
+
+grants = sa.Table(
+    "grants",
+    metadata,
+    sa.Column("campaign_key", sa.Integer, primary_key=True),
+    sa.Column("user_bucket", sa.BigInteger, primary_key=True),
+    sa.Column("user_id", sa.BigInteger, primary_key=True),
+    sa.Column("item_key", sa.Integer, primary_key=True),
+    sa.Column("partition_id", sa.SmallInteger, nullable=False),
+    sa.Column("run_key", sa.Integer, nullable=False),
+    sa.Column("amount_krw", sa.BigInteger, nullable=True),
+    sa.Column("valid_from", Instant, nullable=False),
+    sa.Column("valid_until", Instant, nullable=True),
+    sa.Column("granted_at", Instant, nullable=False),
+    sa.CheckConstraint("user_id > 0", name="ck_grants_user_id_positive"),
+    sa.CheckConstraint(
+        f"user_bucket = (user_id % {BUCKET_MODULUS}) * {BUCKET_MULTIPLIER} % {BUCKET_MODULUS}",
+        name="ck_grants_user_bucket",
+    ),
+    sqlite_with_rowid=False,
+)
+
+grant_voids = sa.Table(
+    "grant_voids",
+    metadata,
+    sa.Column("campaign_key", sa.Integer, primary_key=True),
+    sa.Column("user_bucket", sa.BigInteger, primary_key=True),
+    sa.Column("user_id", sa.BigInteger, primary_key=True),
+    sa.Column("item_key", sa.Integer, primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("voided_at", Instant, nullable=False),
+    sqlite_with_rowid=False,
+)
+
+partition_attempts = sa.Table(
+    "partition_attempts",
+    metadata,
+    sa.Column("attempt_key", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_key", sa.Integer, sa.ForeignKey("runs.run_key"), nullable=False),
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), nullable=False),
+    sa.Column("snapshot_id", sa.String(16), nullable=False),
+    sa.Column("partition_count", sa.Integer, nullable=False),
+    sa.Column("partition_id", sa.Integer, nullable=False),
+    sa.Column("content_sha256", sa.String(64), nullable=False),
+    sa.Column("items_signature", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("verified", sa.Boolean, nullable=False),
+    sa.Column("planned", sa.BigInteger, nullable=False),
+    sa.Column("written", sa.BigInteger, nullable=True),
+    sa.Column("already_present", sa.BigInteger, nullable=True),
+    sa.Column("duration_s", sa.Float, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("started_at", Instant, nullable=False),
+    sa.Column("finished_at", Instant, nullable=True),
+    sa.CheckConstraint("status IN ('running', 'done', 'failed')", name="ck_attempt_status"),
+    sa.Index("ix_partition_attempts_lookup", "campaign_key", "snapshot_id", "partition_id", "attempt_key"),
+    sa.Index("ix_partition_attempts_content", "campaign_key", "content_sha256", "items_signature", "status"),
+)
+
+
+@dataclass(frozen=True)
+class CampaignKeys:
+    """A registered campaign's surrogate keys: the campaign and each item by sku."""
+
+    campaign_key: int
+    item_keys: dict[str, int]
+
+    def items_signature(self, campaign: Campaign) -> str:
+        """Digest of (item_key, terms_hash) pairs: equal means the same grants are planned per user."""
+        import hashlib
+
+        parts = ",".join(f"{self.item_keys[i.sku]}:{i.terms_hash()}" for i in sorted(campaign.items, key=lambda i: i.sku))
+        return hashlib.sha256(parts.encode()).hexdigest()[:16]
+
+
+def create_ledger_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, full sync, a busy timeout and explicit BEGINs."""
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        _configure_sqlite(engine)
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Hand transaction control to SQLAlchemy's "begin" event below (pysqlite's own is lazy).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=FULL",
+            f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+            f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}",
+            "PRAGMA temp_store=MEMORY",
+            "PRAGMA foreign_keys=ON",
+        ):
+            cursor.execute(pragma)
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        # Writers take the write lock up front so two writers queue instead of failing to upgrade.
+        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """One write transaction: BEGIN IMMEDIATE on SQLite, a normal one elsewhere."""
+    with engine.connect() as connection:
+        writer = connection.execution_options(sqlite_begin="IMMEDIATE")
+        with writer.begin():
+            yield writer
+
+
+def create_schema(engine: Engine) -> None:
+    """Create tables, views and append-only triggers if absent (idempotent)."""
+    try:
+        with write_transaction(engine) as connection:
+            metadata.create_all(connection)
+            for statement in _split_sql(view_sql(engine.dialect.name)):
+                connection.exec_driver_sql(statement)
+            existing = connection.execute(
+                sa.select(ledger_meta.c.meta_value).where(ledger_meta.c.meta_key == "schema_version")
+            ).scalar()
+            if existing is None:
+                connection.execute(ledger_meta.insert().values(meta_key="schema_version", meta_value=str(SCHEMA_VERSION)))
+            elif int(existing) != SCHEMA_VERSION:
+                raise LedgerError(
+                    f"ledger schema version {existing}, this program needs {SCHEMA_VERSION}; upgrade the ledger"
+                )
+    except SQLAlchemyError as exc:
+        raise LedgerError(f"cannot create the ledger schema at {engine.url!r}: {exc}") from exc
+
+
+def view_sql(dialect_name: str) -> str:
+    """The views and triggers file for a dialect (``sql/<dialect>/views.sql``)."""
+    folder = "postgresql" if dialect_name == "postgresql" else "sqlite"
+    return (SQL_DIR / folder / "views.sql").read_text(encoding="utf-8")
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a SQL script into statements, each ended by a line that is exactly ``-- end``.
+
+    Trigger bodies contain semicolons, so semicolons cannot be the separator.
+    """
+    statements = [part.strip() for part in re.split(r"^-- end$", script, flags=re.MULTILINE)]
+    return [s for s in statements if s and not all(line.startswith("--") for line in s.splitlines())]
+
+
+def register_campaign(engine: Engine, campaign: Campaign, now: dt.datetime) -> CampaignKeys:
+    """Record the campaign and its items; refuse changed terms for items that have grants."""
+    with write_transaction(engine) as connection:
+        row = connection.execute(
+            sa.select(campaigns.c.campaign_key).where(campaigns.c.campaign_id == campaign.campaign_id)
+        ).first()
+        if row is None:
+            campaign_key = int(
+                connection.execute(
+                    campaigns.insert().values(
+                        campaign_id=campaign.campaign_id,
+                        name=campaign.name,
+                        time_zone=campaign.time_zone,
+                        starts_at=campaign.starts_at,
+                        registered_at=now,
+                    )
+                ).inserted_primary_key[0]
+            )
+        else:
+            campaign_key = int(row[0])
+            connection.execute(
+                campaigns.update()
+                .where(campaigns.c.campaign_key == campaign_key)
+                .values(name=campaign.name, time_zone=campaign.time_zone, starts_at=campaign.starts_at)
+            )
+        item_keys = {item.sku: _register_item(connection, campaign, campaign_key, item) for item in campaign.items}
+    return CampaignKeys(campaign_key, item_keys)
+
+
+def _register_item(connection: Connection, campaign: Campaign, campaign_key: int, item: Item) -> int:
+    values = {
+        "item_kind": item.kind,
+        "amount_krw": item.amount_krw,
+        "validity_days": item.validity_days,
+        "valid_from": item.valid_from,
+        "valid_until": item.valid_until,
+        "terms_hash": item.terms_hash(),
+    }
+    row = connection.execute(
+        sa.select(campaign_items.c.item_key, campaign_items.c.terms_hash).where(
+            campaign_items.c.campaign_key == campaign_key, campaign_items.c.item_sku == item.sku
+        )
+    ).first()
+    if row is None:
+        return int(
+            connection.execute(
+                campaign_items.insert().values(campaign_key=campaign_key, item_sku=item.sku, **values)
+            ).inserted_primary_key[0]
+        )
+    item_key, stored_hash = int(row[0]), str(row[1])
+    if stored_hash == values["terms_hash"]:
+        return item_key
+    has_grants = connection.execute(
+        sa.select(sa.literal(1))
+        .select_from(grants)
+        .where(grants.c.campaign_key == campaign_key, grants.c.item_key == item_key)
+        .limit(1)
+    ).first()
+    if has_grants is not None:
+        stored = connection.execute(sa.select(campaign_items).where(campaign_items.c.item_key == item_key)).one()
+        raise TermsChangedError(
+            f"{campaign.source}: item {item.sku!r} of campaign {campaign.campaign_id!r} already has grants with "
+            f"amount_krw={stored.amount_krw}, valid_from={stored.valid_from.isoformat()}, "
+            f"valid_until={None if stored.valid_until is None else stored.valid_until.isoformat()}; the file now "
+            f"says amount_krw={item.amount_krw}, valid_from={item.valid_from.isoformat()}, "
+            f"valid_until={None if item.valid_until is None else item.valid_until.isoformat()}. Terms of granted "
+            "items cannot change: restore the old terms, or add a new item with a new sku."
+        )
+    connection.execute(campaign_items.update().where(campaign_items.c.item_key == item_key).values(**values))
+    return item_key
+
+
+def register_run(
+    engine: Engine, run_id: str, campaign_key: int, snapshot_id: str, trigger: str, now: dt.datetime
+) -> int:
+    """The run's key, creating the run row on first use (retries of a run share it)."""
+    with write_transaction(engine) as connection:
+        row = connection.execute(sa.select(runs.c.run_key, runs.c.snapshot_id).where(runs.c.run_id == run_id)).first()
+        if row is not None:
+            if row[1] != snapshot_id:
+                raise LedgerError(
+                    f"run {run_id!r} already belongs to snapshot {row[1]}, not {snapshot_id}; use a new run id"
+                )
+            return int(row[0])
+        return int(
+            connection.execute(
+                runs.insert().values(
+                    run_id=run_id, campaign_key=campaign_key, snapshot_id=snapshot_id, trigger=trigger, started_at=now
+                )
+            ).inserted_primary_key[0]
+        )
+
+
+def register_snapshot(
+    engine: Engine,
+    campaign_key: int,
+    snapshot_id: str,
+    values: dict[str, Any],
+    now: dt.datetime,
+) -> None:
+    """Record a frozen snapshot (idempotent); the latest registered is the campaign's current one."""
+    with write_transaction(engine) as connection:
+        exists = connection.execute(
+            sa.select(snapshots.c.snapshot_id).where(
+                snapshots.c.campaign_key == campaign_key, snapshots.c.snapshot_id == snapshot_id
+            )
+        ).first()
+        if exists is None:
+            connection.execute(
+                snapshots.insert().values(campaign_key=campaign_key, snapshot_id=snapshot_id, registered_at=now, **values)
+            )
+        else:
+            connection.execute(
+                snapshots.update()
+                .where(snapshots.c.campaign_key == campaign_key, snapshots.c.snapshot_id == snapshot_id)
+                .values(registered_at=now)
+            )
+
+
+def current_snapshot(engine: Engine, campaign_key: int) -> dict[str, Any] | None:
+    """The campaign's most recently registered snapshot row, or ``None``."""
+    with engine.connect() as connection:
+        row = connection.execute(
+            sa.select(snapshots)
+            .where(snapshots.c.campaign_key == campaign_key)
+            .order_by(snapshots.c.registered_at.desc())
+            .limit(1)
+        ).first()
+    return None if row is None else dict(row._mapping)
+
+
+def find_campaign_key(engine: Engine, campaign_id: str) -> int | None:
+    """The campaign's key if it is registered in this ledger."""
+    with engine.connect() as connection:
+        value = connection.execute(
+            sa.select(campaigns.c.campaign_key).where(campaigns.c.campaign_id == campaign_id)
+        ).scalar()
+    return None if value is None else int(value)

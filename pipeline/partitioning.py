@@ -1,0 +1,203 @@
+"""Split a frozen snapshot into N Parquet partitions by a stable function of user_id.
+
+The partition function is plain integer arithmetic, so it is the same on every
+machine and every Polars version (unlike ``Expr.hash``)::
+
+    user_bucket  = (user_id mod 2147483647) * 1540483477 mod 2147483647
+    partition_id = user_bucket * N div 2147483647
+
+2147483647 (2^31 - 1) is prime and 1540483477 is below it, so the bucket is a
+well-mixed value in 0 .. 2^31 - 2; no intermediate exceeds 2^62, so int64
+arithmetic (Polars, SQLite, PostgreSQL) computes it exactly.  Because the
+partition is monotone in the bucket, every partition is one contiguous range of
+buckets, which is also the ledger's key order: a partition's grants form one
+contiguous run of the ledger's primary key, for any N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from pipeline import schemas
+from pipeline.errors import ConfigError, PartitionError, invariant
+
+BUCKET_MODULUS = 2_147_483_647
+BUCKET_MULTIPLIER = 1_540_483_477
+PARTITION_COUNT_MAX = 1024  # one Airflow mapped task each; Airflow's max_map_length is 1024
+PARTITION_COUNT_DEFAULT = 256
+MANIFEST_NAME = "manifest.parquet"
+
+
+@dataclass(frozen=True)
+class PartitionEntry:
+    """One manifest row: a partition file and what it must contain."""
+
+    partition_id: int
+    partition_count: int
+    path: Path
+    rows: int
+    bucket_lo: int
+    bucket_hi: int
+    content_sha256: str
+
+    @property
+    def label(self) -> str:
+        """The partition's display name, e.g. ``part-0042``."""
+        return partition_label(self.partition_id)
+
+
+def partition_label(partition_id: int) -> str:
+    """The display name of a partition id, e.g. ``part-0042``."""
+    return f"part-{partition_id:04d}"
+
+
+def user_bucket(user_id: int) -> int:
+    """The ledger bucket of one user id (see the module docstring)."""
+    return (user_id % BUCKET_MODULUS) * BUCKET_MULTIPLIER % BUCKET_MODULUS
+
+
+def partition_of(user_id: int, partition_count: int) -> int:
+    """The partition of one user id for ``partition_count`` partitions."""
+    return user_bucket(user_id) * partition_count // BUCKET_MODULUS
+
+
+def user_bucket_expr(column: str = "user_id") -> pl.Expr:
+    """Polars expression computing :func:`user_bucket` on an int64 column."""
+    return (pl.col(column) % BUCKET_MODULUS) * BUCKET_MULTIPLIER % BUCKET_MODULUS
+
+
+def bucket_range(partition_id: int, partition_count: int) -> tuple[int, int]:
+    """The inclusive bucket range ``(lo, hi)`` that makes up one partition."""
+    check_partition_count(partition_count)
+    invariant(0 <= partition_id < partition_count, f"partition {partition_id} outside 0..{partition_count - 1}")
+    lo = -(-partition_id * BUCKET_MODULUS // partition_count)
+    hi = -(-(partition_id + 1) * BUCKET_MODULUS // partition_count) - 1
+    return lo, hi
+
+
+def check_partition_count(partition_count: int) -> None:
+    """Refuse partition counts outside 1..PARTITION_COUNT_MAX."""
+    if not 1 <= partition_count <= PARTITION_COUNT_MAX:
+        raise ConfigError(
+            f"partition count {partition_count} must be between 1 and {PARTITION_COUNT_MAX} "
+            "(one Airflow mapped task per partition; Airflow's max_map_length is 1024)"
+        )
+
+
+def partitions_dir(snapshot_dir: Path, partition_count: int) -> Path:
+    """Where the partitions of one snapshot for one N live."""
+    return snapshot_dir / f"partitions-{partition_count:04d}"
+
+
+def partition_snapshot(
+    users_file: Path,
+    out_dir: Path,
+    partition_count: int,
+    on_partition_written: Callable[[int], None] | None = None,
+) -> list[PartitionEntry]:
+    """Write the snapshot's partitions and manifest under ``out_dir``; reuse a complete set."""
+    check_partition_count(partition_count)
+    existing = _reusable_manifest(out_dir, partition_count)
+    if existing is not None:
+        if on_partition_written is not None:
+            on_partition_written(partition_count)
+        return existing
+    users = schemas.read_parquet(users_file, "snapshot")
+    # The snapshot is sorted by user_id, so a stable sort on the bucket alone yields
+    # (user_bucket, user_id) order: one key to sort instead of two.
+    ordered = users.select(user_bucket_expr().alias("user_bucket"), pl.col("user_id")).sort(
+        "user_bucket", maintain_order=True
+    )
+    del users
+    buckets = ordered["user_bucket"]
+    entries: list[PartitionEntry] = []
+    rows: list[dict[str, object]] = []
+    for partition_id in range(partition_count):
+        lo, hi = bucket_range(partition_id, partition_count)
+        start = int(buckets.search_sorted(lo, side="left"))
+        stop = int(buckets.search_sorted(hi, side="right"))
+        part = ordered.slice(start, stop - start)
+        path = out_dir / f"{partition_label(partition_id)}.parquet"
+        schemas.write_parquet(part, "partition", path)
+        entry = PartitionEntry(
+            partition_id, partition_count, path, part.height, lo, hi, schemas.int64_sha256(part["user_id"])
+        )
+        entries.append(entry)
+        rows.append(
+            {
+                "partition_id": partition_id,
+                "partition_count": partition_count,
+                "file_name": path.name,
+                "rows": entry.rows,
+                "bucket_lo": lo,
+                "bucket_hi": hi,
+                "content_sha256": entry.content_sha256,
+            }
+        )
+        if on_partition_written is not None:
+            on_partition_written(1)
+    invariant(sum(e.rows for e in entries) == ordered.height, "partitions must cover the snapshot exactly")
+    manifest = pl.DataFrame(rows).with_columns(
+        pl.col("partition_id").cast(pl.Int32), pl.col("partition_count").cast(pl.Int32)
+    )
+    # The manifest is written last: its presence means every partition file is complete.
+    schemas.write_parquet(manifest, "manifest", out_dir / MANIFEST_NAME)
+    return entries
+
+
+def load_manifest(out_dir: Path) -> list[PartitionEntry]:
+    """The manifest's entries, in partition order; :class:`PartitionError` if absent."""
+    path = out_dir / MANIFEST_NAME
+    if not path.exists():
+        raise PartitionError(f"{path}: no manifest; the snapshot has not been partitioned (run `entitle run`)")
+    manifest = schemas.read_parquet(path, "manifest").sort("partition_id")
+    return [
+        PartitionEntry(
+            partition_id=row["partition_id"],
+            partition_count=row["partition_count"],
+            path=out_dir / row["file_name"],
+            rows=row["rows"],
+            bucket_lo=row["bucket_lo"],
+            bucket_hi=row["bucket_hi"],
+            content_sha256=row["content_sha256"],
+        )
+        for row in manifest.iter_rows(named=True)
+    ]
+
+
+def read_partition(entry: PartitionEntry) -> pl.DataFrame:
+    """Read one partition and check it against its manifest row and bucket range."""
+    frame = schemas.read_parquet(entry.path, "partition")
+    if frame.height != entry.rows:
+        raise PartitionError(
+            f"{entry.path}: {frame.height:,} rows, the manifest says {entry.rows:,}; "
+            "the file changed after partitioning. Delete the partitions folder and run again."
+        )
+    digest = schemas.int64_sha256(frame["user_id"])
+    if digest != entry.content_sha256:
+        raise PartitionError(
+            f"{entry.path}: content hash {digest[:12]}… differs from the manifest's "
+            f"{entry.content_sha256[:12]}…; the file changed after partitioning. "
+            "Delete the partitions folder and run again."
+        )
+    if frame.height:
+        recomputed = frame.select(user_bucket_expr().alias("b"))["b"]
+        if not recomputed.equals(frame["user_bucket"], check_names=False):
+            raise PartitionError(f"{entry.path}: user_bucket does not match user_id; the file is corrupt")
+        low, high = frame["user_bucket"].min(), frame["user_bucket"].max()
+        if not (entry.bucket_lo <= low and high <= entry.bucket_hi):  # type: ignore[operator]
+            raise PartitionError(f"{entry.path}: buckets {low}..{high} outside {entry.bucket_lo}..{entry.bucket_hi}")
+    return frame
+
+
+def _reusable_manifest(out_dir: Path, partition_count: int) -> list[PartitionEntry] | None:
+    if not (out_dir / MANIFEST_NAME).exists():
+        return None
+    entries = load_manifest(out_dir)
+    if len(entries) != partition_count or not all(e.path.exists() for e in entries):
+        return None
+    return entries

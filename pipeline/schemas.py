@@ -1,0 +1,145 @@
+"""Arrow schemas of every file the pipeline reads or writes, and checked I/O.
+
+The schemas live as JSON in the repository's ``schemas/`` folder; every read
+and write below is checked against them, and every write is atomic
+(temporary name, fsync, rename), so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import PartitionError, SchemaMismatchError
+
+SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_NAMES = ("snapshot", "quarantine", "partition", "manifest")
+PARQUET_COMPRESSION = "zstd"
+PARQUET_ROW_GROUP_ROWS_MAX = 1_048_576
+
+_ARROW_TYPES: dict[str, pa.DataType] = {
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "string": pa.string(),
+}
+
+
+@functools.cache
+def arrow_schema(name: str) -> pa.Schema:
+    """The Arrow schema called ``name``, read from ``schemas/<name>.json``."""
+    path = SCHEMAS_DIR / f"{name}.json"
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    fields = [
+        pa.field(f["name"], _ARROW_TYPES[f["type"]], nullable=bool(f["nullable"]))
+        for f in spec["fields"]
+    ]
+    return pa.schema(fields)
+
+
+def check_schema(actual: pa.Schema, name: str, where: str) -> None:
+    """Raise :class:`SchemaMismatchError` unless ``actual`` has the names and types of ``name``."""
+    expected = arrow_schema(name)
+    got = [(f.name, _normalise(f.type)) for f in actual]
+    want = [(f.name, f.type) for f in expected]
+    if got != want:
+        raise SchemaMismatchError(
+            f"{where}: columns {_describe(got)} do not match the {name!r} schema {_describe(want)} "
+            f"(schemas/{name}.json)"
+        )
+
+
+def to_arrow(frame: pl.DataFrame, name: str, where: str) -> pa.Table:
+    """Convert a frame to the exact Arrow schema ``name`` (types and nullability)."""
+    table = frame.to_arrow()
+    check_schema(table.schema, name, where)
+    expected = arrow_schema(name)
+    for field in expected:
+        if not field.nullable and table.column(field.name).null_count:
+            raise SchemaMismatchError(f"{where}: column {field.name!r} has nulls; the schema forbids them")
+    return table.cast(expected)
+
+
+def write_parquet(frame: pl.DataFrame, name: str, path: Path) -> None:
+    """Write ``frame`` as Parquet with schema ``name``, atomically and byte-reproducibly."""
+    table = to_arrow(frame, name, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(
+            table,
+            temporary,
+            compression=PARQUET_COMPRESSION,
+            row_group_size=PARQUET_ROW_GROUP_ROWS_MAX,
+            write_statistics=True,
+        )
+        _fsync(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def read_parquet(path: Path, name: str) -> pl.DataFrame:
+    """Read a Parquet file written with schema ``name``, checking the schema first."""
+    try:
+        schema = pq.read_schema(path)
+    except FileNotFoundError as exc:
+        raise PartitionError(f"{path}: file not found") from exc
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise PartitionError(f"{path}: not a readable Parquet file ({exc})") from exc
+    check_schema(schema, name, str(path))
+    try:
+        return pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise PartitionError(f"{path}: cannot read the Parquet data ({exc})") from exc
+
+
+def int64_sha256(series: pl.Series) -> str:
+    """SHA-256 of an int64 column's values as little-endian bytes, in order."""
+    array = series.cast(pl.Int64).rechunk().to_arrow()
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    digest = hashlib.sha256()
+    if len(array):
+        values = array.buffers()[1]
+        assert_little_endian()
+        start = array.offset * 8
+        digest.update(memoryview(values)[start : start + len(array) * 8])
+    return digest.hexdigest()
+
+
+def assert_little_endian() -> None:
+    """Content hashes are defined on little-endian int64; refuse other machines."""
+    if sys.byteorder != "little":
+        raise SchemaMismatchError("content hashes are defined for little-endian machines only")
+
+
+def _normalise(data_type: pa.DataType) -> pa.DataType:
+    if data_type in (pa.large_string(), pa.string_view()):
+        return pa.string()
+    return data_type
+
+
+def _describe(columns: list[tuple[str, pa.DataType]]) -> str:
+    return "[" + ", ".join(f"{n}: {t}" for n, t in columns) + "]"
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

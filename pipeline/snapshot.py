@@ -1,0 +1,277 @@
+"""Eligibility snapshots: validate a user file, quarantine bad rows, freeze the rest.
+
+A snapshot is the sorted set of distinct eligible user ids (input minus
+exclusions), stored as Parquet under its content hash.  Freezing the same
+input twice yields the same snapshot id and the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import schemas
+from pipeline.errors import SnapshotError
+
+USER_ID_COLUMN = "user_id"
+REJECTED_SHARE_MAX_DEFAULT = 0.0001  # 0.01 %
+EXAMPLES_IN_MESSAGE_MAX = 5
+INT64_MAX = 2**63 - 1
+_INTEGER_PATTERN = r"^[+-]?[0-9]+$"
+
+
+@dataclass(frozen=True)
+class SnapshotReport:
+    """What freezing a user file found and where the results are."""
+
+    snapshot_id: str
+    directory: str
+    source_file: str
+    exclusion_file: str | None
+    rows_read: int
+    eligible_users: int
+    null_rows: int
+    not_integer_rows: int
+    out_of_range_rows: int
+    duplicate_rows: int
+    excluded_users: int
+    rejected_share: float
+    quarantine_file: str
+
+    @property
+    def users_file(self) -> Path:
+        """The snapshot's Parquet file of eligible user ids."""
+        return Path(self.directory) / "users.parquet"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for JSON output."""
+        return asdict(self)
+
+
+def snapshot_root(home: Path, campaign_id: str) -> Path:
+    """The folder that holds a campaign's snapshots."""
+    return home / "campaigns" / campaign_id / "snapshots"
+
+
+def freeze_snapshot(
+    users_file: Path,
+    home: Path,
+    campaign_id: str,
+    exclusion_file: Path | None = None,
+    rejected_share_max: float = REJECTED_SHARE_MAX_DEFAULT,
+) -> SnapshotReport:
+    """Validate ``users_file``, quarantine bad rows and freeze the eligible set.
+
+    Raises :class:`SnapshotError` (after writing the quarantine file, which the
+    message names) when the file cannot be read or too large a share is rejected.
+    """
+    users_file = Path(users_file)
+    classified = _classify(users_file)
+    rows_read = classified.height
+    if rows_read == 0:
+        raise SnapshotError(f"{users_file}: the file has no data rows; expected a '{USER_ID_COLUMN}' column of user ids")
+
+    counts = classified.group_by("reason").len()
+    by_reason = {row[0]: row[1] for row in counts.iter_rows()}
+    null_rows = int(by_reason.get("null", 0))
+    not_integer_rows = int(by_reason.get("not_integer", 0))
+    out_of_range_rows = int(by_reason.get("out_of_range", 0))
+
+    valid = classified.filter(pl.col("reason").is_null()).select("row_number", "user_id")
+    ordered = valid.sort(["user_id", "row_number"])
+    duplicate_mask = ordered["user_id"] == ordered["user_id"].shift(1)
+    duplicates = ordered.filter(duplicate_mask)
+    distinct = ordered.filter(~duplicate_mask.fill_null(False)).select("user_id")
+    del ordered, valid
+
+    quarantine = pl.concat(
+        [
+            classified.filter(pl.col("reason").is_not_null()).select("row_number", "raw_value", "reason"),
+            duplicates.select(
+                "row_number",
+                pl.col("user_id").cast(pl.String).alias("raw_value"),
+                pl.lit("duplicate").alias("reason"),
+            ),
+        ]
+    ).sort("row_number")
+    quarantine = quarantine.select(
+        pl.lit(str(users_file)).alias("source_file"),
+        pl.col("row_number").cast(pl.Int64),
+        pl.col("raw_value").cast(pl.String),
+        pl.col("reason").cast(pl.String),
+    )
+    rejected = null_rows + not_integer_rows + out_of_range_rows
+    rejected_share = rejected / rows_read
+
+    excluded_users = 0
+    if exclusion_file is not None:
+        exclusions = load_exclusions(Path(exclusion_file))
+        before = distinct.height
+        distinct = distinct.join(exclusions, on="user_id", how="anti", maintain_order="left")
+        excluded_users = before - distinct.height
+
+    snapshot_id = schemas.int64_sha256(distinct["user_id"])[:16]
+    directory = snapshot_root(home, campaign_id) / snapshot_id
+    quarantine_path = directory / "quarantine.parquet"
+    report = SnapshotReport(
+        snapshot_id=snapshot_id,
+        directory=str(directory),
+        source_file=str(users_file),
+        exclusion_file=None if exclusion_file is None else str(exclusion_file),
+        rows_read=rows_read,
+        eligible_users=distinct.height,
+        null_rows=null_rows,
+        not_integer_rows=not_integer_rows,
+        out_of_range_rows=out_of_range_rows,
+        duplicate_rows=duplicates.height,
+        excluded_users=excluded_users,
+        rejected_share=rejected_share,
+        quarantine_file=str(quarantine_path),
+    )
+    if rejected_share > rejected_share_max:
+        # Keep the evidence next to the input's name, not under a snapshot id that will never be used.
+        failed_path = snapshot_root(home, campaign_id) / "rejected" / f"{users_file.name}.quarantine.parquet"
+        schemas.write_parquet(quarantine, "quarantine", failed_path)
+        examples = quarantine.filter(pl.col("reason") != "duplicate").head(EXAMPLES_IN_MESSAGE_MAX)
+        listed = "; ".join(f"row {r} {reason} ({raw!r})" for _, r, raw, reason in examples.iter_rows())
+        raise SnapshotError(
+            f"{users_file}: {rejected:,} of {rows_read:,} rows rejected ({rejected_share:.4%}), more than the "
+            f"allowed {rejected_share_max:.4%} (null {null_rows:,}, not an integer {not_integer_rows:,}, "
+            f"out of range {out_of_range_rows:,}). Nothing was granted. First rows: {listed}. "
+            f"All rejected rows: {failed_path}. Fix the file, or raise ENTITLE_REJECTED_SHARE_MAX "
+            "if these rows are expected."
+        )
+    if distinct.height == 0:
+        raise SnapshotError(f"{users_file}: no eligible user ids remain after validation and exclusions")
+
+    directory.mkdir(parents=True, exist_ok=True)
+    metadata_path = directory / "snapshot.json"
+    schemas.write_parquet(quarantine, "quarantine", quarantine_path)
+    schemas.write_parquet(distinct, "snapshot", report.users_file)
+    _write_json_atomic(metadata_path, report.as_dict())
+    return report
+
+
+def load_snapshot_report(directory: Path) -> SnapshotReport:
+    """Read a frozen snapshot's metadata; :class:`SnapshotError` if it is not complete."""
+    path = directory / "snapshot.json"
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SnapshotError(f"{directory}: not a frozen snapshot (no snapshot.json); freeze it again") from exc
+    return SnapshotReport(**values)
+
+
+def load_exclusions(path: Path) -> pl.DataFrame:
+    """Distinct user ids to exclude; any unusable row is an error, never a silent skip."""
+    classified = _classify(path)
+    bad = classified.filter(pl.col("reason").is_not_null())
+    if bad.height:
+        listed = "; ".join(
+            f"row {r} {reason} ({raw!r})" for r, raw, reason, _ in
+            bad.select("row_number", "raw_value", "reason", "user_id").head(EXAMPLES_IN_MESSAGE_MAX).iter_rows()
+        )
+        raise SnapshotError(
+            f"{path}: {bad.height:,} exclusion rows are not valid user ids ({listed}). An exclusion that cannot "
+            "be read could grant a blocked account, so nothing was granted; fix the exclusion file."
+        )
+    return classified.select("user_id").unique()
+
+
+def _classify(path: Path) -> pl.DataFrame:
+    """Read a user file into (row_number, raw_value, user_id, reason); reason null = valid."""
+    if not path.exists():
+        raise SnapshotError(f"{path}: file not found")
+    suffixes = "".join(path.suffixes).lower()
+    if suffixes.endswith((".parquet", ".pq")):
+        frame = _read_parquet_column(path)
+    elif suffixes.endswith((".csv", ".csv.gz")):
+        frame = _read_csv_column(path)
+    else:
+        raise SnapshotError(f"{path}: unknown file type; use a .parquet or .csv file with a '{USER_ID_COLUMN}' column")
+    raw = pl.col("raw_value")
+    parsed = pl.col("user_id")
+    reason = (
+        pl.when(raw.is_null())
+        .then(pl.lit("null"))
+        .when(parsed.is_null() & raw.cast(pl.String).str.strip_chars().str.contains(_INTEGER_PATTERN))
+        .then(pl.lit("out_of_range"))
+        .when(parsed.is_null())
+        .then(pl.lit("not_integer"))
+        .when(parsed <= 0)
+        .then(pl.lit("out_of_range"))
+        .otherwise(pl.lit(None, dtype=pl.String))
+    )
+    return frame.with_row_index("row_number", offset=1).with_columns(reason.alias("reason"))
+
+
+def _read_parquet_column(path: Path) -> pl.DataFrame:
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise SnapshotError(f"{path}: not a readable Parquet file ({exc}); is it truncated?") from exc
+    _require_column(path, schema.names)
+    field_type = schema.field(USER_ID_COLUMN).type
+    try:
+        column = pl.read_parquet(path, columns=[USER_ID_COLUMN])[USER_ID_COLUMN]
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise SnapshotError(f"{path}: cannot read column '{USER_ID_COLUMN}' ({exc}); is the file truncated?") from exc
+    if pa.types.is_integer(field_type):
+        parsed = column.cast(pl.Int64, strict=False)
+        raw_value = column.cast(pl.String)
+    elif pa.types.is_floating(field_type):
+        whole = column.is_not_null() & (column == column.floor()) & (column.abs() < 2.0**63)
+        parsed = pl.select(pl.when(whole).then(column).otherwise(None).cast(pl.Int64, strict=False)).to_series()
+        raw_value = column.cast(pl.String)
+    elif pa.types.is_string(field_type) or pa.types.is_large_string(field_type) or pa.types.is_string_view(field_type):
+        raw_value = column.cast(pl.String)
+        parsed = raw_value.str.strip_chars().cast(pl.Int64, strict=False)
+    else:
+        raise SnapshotError(
+            f"{path}: column '{USER_ID_COLUMN}' has type {field_type}; expected integers (int64) or text digits"
+        )
+    return pl.DataFrame({"raw_value": raw_value, "user_id": parsed}).with_columns(
+        pl.col("raw_value").cast(pl.String)
+    )
+
+
+def _read_csv_column(path: Path) -> pl.DataFrame:
+    try:
+        header = pl.read_csv(path, n_rows=0)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise SnapshotError(f"{path}: not a readable CSV file ({exc})") from exc
+    _require_column(path, header.columns)
+    try:
+        column = pl.read_csv(
+            path,
+            columns=[USER_ID_COLUMN],
+            schema_overrides={USER_ID_COLUMN: pl.String},
+            missing_utf8_is_empty_string=False,
+        )[USER_ID_COLUMN]
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise SnapshotError(f"{path}: cannot parse the CSV ({exc}); check quoting and line endings") from exc
+    parsed = column.str.strip_chars().cast(pl.Int64, strict=False)
+    return pl.DataFrame({"raw_value": column, "user_id": parsed})
+
+
+def _require_column(path: Path, columns: list[str]) -> None:
+    if USER_ID_COLUMN in columns:
+        return
+    near = [c for c in columns if c.strip().lower().replace("-", "_").replace(" ", "_") in {"user_id", "userid", "id", "uid"}]
+    hint = f" Did you mean {near[0]!r}? Rename it to '{USER_ID_COLUMN}'." if near else ""
+    raise SnapshotError(
+        f"{path}: no '{USER_ID_COLUMN}' column; found {columns[:10]}.{hint}"
+    )
+
+
+def _write_json_atomic(path: Path, values: dict[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
