@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from pipeline import ledger, snapshot
 from pipeline.campaign import Campaign
 from pipeline.config import Settings
-from pipeline.errors import LedgerError, SnapshotError
+from pipeline.errors import GrantFailedError, SnapshotError
 from pipeline.granting import GrantContext, PartitionOutcome, grant_partition
 from pipeline.ledger import CampaignKeys
 from pipeline.partitioning import PartitionEntry, load_manifest, partition_snapshot, partitions_dir
@@ -65,14 +65,17 @@ class PreparedSnapshot:
         }
 
 
-def freeze(pipeline: Pipeline, users_file: Path, exclusion_file: Path | None = None) -> snapshot.SnapshotReport:
-    """Validate and freeze a user file into a snapshot (no ledger writes)."""
+def freeze(
+    pipeline: Pipeline, users_file: Path, exclusion_file: Path | None = None, dry_run: bool = False
+) -> snapshot.SnapshotReport:
+    """Validate and freeze a user file into a snapshot (no ledger writes; no writes at all when dry)."""
     return snapshot.freeze_snapshot(
         users_file,
         pipeline.settings.home,
         pipeline.campaign.campaign_id,
         exclusion_file,
         pipeline.settings.rejected_share_max,
+        dry_run,
     )
 
 
@@ -306,10 +309,10 @@ def ledger_totals(pipeline: Pipeline) -> list[ItemTotal]:
 
 
 def require_all_done(outcomes: list[PartitionOutcome]) -> None:
-    """Raise :class:`LedgerError` naming every failed partition, if any failed."""
+    """Raise :class:`GrantFailedError` naming every failed partition, if any failed."""
     failed = [o for o in outcomes if o.status != "done"]
     if failed:
         listed = "; ".join(f"part-{o.partition_id:04d}: {o.error}" for o in failed[:10])
-        raise LedgerError(
+        raise GrantFailedError(
             f"{len(failed)} partition(s) failed: {listed}. Fix the cause, then `entitle grant --only-failed`."
         )

@@ -262,6 +262,8 @@ def create_schema(engine: Engine) -> None:
         with write_transaction(engine) as connection:
             metadata.create_all(connection)
             for statement in _split_sql(view_sql(engine.dialect.name)):
+                if engine.dialect.name == "postgresql":
+                    statement = statement.replace("%", "%%")  # psycopg's paramstyle
                 connection.exec_driver_sql(statement)
             existing = connection.execute(
                 sa.select(ledger_meta.c.meta_value).where(ledger_meta.c.meta_key == "schema_version")

@@ -66,11 +66,13 @@ def freeze_snapshot(
     campaign_id: str,
     exclusion_file: Path | None = None,
     rejected_share_max: float = REJECTED_SHARE_MAX_DEFAULT,
+    dry_run: bool = False,
 ) -> SnapshotReport:
     """Validate ``users_file``, quarantine bad rows and freeze the eligible set.
 
     Raises :class:`SnapshotError` (after writing the quarantine file, which the
     message names) when the file cannot be read or too large a share is rejected.
+    With ``dry_run`` nothing is written at all.
     """
     users_file = Path(users_file)
     classified = _classify(users_file)
@@ -138,18 +140,21 @@ def freeze_snapshot(
     if rejected_share > rejected_share_max:
         # Keep the evidence next to the input's name, not under a snapshot id that will never be used.
         failed_path = snapshot_root(home, campaign_id) / "rejected" / f"{users_file.name}.quarantine.parquet"
-        schemas.write_parquet(quarantine, "quarantine", failed_path)
+        if not dry_run:
+            schemas.write_parquet(quarantine, "quarantine", failed_path)
         examples = quarantine.filter(pl.col("reason") != "duplicate").head(EXAMPLES_IN_MESSAGE_MAX)
         listed = "; ".join(f"row {r} {reason} ({raw!r})" for _, r, raw, reason in examples.iter_rows())
         raise SnapshotError(
             f"{users_file}: {rejected:,} of {rows_read:,} rows rejected ({rejected_share:.4%}), more than the "
             f"allowed {rejected_share_max:.4%} (null {null_rows:,}, not an integer {not_integer_rows:,}, "
             f"out of range {out_of_range_rows:,}). Nothing was granted. First rows: {listed}. "
-            f"All rejected rows: {failed_path}. Fix the file, or raise ENTITLE_REJECTED_SHARE_MAX "
+            f"All rejected rows: {'(dry run: not written)' if dry_run else failed_path}. Fix the file, or raise ENTITLE_REJECTED_SHARE_MAX "
             "if these rows are expected."
         )
     if distinct.height == 0:
         raise SnapshotError(f"{users_file}: no eligible user ids remain after validation and exclusions")
+    if dry_run:
+        return report
 
     directory.mkdir(parents=True, exist_ok=True)
     metadata_path = directory / "snapshot.json"
@@ -253,7 +258,6 @@ def _read_csv_column(path: Path) -> pl.DataFrame:
             path,
             columns=[USER_ID_COLUMN],
             schema_overrides={USER_ID_COLUMN: pl.String},
-            missing_utf8_is_empty_string=False,
         )[USER_ID_COLUMN]
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise SnapshotError(f"{path}: cannot parse the CSV ({exc}); check quoting and line endings") from exc

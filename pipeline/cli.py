@@ -1,0 +1,363 @@
+"""The ``entitle`` command line: demo users, plan, run, grant, status, summary, query, db.
+
+Exit codes: 0 success; 2 usage or configuration; 3 bad input (campaign or user
+file); 4 partition files; 5 ledger refused; 6 campaign not started; 7 some
+partitions failed (the others finished); 70 internal error (a bug: please report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__, jobs, queries, snapshot
+from pipeline.config import Settings, load_settings
+from pipeline.demo_users import write_demo_users
+from pipeline.errors import EntitleError, QueryError
+from pipeline.granting import PartitionOutcome
+from pipeline.progress import Progress
+
+EXIT_INTERNAL = 70
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        settings = load_settings()
+        result: int = args.handler(args, settings)
+        return result
+    except EntitleError as exc:
+        _fail(args, str(exc), exc.exit_code)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _fail(args, "interrupted; every partition is all-or-nothing, so rerun the same command to finish", 130)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback as the interface
+        if os.environ.get("ENTITLE_DEBUG"):
+            traceback.print_exc()
+        _fail(
+            args,
+            f"internal error ({type(exc).__name__}: {exc}). This is a bug; rerun with ENTITLE_DEBUG=1 for the "
+            "traceback and report it. The ledger is consistent: every partition is one transaction.",
+            EXIT_INTERNAL,
+        )
+        return EXIT_INTERNAL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="entitle",
+        description="Grant every eligible user a campaign's items exactly once, recorded in an SQL ledger.",
+        epilog="Settings come from ENTITLE_HOME, ENTITLE_LEDGER_URL, ENTITLE_CAMPAIGN, ENTITLE_PARTITIONS and "
+        "ENTITLE_REJECTED_SHARE_MAX (see README). Exit codes: 0 ok, 2 usage/config, 3 bad input, 4 partition "
+        "files, 5 ledger refused, 6 campaign not started, 7 partitions failed, 70 internal error.",
+    )
+    parser.add_argument("--version", action="version", version=f"entitle {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="print one JSON document on stdout (for scripts)")
+        return p
+
+    p = command("demo-users", "write a synthetic user file with realistic ids and a few bad rows")
+    p.add_argument("--count", type=int, default=1_000_000, help="distinct valid users (default 1,000,000)")
+    p.add_argument("--out", type=Path, required=True, help="output file, .parquet or .csv")
+    p.add_argument("--seed", type=int, default=20230105, help="random seed (same seed, same file)")
+    p.set_defaults(handler=cmd_demo_users)
+
+    p = command("plan", "dry run: validate a user file and show per-item counts and face value; writes nothing")
+    _users_args(p)
+    p.set_defaults(handler=cmd_plan)
+
+    p = command("run", "freeze a user file, partition it and grant every partition, in one go")
+    _users_args(p)
+    _grant_args(p)
+    p.set_defaults(handler=cmd_run)
+
+    p = command("grant", "grant the partitions of the current snapshot (all, chosen, or only the failed ones)")
+    p.add_argument("--partitions", type=_partition_list, help="comma-separated partition ids, e.g. 3,17")
+    p.add_argument("--only-failed", action="store_true", help="only partitions whose last attempt failed or died")
+    p.add_argument("--snapshot", help="snapshot id (default: the campaign's current snapshot)")
+    _grant_args(p)
+    p.set_defaults(handler=cmd_grant)
+
+    p = command("status", "per partition of the current snapshot: done, failed (with the error), pending")
+    p.add_argument("--snapshot", help="snapshot id (default: the campaign's current snapshot)")
+    p.add_argument("--all", action="store_true", help="list every partition, not only those not done")
+    p.set_defaults(handler=cmd_status)
+
+    p = command("summary", "live grants per item and total face value, counted in the ledger")
+    p.set_defaults(handler=cmd_summary)
+
+    p = command("query", "run a named analyst query from sql/queries/ with bound parameters")
+    p.add_argument("name", nargs="?", help="query name; omit (or --list) to list them")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a query parameter")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
+    p.add_argument("--list", action="store_true", help="list the named queries")
+    p.set_defaults(handler=cmd_query)
+    return parser
+
+
+def _users_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--users", type=Path, required=True, help="user file (.parquet or .csv) with a user_id column")
+    p.add_argument("--exclude", type=Path, help="file of user ids to exclude (withdrawn or blocked accounts)")
+
+
+def _grant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verify", action="store_true", help="check every planned grant row by row after writing")
+    p.add_argument("--run-id", help="run id to record (default: a new cli__… id)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+
+
+def _partition_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of partition ids") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one partition id")
+    return values
+
+
+def cmd_demo_users(args: argparse.Namespace, _settings: Settings) -> int:
+    """Write synthetic users."""
+    result = write_demo_users(args.count, args.out, args.seed)
+    _emit(args, vars(result), [
+        f"wrote {result.rows:,} rows to {result.path}: {result.distinct_valid_users:,} distinct valid users, "
+        f"{result.duplicate_rows:,} duplicate rows and {result.bad_rows:,} bad rows (for validation to catch)"
+    ])
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    """Dry run."""
+    campaign = settings.campaign()
+    report = snapshot.freeze_snapshot(
+        args.users, settings.home, campaign.campaign_id, args.exclude, settings.rejected_share_max, dry_run=True
+    )
+    items = jobs.plan_items(campaign, report.eligible_users)
+    document = {
+        "campaign_id": campaign.campaign_id,
+        "snapshot": report.as_dict(),
+        "items": [vars(i) for i in items],
+        "total_grants": sum(i.grants for i in items),
+        "total_face_value_krw": sum(i.face_value_krw for i in items),
+        "written": False,
+    }
+    lines = [
+        f"plan for campaign {campaign.campaign_id} (dry run: nothing written)",
+        *_snapshot_lines(report),
+        *_item_lines(items),
+    ]
+    _emit(args, document, lines)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    """Freeze, partition, grant."""
+    pipeline = jobs.open_pipeline(settings)
+    pipeline.campaign.require_started(settings.clock())
+    report = jobs.freeze(pipeline, args.users, args.exclude)
+    _say(args, *_snapshot_lines(report))
+    bar = Progress("partition", settings.partition_count, enabled=not args.no_progress)
+    prepared = jobs.partition(pipeline, report, bar.advance)
+    bar.close()
+    run = jobs.start_run(pipeline, args.run_id, prepared.report.snapshot_id)
+    return _grant_and_report(args, pipeline, run, list(run.entries), {"snapshot": prepared.as_dict()})
+
+
+def cmd_grant(args: argparse.Namespace, settings: Settings) -> int:
+    """Grant chosen partitions."""
+    pipeline = jobs.open_pipeline(settings)
+    pipeline.campaign.require_started(settings.clock())
+    run = jobs.start_run(pipeline, args.run_id, args.snapshot)
+    entries = jobs.select_partitions(pipeline, run, args.partitions, args.only_failed)
+    if not entries:
+        _emit(args, {"run_id": run.run_id, "partitions": 0, "outcomes": []}, ["nothing to do: no partition selected"])
+        return 0
+    return _grant_and_report(args, pipeline, run, entries, {})
+
+
+def _grant_and_report(
+    args: argparse.Namespace,
+    pipeline: jobs.Pipeline,
+    run: jobs.RunHandle,
+    entries: list[Any],
+    extra: dict[str, Any],
+) -> int:
+    bar = Progress("grant", sum(e.rows for e in entries), enabled=not args.no_progress)
+    failures: list[PartitionOutcome] = []
+
+    def on_outcome(outcome: PartitionOutcome) -> None:
+        bar.advance(outcome.planned // max(len(pipeline.campaign.items), 1))
+        if outcome.status != "done":
+            failures.append(outcome)
+
+    outcomes = jobs.grant(pipeline, run, entries, args.verify, on_outcome)
+    bar.close()
+    written = sum(o.written for o in outcomes)
+    present = sum(o.already_present for o in outcomes)
+    planned = sum(o.planned for o in outcomes)
+    document = {
+        **extra,
+        "run_id": run.run_id,
+        "snapshot_id": run.snapshot_id,
+        "ledger": pipeline.settings.describe_ledger(),
+        "partitions": len(outcomes),
+        "failed_partitions": [o.as_dict() for o in failures],
+        "planned": planned,
+        "written": written,
+        "already_present": present,
+    }
+    lines = [
+        f"run {run.run_id}: {len(outcomes) - len(failures)}/{len(outcomes)} partitions done; "
+        f"{written:,} grants written, {present:,} already present, {planned:,} planned",
+        f"ledger: {pipeline.settings.describe_ledger()}",
+    ]
+    for failure in failures:
+        lines.append(f"FAILED part-{failure.partition_id:04d}: {failure.error}")
+    if failures:
+        lines.append("fix the cause, then: entitle grant --only-failed")
+    _emit(args, document, lines)
+    return 7 if failures else 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """Partition states."""
+    pipeline = jobs.open_pipeline(settings)
+    report = jobs.status(pipeline, args.snapshot)
+    lines = [
+        f"campaign {report.campaign_id}, snapshot {report.snapshot_id}, {report.partition_count} partitions: "
+        f"{report.done} done, {report.failed} failed, {report.running} running or interrupted, {report.pending} pending"
+    ]
+    for part in report.partitions:
+        if args.all or part["status"] != "done":
+            error = f"  error: {part['error']}" if part["error"] else ""
+            lines.append(f"  part-{part['partition_id']:04d}  {part['status']:<8} run {part['run_id']}{error}")
+    _emit(args, report.as_dict(), lines)
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace, settings: Settings) -> int:
+    """Ledger totals."""
+    pipeline = jobs.open_pipeline(settings)
+    totals = jobs.ledger_totals(pipeline)
+    document = {
+        "campaign_id": pipeline.campaign.campaign_id,
+        "ledger": settings.describe_ledger(),
+        "items": [vars(t) for t in totals],
+        "total_grants": sum(t.grants for t in totals),
+        "total_face_value_krw": sum(t.face_value_krw for t in totals),
+    }
+    lines = [f"campaign {pipeline.campaign.campaign_id}, ledger {settings.describe_ledger()}", *_item_lines(totals)]
+    _emit(args, document, lines)
+    return 0
+
+
+def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
+    """Named queries."""
+    if args.list or not args.name:
+        names = queries.list_queries()
+        described = [(n, queries.load_query(n, "sqlite")) for n in names]
+        _emit(
+            args,
+            {"queries": [{"name": n, "parameters": list(q.parameters), "description": q.description} for n, q in described]},
+            [f"{n:<22} params: {', '.join(q.parameters) or '-':<28} {q.description}" for n, q in described],
+        )
+        return 0
+    params: dict[str, str] = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise QueryError(f"--param {item!r} must look like KEY=VALUE")
+        params[key] = value
+    from pipeline.ledger import create_ledger_engine
+
+    engine = create_ledger_engine(settings.ledger_url)
+    result = queries.run_query(engine, args.name, params)
+    fmt = "json" if args.json else args.format
+    if fmt == "json":
+        print(json.dumps({"columns": result.columns, "rows": [list(r) for r in result.rows]}, default=str))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
+    else:
+        print(_table(result.columns, result.rows))
+    return 0
+
+
+def _snapshot_lines(report: snapshot.SnapshotReport) -> list[str]:
+    return [
+        f"snapshot {report.snapshot_id}: {report.rows_read:,} rows read from {report.source_file}",
+        f"  eligible users {report.eligible_users:,}; rejected: null {report.null_rows:,}, not an integer "
+        f"{report.not_integer_rows:,}, out of range {report.out_of_range_rows:,} ({report.rejected_share:.4%}); "
+        f"duplicates removed {report.duplicate_rows:,}; excluded {report.excluded_users:,}",
+        f"  quarantine: {report.quarantine_file}",
+    ]
+
+
+def _item_lines(items: Sequence[jobs.ItemTotal]) -> list[str]:
+    lines = [f"  {'item':<20} {'kind':<9} {'grants':>14} {'face value (KRW)':>20}"]
+    for i in items:
+        lines.append(f"  {i.item_sku:<20} {i.item_kind:<9} {i.grants:>14,} {i.face_value_krw:>20,}")
+    lines.append(
+        f"  {'total':<20} {'':<9} {sum(i.grants for i in items):>14,} {sum(i.face_value_krw for i in items):>20,}"
+    )
+    return lines
+
+
+def _table(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    out.append("  ".join("-" * w for w in widths))
+    out.extend("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells)
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(out)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def _emit(args: argparse.Namespace, document: dict[str, Any], lines: list[str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(document, default=str, indent=2))
+    else:
+        print("\n".join(lines))
+
+
+def _say(args: argparse.Namespace, *lines: str) -> None:
+    """Progress narration: stdout for people, stderr when stdout carries JSON."""
+    stream = sys.stderr if getattr(args, "json", False) else sys.stdout
+    print("\n".join(lines), file=stream)
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> None:
+    print(f"entitle: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message, "exit_code": code}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
