@@ -114,17 +114,14 @@ def parse_campaign(text: str, source: str) -> Campaign:
     _reject_unknown(source, "campaign", section, {"id", "name", "time_zone", "start"})
     campaign_id = _required_str(source, "campaign.id", section.get("id"))
     if not _ID_PATTERN.match(campaign_id):
-        raise CampaignError(
-            f"{source}: campaign.id {campaign_id!r} must be 1-63 lowercase letters, digits, '-' or '_'"
-        )
+        raise CampaignError(f"{source}: campaign.id {campaign_id!r} must be 1-63 lowercase letters, digits, '-' or '_'")
     name = _required_str(source, "campaign.name", section.get("name"))
     time_zone = _required_str(source, "campaign.time_zone", section.get("time_zone"))
     try:
         zone = ZoneInfo(time_zone)
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise CampaignError(
-            f"{source}: campaign.time_zone {time_zone!r} is not a known IANA time zone "
-            "(for example 'Asia/Seoul')"
+            f"{source}: campaign.time_zone {time_zone!r} is not a known IANA time zone (for example 'Asia/Seoul')"
         ) from exc
     starts_at = _parse_start(source, section.get("start"), zone)
 
@@ -152,14 +149,12 @@ def _parse_start(source: str, value: object, zone: ZoneInfo) -> dt.datetime:
             value = dt.datetime.fromisoformat(value) if "T" in value else dt.date.fromisoformat(value)
         except ValueError as exc:
             raise CampaignError(
-                f"{source}: {field} {value!r} is not a date (2023-01-05) or local date-time "
-                "(2023-01-05T00:00:00)"
+                f"{source}: {field} {value!r} is not a date (2023-01-05) or local date-time (2023-01-05T00:00:00)"
             ) from exc
     if isinstance(value, dt.datetime):
         if value.tzinfo is not None:
             raise CampaignError(
-                f"{source}: {field} must be a local date-time without offset; "
-                "the zone comes from campaign.time_zone"
+                f"{source}: {field} must be a local date-time without offset; the zone comes from campaign.time_zone"
             )
         return value.replace(tzinfo=zone)
     if isinstance(value, dt.date):
@@ -174,22 +169,16 @@ def _parse_item(source: str, index: int, raw: object, starts_at: dt.datetime) ->
     _reject_unknown(source, where, raw, {"sku", "kind", "amount_krw", "validity"})
     sku = _required_str(source, f"{where}.sku", raw.get("sku"))
     if not _ID_PATTERN.match(sku):
-        raise CampaignError(
-            f"{source}: {where}.sku {sku!r} must be 1-63 lowercase letters, digits, '-' or '_'"
-        )
+        raise CampaignError(f"{source}: {where}.sku {sku!r} must be 1-63 lowercase letters, digits, '-' or '_'")
     kind = _required_str(source, f"{where}.kind", raw.get("kind"))
     if kind not in ITEM_KINDS:
-        raise CampaignError(
-            f"{source}: {where}.kind {kind!r} is unknown; use one of {', '.join(ITEM_KINDS)}"
-        )
+        raise CampaignError(f"{source}: {where}.kind {kind!r} is unknown; use one of {', '.join(ITEM_KINDS)}")
     amount = raw.get("amount_krw")
     if kind in KINDS_WITH_AMOUNT:
         if isinstance(amount, bool) or not isinstance(amount, int):
             raise CampaignError(f"{source}: {where}.amount_krw is required for a {kind}: whole won")
         if amount <= 0 or amount > AMOUNT_KRW_MAX:
-            raise CampaignError(
-                f"{source}: {where}.amount_krw {amount} must be between 1 and {AMOUNT_KRW_MAX:,}"
-            )
+            raise CampaignError(f"{source}: {where}.amount_krw {amount} must be between 1 and {AMOUNT_KRW_MAX:,}")
     elif amount is not None:
         raise CampaignError(f"{source}: {where}.amount_krw is not allowed for a {kind}")
     validity = raw.get("validity")
@@ -200,18 +189,14 @@ def _parse_item(source: str, index: int, raw: object, starts_at: dt.datetime) ->
         match = _VALIDITY_PATTERN.match(validity) if isinstance(validity, str) else None
         if match is None:
             raise CampaignError(
-                f"{source}: {where}.validity {validity!r} must be \"permanent\" or a day count "
-                "such as \"90d\""
+                f'{source}: {where}.validity {validity!r} must be "permanent" or a day count such as "90d"'
             )
         validity_days = int(match.group(1))
         if not 1 <= validity_days <= VALIDITY_DAYS_MAX:
-            raise CampaignError(
-                f"{source}: {where}.validity {validity!r} must be between 1d and {VALIDITY_DAYS_MAX}d"
-            )
+            raise CampaignError(f"{source}: {where}.validity {validity!r} must be between 1d and {VALIDITY_DAYS_MAX}d")
     # Calendar days in the campaign's zone, anchored at the start: never the clock.
     valid_until = None if validity_days is None else starts_at + dt.timedelta(days=validity_days)
-    return Item(sku, kind, amount if kind in KINDS_WITH_AMOUNT else None, validity_days,
-                starts_at, valid_until)
+    return Item(sku, kind, amount if kind in KINDS_WITH_AMOUNT else None, validity_days, starts_at, valid_until)
 
 
 def _required_str(source: str, field: str, value: object) -> str:
@@ -223,6 +208,4 @@ def _required_str(source: str, field: str, value: object) -> str:
 def _reject_unknown(source: str, where: str, table: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
-        raise CampaignError(
-            f"{source}: {where} has unknown key(s) {unknown}; allowed: {sorted(allowed)}"
-        )
+        raise CampaignError(f"{source}: {where} has unknown key(s) {unknown}; allowed: {sorted(allowed)}")

@@ -137,10 +137,14 @@ def _partition_list(text: str) -> list[int]:
 def cmd_demo_users(args: argparse.Namespace, _settings: Settings) -> int:
     """Write synthetic users."""
     result = write_demo_users(args.count, args.out, args.seed)
-    _emit(args, vars(result), [
-        f"wrote {result.rows:,} rows to {result.path}: {result.distinct_valid_users:,} distinct valid users, "
-        f"{result.duplicate_rows:,} duplicate rows and {result.bad_rows:,} bad rows (for validation to catch)"
-    ])
+    _emit(
+        args,
+        vars(result),
+        [
+            f"wrote {result.rows:,} rows to {result.path}: {result.distinct_valid_users:,} distinct valid users, "
+            f"{result.duplicate_rows:,} duplicate rows and {result.bad_rows:,} bad rows (for validation to catch)"
+        ],
+    )
     return 0
 
 
@@ -276,7 +280,11 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
         described = [(n, queries.load_query(n, "sqlite")) for n in names]
         _emit(
             args,
-            {"queries": [{"name": n, "parameters": list(q.parameters), "description": q.description} for n, q in described]},
+            {
+                "queries": [
+                    {"name": n, "parameters": list(q.parameters), "description": q.description} for n, q in described
+                ]
+            },
             [f"{n:<22} params: {', '.join(q.parameters) or '-':<28} {q.description}" for n, q in described],
         )
         return 0

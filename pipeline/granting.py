@@ -86,8 +86,14 @@ def grant_partition(context: GrantContext, entry: PartitionEntry, verify: bool =
             if verify:
                 _verify(connection, context, entry, planned)
             outcome = PartitionOutcome(
-                entry.partition_id, "done", planned, written, planned - written,
-                time.monotonic() - started, False, verify,
+                entry.partition_id,
+                "done",
+                planned,
+                written,
+                planned - written,
+                time.monotonic() - started,
+                False,
+                verify,
             )
             invariant(0 <= written <= planned, f"wrote {written} of {planned} planned grants")
             _finish_attempt(connection, attempt_key, outcome, context.clock())
@@ -143,14 +149,14 @@ def _attempt_values(
     }
 
 
-def _record_start(
-    context: GrantContext, entry: PartitionEntry, signature: str, now: dt.datetime, verify: bool
-) -> int:
+def _record_start(context: GrantContext, entry: PartitionEntry, signature: str, now: dt.datetime, verify: bool) -> int:
     with write_transaction(context.engine) as connection:
         result = connection.execute(
-            partition_attempts.insert().values(status="running", **_attempt_values(context, entry, signature, now, verify))
+            partition_attempts.insert().values(
+                status="running", **_attempt_values(context, entry, signature, now, verify)
+            )
         )
-        return int(result.inserted_primary_key[0])
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
 
 
 def _record_finished(
@@ -231,12 +237,12 @@ def _stage(connection: Connection, context: GrantContext, users: pl.DataFrame) -
     connection.exec_driver_sql(
         f"INSERT INTO stage_items (item_key, amount_krw, valid_from, valid_until) "
         f"VALUES ({placeholder}, {placeholder}, {placeholder}, {placeholder})",
-        item_rows,  # type: ignore[arg-type]
+        item_rows,
     )
     insert_user = f"INSERT INTO stage_users (user_bucket, user_id) VALUES ({placeholder}, {placeholder})"
     for offset in range(0, users.height, STAGE_BATCH_ROWS_MAX):
         batch = users.slice(offset, STAGE_BATCH_ROWS_MAX).rows()
-        connection.exec_driver_sql(insert_user, batch)  # type: ignore[arg-type]
+        connection.exec_driver_sql(insert_user, batch)
 
 
 def _insert_missing(connection: Connection, context: GrantContext, entry: PartitionEntry, now: dt.datetime) -> int:
@@ -246,10 +252,7 @@ def _insert_missing(connection: Connection, context: GrantContext, entry: Partit
     # A partition's grants are one contiguous key range. When that range is empty (the first
     # run) the per-row existence probe is pure cost; the primary key still refuses duplicates.
     range_has_grants = connection.execute(
-        sa.text(
-            "SELECT 1 FROM grants WHERE campaign_key = :campaign_key "
-            "AND user_bucket BETWEEN :lo AND :hi LIMIT 1"
-        ),
+        sa.text("SELECT 1 FROM grants WHERE campaign_key = :campaign_key AND user_bucket BETWEEN :lo AND :hi LIMIT 1"),
         {"campaign_key": context.keys.campaign_key, "lo": entry.bucket_lo, "hi": entry.bucket_hi},
     ).first()
     probe = (
@@ -263,8 +266,10 @@ def _insert_missing(connection: Connection, context: GrantContext, entry: Partit
         "amount_krw, valid_from, valid_until, granted_at) "
         "SELECT :campaign_key, s.user_bucket, s.user_id, i.item_key, :partition_id, :run_key, "
         "i.amount_krw, i.valid_from, i.valid_until, :granted_at "
-        "FROM stage_users AS s CROSS JOIN stage_items AS i " + probe
-        + "ORDER BY s.user_bucket, s.user_id, i.item_key" + conflict
+        "FROM stage_users AS s CROSS JOIN stage_items AS i "
+        + probe
+        + "ORDER BY s.user_bucket, s.user_id, i.item_key"
+        + conflict
     )
     result = connection.execute(
         statement,

@@ -150,7 +150,9 @@ def _snapshot_row(pipeline: Pipeline, snapshot_id: str | None) -> dict[str, Any]
             )
         ).first()
     if found is None:
-        raise SnapshotError(f"snapshot {snapshot_id!r} is not registered for campaign {pipeline.campaign.campaign_id!r}")
+        raise SnapshotError(
+            f"snapshot {snapshot_id!r} is not registered for campaign {pipeline.campaign.campaign_id!r}"
+        )
     return dict(found._mapping)
 
 
@@ -204,9 +206,11 @@ def latest_attempts(pipeline: Pipeline, snapshot_id: str) -> dict[int, dict[str,
         .group_by(table.c.partition_id)
         .subquery()
     )
-    query = sa.select(table, ledger.runs.c.run_id).join(
-        latest, latest.c.attempt_key == table.c.attempt_key
-    ).join(ledger.runs, ledger.runs.c.run_key == table.c.run_key)
+    query = (
+        sa.select(table, ledger.runs.c.run_id)
+        .join(latest, latest.c.attempt_key == table.c.attempt_key)
+        .join(ledger.runs, ledger.runs.c.run_key == table.c.run_key)
+    )
     with pipeline.engine.connect() as connection:
         rows = connection.execute(query).all()
     return {int(r.partition_id): dict(r._mapping) for r in rows}
@@ -277,9 +281,7 @@ class ItemTotal:
 
 def plan_items(campaign: Campaign, users: int) -> list[ItemTotal]:
     """Per-item counts and face value if each of ``users`` receives every item."""
-    return [
-        ItemTotal(i.sku, i.kind, users, i.amount_krw, users * (i.amount_krw or 0)) for i in campaign.items
-    ]
+    return [ItemTotal(i.sku, i.kind, users, i.amount_krw, users * (i.amount_krw or 0)) for i in campaign.items]
 
 
 def ledger_totals(pipeline: Pipeline) -> list[ItemTotal]:

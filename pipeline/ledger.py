@@ -210,7 +210,9 @@ class CampaignKeys:
         """Digest of (item_key, terms_hash) pairs: equal means the same grants are planned per user."""
         import hashlib
 
-        parts = ",".join(f"{self.item_keys[i.sku]}:{i.terms_hash()}" for i in sorted(campaign.items, key=lambda i: i.sku))
+        parts = ",".join(
+            f"{self.item_keys[i.sku]}:{i.terms_hash()}" for i in sorted(campaign.items, key=lambda i: i.sku)
+        )
         return hashlib.sha256(parts.encode()).hexdigest()[:16]
 
 
@@ -269,7 +271,9 @@ def create_schema(engine: Engine) -> None:
                 sa.select(ledger_meta.c.meta_value).where(ledger_meta.c.meta_key == "schema_version")
             ).scalar()
             if existing is None:
-                connection.execute(ledger_meta.insert().values(meta_key="schema_version", meta_value=str(SCHEMA_VERSION)))
+                connection.execute(
+                    ledger_meta.insert().values(meta_key="schema_version", meta_value=str(SCHEMA_VERSION))
+                )
             elif int(existing) != SCHEMA_VERSION:
                 raise LedgerError(
                     f"ledger schema version {existing}, this program needs {SCHEMA_VERSION}; upgrade the ledger"
@@ -309,7 +313,7 @@ def register_campaign(engine: Engine, campaign: Campaign, now: dt.datetime) -> C
                         starts_at=campaign.starts_at,
                         registered_at=now,
                     )
-                ).inserted_primary_key[0]
+                ).inserted_primary_key[0]  # type: ignore[index]
             )
         else:
             campaign_key = int(row[0])
@@ -340,7 +344,7 @@ def _register_item(connection: Connection, campaign: Campaign, campaign_key: int
         return int(
             connection.execute(
                 campaign_items.insert().values(campaign_key=campaign_key, item_sku=item.sku, **values)
-            ).inserted_primary_key[0]
+            ).inserted_primary_key[0]  # type: ignore[index]
         )
     item_key, stored_hash = int(row[0]), str(row[1])
     if stored_hash == values["terms_hash"]:
@@ -382,7 +386,7 @@ def register_run(
                 runs.insert().values(
                     run_id=run_id, campaign_key=campaign_key, snapshot_id=snapshot_id, trigger=trigger, started_at=now
                 )
-            ).inserted_primary_key[0]
+            ).inserted_primary_key[0]  # type: ignore[index]
         )
 
 
@@ -402,7 +406,9 @@ def register_snapshot(
         ).first()
         if exists is None:
             connection.execute(
-                snapshots.insert().values(campaign_key=campaign_key, snapshot_id=snapshot_id, registered_at=now, **values)
+                snapshots.insert().values(
+                    campaign_key=campaign_key, snapshot_id=snapshot_id, registered_at=now, **values
+                )
             )
         else:
             connection.execute(

@@ -188,8 +188,8 @@ def read_partition(entry: PartitionEntry) -> pl.DataFrame:
         recomputed = frame.select(user_bucket_expr().alias("b"))["b"]
         if not recomputed.equals(frame["user_bucket"], check_names=False):
             raise PartitionError(f"{entry.path}: user_bucket does not match user_id; the file is corrupt")
-        low, high = frame["user_bucket"].min(), frame["user_bucket"].max()
-        if not (entry.bucket_lo <= low and high <= entry.bucket_hi):  # type: ignore[operator]
+        low, high = int(frame["user_bucket"].min()), int(frame["user_bucket"].max())  # type: ignore[arg-type]
+        if not (entry.bucket_lo <= low and high <= entry.bucket_hi):
             raise PartitionError(f"{entry.path}: buckets {low}..{high} outside {entry.bucket_lo}..{entry.bucket_hi}")
     return frame
 

@@ -37,10 +37,7 @@ def arrow_schema(name: str) -> pa.Schema:
     """The Arrow schema called ``name``, read from ``schemas/<name>.json``."""
     path = SCHEMAS_DIR / f"{name}.json"
     spec = json.loads(path.read_text(encoding="utf-8"))
-    fields = [
-        pa.field(f["name"], _ARROW_TYPES[f["type"]], nullable=bool(f["nullable"]))
-        for f in spec["fields"]
-    ]
+    fields = [pa.field(f["name"], _ARROW_TYPES[f["type"]], nullable=bool(f["nullable"])) for f in spec["fields"]]
     return pa.schema(fields)
 
 

@@ -78,7 +78,9 @@ def freeze_snapshot(
     classified = _classify(users_file)
     rows_read = classified.height
     if rows_read == 0:
-        raise SnapshotError(f"{users_file}: the file has no data rows; expected a '{USER_ID_COLUMN}' column of user ids")
+        raise SnapshotError(
+            f"{users_file}: the file has no data rows; expected a '{USER_ID_COLUMN}' column of user ids"
+        )
 
     counts = classified.group_by("reason").len()
     by_reason = {row[0]: row[1] for row in counts.iter_rows()}
@@ -148,7 +150,8 @@ def freeze_snapshot(
             f"{users_file}: {rejected:,} of {rows_read:,} rows rejected ({rejected_share:.4%}), more than the "
             f"allowed {rejected_share_max:.4%} (null {null_rows:,}, not an integer {not_integer_rows:,}, "
             f"out of range {out_of_range_rows:,}). Nothing was granted. First rows: {listed}. "
-            f"All rejected rows: {'(dry run: not written)' if dry_run else failed_path}. Fix the file, or raise ENTITLE_REJECTED_SHARE_MAX "
+            f"All rejected rows: {'(dry run: not written)' if dry_run else failed_path}. "
+            "Fix the file, or raise ENTITLE_REJECTED_SHARE_MAX "
             "if these rows are expected."
         )
     if distinct.height == 0:
@@ -180,8 +183,10 @@ def load_exclusions(path: Path) -> pl.DataFrame:
     bad = classified.filter(pl.col("reason").is_not_null())
     if bad.height:
         listed = "; ".join(
-            f"row {r} {reason} ({raw!r})" for r, raw, reason, _ in
-            bad.select("row_number", "raw_value", "reason", "user_id").head(EXAMPLES_IN_MESSAGE_MAX).iter_rows()
+            f"row {r} {reason} ({raw!r})"
+            for r, raw, reason, _ in bad.select("row_number", "raw_value", "reason", "user_id")
+            .head(EXAMPLES_IN_MESSAGE_MAX)
+            .iter_rows()
         )
         raise SnapshotError(
             f"{path}: {bad.height:,} exclusion rows are not valid user ids ({listed}). An exclusion that cannot "
@@ -242,9 +247,7 @@ def _read_parquet_column(path: Path) -> pl.DataFrame:
         raise SnapshotError(
             f"{path}: column '{USER_ID_COLUMN}' has type {field_type}; expected integers (int64) or text digits"
         )
-    return pl.DataFrame({"raw_value": raw_value, "user_id": parsed}).with_columns(
-        pl.col("raw_value").cast(pl.String)
-    )
+    return pl.DataFrame({"raw_value": raw_value, "user_id": parsed}).with_columns(pl.col("raw_value").cast(pl.String))
 
 
 def _read_csv_column(path: Path) -> pl.DataFrame:
@@ -268,11 +271,13 @@ def _read_csv_column(path: Path) -> pl.DataFrame:
 def _require_column(path: Path, columns: list[str]) -> None:
     if USER_ID_COLUMN in columns:
         return
-    near = [c for c in columns if c.strip().lower().replace("-", "_").replace(" ", "_") in {"user_id", "userid", "id", "uid"}]
+    near = [
+        c
+        for c in columns
+        if c.strip().lower().replace("-", "_").replace(" ", "_") in {"user_id", "userid", "id", "uid"}
+    ]
     hint = f" Did you mean {near[0]!r}? Rename it to '{USER_ID_COLUMN}'." if near else ""
-    raise SnapshotError(
-        f"{path}: no '{USER_ID_COLUMN}' column; found {columns[:10]}.{hint}"
-    )
+    raise SnapshotError(f"{path}: no '{USER_ID_COLUMN}' column; found {columns[:10]}.{hint}")
 
 
 def _write_json_atomic(path: Path, values: dict[str, Any]) -> None:
