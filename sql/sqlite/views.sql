@@ -18,8 +18,11 @@ SELECT
     r.run_id,
     g.partition_id,
     g.user_bucket
-FROM grants AS g
-JOIN campaigns AS c ON c.campaign_key = g.campaign_key
+-- CROSS JOIN fixes the loop order (SQLite's documented planner control): campaigns, a handful of
+-- rows, drive the grants key (campaign_key, user_bucket, user_id, item_key), so a filter on
+-- user_bucket and user_id is an index seek instead of a scan.
+FROM campaigns AS c
+CROSS JOIN grants AS g ON g.campaign_key = c.campaign_key
 JOIN campaign_items AS i ON i.item_key = g.item_key
 JOIN runs AS r ON r.run_key = g.run_key
 WHERE NOT EXISTS (

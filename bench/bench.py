@@ -1,0 +1,277 @@
+"""Benchmark of the grant pipeline: one line per stage with rows, seconds, rows/s and peak RSS.
+
+    .venv/bin/python bench/bench.py --users 48000000 --backend sqlite
+
+Stages: generate users, freeze the snapshot, partition, grant every partition
+(in a child process, so its peak RSS is the grant work's alone), rerun with
+nothing to do, look up single users, and a naive baseline on a sample
+(row-at-a-time INSERT ... ON CONFLICT DO NOTHING through executemany) with the
+ratio of the pipeline's write rate to it.  Targets are printed beside figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BASELINE_SAMPLE_USERS = 200_000
+LOOKUPS = 1000
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=int(os.environ.get("BENCH_USERS", 48_000_000)))
+    parser.add_argument(
+        "--backend", choices=("sqlite", "postgresql"), default=os.environ.get("BENCH_BACKEND", "sqlite")
+    )
+    parser.add_argument("--partitions", type=int, default=int(os.environ.get("ENTITLE_PARTITIONS", 256)))
+    parser.add_argument("--home", type=Path, default=None, help="work folder (default var/bench/<users>-<backend>)")
+    parser.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL))
+    parser.add_argument("--keep", action="store_true", help="keep the work folder afterwards")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON document at the end")
+    parser.add_argument("--child-grant", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    home = args.home or ROOT / "var" / "bench" / f"{args.users}-{args.backend}"
+    env = {
+        "ENTITLE_HOME": str(home),
+        "ENTITLE_PARTITIONS": str(args.partitions),
+        "ENTITLE_LEDGER_URL": args.pg_url if args.backend == "postgresql" else f"sqlite:///{home / 'ledger.sqlite'}",
+    }
+    if args.child_grant:
+        return child_grant(env)
+    return run_bench(args, home, env)
+
+
+def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
+    from pipeline import jobs
+    from pipeline.config import load_settings
+    from pipeline.demo_users import write_demo_users
+
+    if home.exists():
+        shutil.rmtree(home)
+    home.mkdir(parents=True)
+    if args.backend == "postgresql":
+        reset_postgres(args.pg_url)
+    figures: list[dict[str, Any]] = []
+    print(f"bench: {args.users:,} users, backend {args.backend}, {args.partitions} partitions, home {home}", flush=True)
+    print(f"{'stage':<22} {'rows':>13} {'seconds':>9} {'rows/s':>13} {'peak RSS MB':>12}  target", flush=True)
+
+    def report(stage: str, rows: int, seconds: float, rss_mb: float, target: str = "") -> None:
+        rate = rows / seconds if seconds > 0 else float("inf")
+        figures.append(
+            {
+                "stage": stage,
+                "rows": rows,
+                "seconds": round(seconds, 3),
+                "rows_per_s": round(rate),
+                "peak_rss_mb": round(rss_mb),
+                "target": target,
+            }
+        )
+        print(f"{stage:<22} {rows:>13,} {seconds:>9.2f} {rate:>13,.0f} {rss_mb:>12,.0f}  {target}", flush=True)
+
+    users_file = home / "users.parquet"
+    started = time.perf_counter()
+    write_demo_users(args.users, users_file)
+    report("generate users", args.users, time.perf_counter() - started, self_rss_mb())
+
+    settings = load_settings(env)
+    pipeline = jobs.open_pipeline(settings)
+    started = time.perf_counter()
+    snapshot_report = jobs.freeze(pipeline, users_file)
+    report("freeze snapshot", snapshot_report.rows_read, time.perf_counter() - started, self_rss_mb())
+
+    started = time.perf_counter()
+    jobs.partition(pipeline, snapshot_report)
+    report("partition", snapshot_report.eligible_users, time.perf_counter() - started, self_rss_mb(), "<= 15 s for 48M")
+
+    planned = snapshot_report.eligible_users * len(pipeline.campaign.items)
+    grant_figures = run_child(env, args)
+    report(
+        "grant (all partitions)",
+        grant_figures["written"],
+        grant_figures["seconds"],
+        grant_figures["rss_mb"],
+        ">= 1,000,000 grants/s; peak RSS <= 1,500 MB",
+    )
+    if grant_figures["written"] != planned:
+        print(f"ERROR: wrote {grant_figures['written']:,} grants, planned {planned:,}", file=sys.stderr)
+        return 1
+
+    rerun_figures = run_child(env, args)
+    report("rerun (nothing to do)", planned, rerun_figures["seconds"], rerun_figures["rss_mb"], "<= 60 s")
+    if rerun_figures["written"] != 0:
+        print(f"ERROR: the rerun wrote {rerun_figures['written']:,} grants", file=sys.stderr)
+        return 1
+
+    lookup_ms = lookup_users(pipeline, snapshot_report.users_file)
+    report(
+        "user lookup (median)",
+        LOOKUPS,
+        lookup_ms["median_ms"] / 1000 * LOOKUPS,
+        self_rss_mb(),
+        f"<= 5 ms per user (median {lookup_ms['median_ms']:.3f} ms, p99 {lookup_ms['p99_ms']:.3f} ms)",
+    )
+
+    baseline = naive_baseline(args.backend, args.pg_url, home, snapshot_report.users_file, pipeline)
+    ratio = (grant_figures["written"] / grant_figures["seconds"]) / baseline["rate"]
+    report(
+        "naive executemany",
+        baseline["rows"],
+        baseline["seconds"],
+        self_rss_mb(),
+        f"pipeline is {ratio:.2f}x this baseline",
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "users": args.users,
+                    "backend": args.backend,
+                    "partitions": args.partitions,
+                    "stages": figures,
+                    "lookup": lookup_ms,
+                    "ratio_vs_naive": ratio,
+                },
+                indent=2,
+            )
+        )
+    if not args.keep:
+        shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+def run_child(env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    """Grant every partition in a fresh process; its own peak RSS is the grant work's."""
+    command = [
+        sys.executable,
+        __file__,
+        "--child-grant",
+        "--users",
+        str(args.users),
+        "--backend",
+        args.backend,
+        "--partitions",
+        str(args.partitions),
+        "--pg-url",
+        args.pg_url,
+    ]
+    if args.home is not None:
+        command += ["--home", str(args.home)]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, check=False)
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr)
+        raise SystemExit(f"grant child failed with exit code {result.returncode}")
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def child_grant(env: dict[str, str]) -> int:
+    from pipeline import jobs
+    from pipeline.config import load_settings
+
+    pipeline = jobs.open_pipeline(load_settings(env))
+    run = jobs.start_run(pipeline, trigger="bench")
+    started = time.perf_counter()
+    outcomes = jobs.grant(pipeline, run, run.entries)
+    seconds = time.perf_counter() - started
+    jobs.require_all_done(outcomes)
+    print(json.dumps({"written": sum(o.written for o in outcomes), "seconds": seconds, "rss_mb": self_rss_mb()}))
+    return 0
+
+
+def lookup_users(pipeline: Any, users_file: Path) -> dict[str, float]:
+    """Median and p99 latency of the user_grants named query for random users."""
+    import polars as pl
+
+    from pipeline.queries import run_query
+
+    users = pl.read_parquet(users_file)["user_id"]
+    picks = [int(users[random.randrange(users.len())]) for _ in range(LOOKUPS)]
+    latencies = []
+    for user_id in picks:
+        started = time.perf_counter()
+        result = run_query(pipeline.engine, "user_grants", {"user_id": str(user_id)})
+        latencies.append((time.perf_counter() - started) * 1000)
+        if len(result.rows) != len(pipeline.campaign.items):
+            raise SystemExit(f"user {user_id} has {len(result.rows)} grants, expected {len(pipeline.campaign.items)}")
+    latencies.sort()
+    return {"median_ms": statistics.median(latencies), "p99_ms": latencies[int(len(latencies) * 0.99) - 1]}
+
+
+def naive_baseline(backend: str, pg_url: str, home: Path, users_file: Path, pipeline: Any) -> dict[str, float]:
+    """Row-at-a-time INSERT ... ON CONFLICT DO NOTHING via executemany into a copy of the grants table."""
+    import polars as pl
+
+    users = pl.read_parquet(users_file).head(BASELINE_SAMPLE_USERS)["user_id"].to_list()
+    items = list(pipeline.keys.item_keys.values())
+    rows = [(1, u % 2147483647 * 1540483477 % 2147483647, u, k, 0, 1, None, 0, None, 0) for u in users for k in items]
+    columns = (
+        "campaign_key, user_bucket, user_id, item_key, partition_id, run_key, amount_krw, valid_from, "
+        "valid_until, granted_at"
+    )
+    if backend == "sqlite":
+        path = home / "baseline.sqlite"
+        connection = sqlite3.connect(path)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute(
+            "CREATE TABLE grants (campaign_key INTEGER NOT NULL, user_bucket INTEGER NOT NULL, user_id INTEGER NOT NULL,"
+            " item_key INTEGER NOT NULL, partition_id INTEGER NOT NULL, run_key INTEGER NOT NULL, amount_krw INTEGER,"
+            " valid_from INTEGER NOT NULL, valid_until INTEGER, granted_at INTEGER NOT NULL,"
+            " PRIMARY KEY (campaign_key, item_key, user_id)) WITHOUT ROWID"
+        )
+        started = time.perf_counter()
+        with connection:
+            connection.executemany(
+                f"INSERT INTO grants ({columns}) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING", rows
+            )
+        seconds = time.perf_counter() - started
+        connection.close()
+    else:
+        import psycopg
+
+        dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(dsn) as connection:
+            connection.execute("DROP TABLE IF EXISTS bench_naive_grants")
+            connection.execute("CREATE TABLE bench_naive_grants (LIKE grants INCLUDING ALL)")
+            started = time.perf_counter()
+            with connection.cursor() as cursor:
+                cursor.executemany(
+                    f"INSERT INTO bench_naive_grants ({columns}) VALUES (%s,%s,%s,%s,%s,%s,%s,"
+                    "to_timestamp(%s),NULL,to_timestamp(%s)) ON CONFLICT DO NOTHING",
+                    [r[:8] + (r[9],) for r in rows],
+                )
+            connection.commit()
+            seconds = time.perf_counter() - started
+            connection.execute("DROP TABLE bench_naive_grants")
+    return {"rows": len(rows), "seconds": seconds, "rate": len(rows) / seconds}
+
+
+def reset_postgres(pg_url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as connection:
+        connection.execute("DROP SCHEMA public CASCADE")
+        connection.execute("CREATE SCHEMA public")
+
+
+def self_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())

@@ -1,0 +1,330 @@
+"""The ``entitle`` console script, run as a subprocess exactly as operators run it."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from conftest import ENTITLE_SCRIPT, FACE_VALUE_PER_USER_KRW, ITEMS_PER_USER, cli_environment, run_entitle
+from pipeline.cli import build_parser
+
+Entitle = Callable[..., subprocess.CompletedProcess[str]]
+COMMANDS = {"demo-users", "plan", "run", "grant", "status", "summary", "query"}
+USERS = 2_000
+
+
+def assert_clean_error(result: subprocess.CompletedProcess[str], exit_code: int, *fragments: str) -> None:
+    assert result.returncode == exit_code, (result.returncode, result.stdout, result.stderr)
+    assert result.stderr.startswith("entitle: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, f"{fragment!r} not in {result.stderr!r}"
+    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stdout
+
+
+# --------------------------------------------------------------------------- help
+
+
+def test_every_command_has_help(tmp_path: Path) -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == COMMANDS
+    env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"))
+    invocations = [["--help"]] + [[name, "--help"] for name in sorted(COMMANDS)]
+    processes = [
+        (args, subprocess.Popen([str(ENTITLE_SCRIPT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for args in invocations
+    ]
+    for args, process in processes:
+        stdout, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, (args, stderr)
+        assert stdout.startswith("usage: entitle"), (args, stdout)
+        if len(args) == 2:
+            assert f"entitle {args[0]}" in stdout
+    assert not (tmp_path / "var").exists(), "--help writes nothing"
+
+
+def test_version_and_no_command(entitle: Entitle, tmp_path: Path) -> None:
+    env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"))
+    version = entitle(["--version"], env)
+    assert version.returncode == 0
+    assert version.stdout.strip() == "entitle 0.1.0"
+    bare = entitle([], env)
+    assert bare.returncode == 2
+    assert "usage: entitle" in bare.stdout
+
+
+# --------------------------------------------------------------------------- demo users and plan
+
+
+def test_demo_users_writes_a_reproducible_file(entitle: Entitle, tmp_path: Path) -> None:
+    env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"))
+    outputs = []
+    for name in ("a.parquet", "b.parquet"):
+        out = tmp_path / name
+        result = entitle(["demo-users", "--count", str(USERS), "--out", str(out), "--seed", "7", "--json"], env)
+        assert result.returncode == 0, result.stderr
+        document = json.loads(result.stdout)
+        assert document["distinct_valid_users"] == USERS
+        assert document["rows"] == USERS + document["bad_rows"] + document["duplicate_rows"]
+        frame = pl.read_parquet(out)
+        assert frame.height == document["rows"]
+        assert frame.filter(pl.col("user_id") > 0)["user_id"].n_unique() == USERS
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1], "same seed, same file"
+
+    csv_out = tmp_path / "users.csv"
+    result = entitle(["demo-users", "--count", "500", "--out", str(csv_out)], env)
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout
+    assert csv_out.read_text(encoding="utf-8").startswith("user_id\n")
+
+
+def test_demo_users_refuses_a_bad_count(entitle: Entitle, tmp_path: Path) -> None:
+    env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"))
+    result = entitle(["demo-users", "--count", "0", "--out", str(tmp_path / "u.parquet")], env)
+    assert_clean_error(result, 2, "--count 0 must be between 1 and")
+
+
+def test_plan_reports_and_writes_nothing(entitle: Entitle, tmp_path: Path, write_users: Callable[..., Path]) -> None:
+    users = write_users(tmp_path / "users.csv", list(range(1, 101)) + [5])
+    home = tmp_path / "var"
+    env = cli_environment(ENTITLE_HOME=str(home))
+    result = entitle(["plan", "--users", str(users), "--json"], env)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["written"] is False
+    assert document["snapshot"]["eligible_users"] == 100
+    assert document["snapshot"]["duplicate_rows"] == 1
+    assert document["total_grants"] == 100 * ITEMS_PER_USER
+    assert document["total_face_value_krw"] == 100 * FACE_VALUE_PER_USER_KRW
+    assert {i["item_sku"] for i in document["items"]} == {
+        "emoticon-permanent", "emoticon-90d-a", "emoticon-90d-b", "coupon-2000", "coupon-3000",
+    }
+    assert not home.exists(), f"plan wrote {sorted(p.name for p in home.rglob('*')) if home.exists() else []}"
+
+    table = entitle(["plan", "--users", str(users)], env)
+    assert table.returncode == 0
+    assert "dry run: nothing written" in table.stdout
+    assert "500,000" in table.stdout  # total face value, ₩
+    assert not home.exists()
+
+
+# --------------------------------------------------------------------------- run, status, summary, query
+
+
+@dataclass(frozen=True)
+class Ran:
+    env: dict[str, str]
+    home: Path
+    users: list[int]
+    run_document: dict[str, object]
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory: pytest.TempPathFactory) -> Ran:
+    """One `entitle run --json` over a small demo-like file, shared by the read-only tests below."""
+    root = tmp_path_factory.mktemp("cli-run")
+    users = list(range(50_000_000, 50_000_000 + USERS))
+    users_file = root / "users.parquet"
+    pl.DataFrame({"user_id": users + [users[0], None]}, schema={"user_id": pl.Int64}).write_parquet(users_file)
+    env = cli_environment(ENTITLE_HOME=str(root / "var"), ENTITLE_PARTITIONS="8", ENTITLE_REJECTED_SHARE_MAX="0.01")
+    result = run_entitle(["run", "--users", str(users_file), "--json"], env)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)  # stdout is exactly one JSON document
+    return Ran(env, root / "var", users, document)
+
+
+def test_run_json_reports_every_planned_grant_written(ran: Ran) -> None:
+    document = ran.run_document
+    assert document["planned"] == USERS * ITEMS_PER_USER
+    assert document["written"] == document["planned"]
+    assert document["already_present"] == 0
+    assert document["partitions"] == 8
+    assert document["failed_partitions"] == []
+    snapshot = document["snapshot"]
+    assert isinstance(snapshot, dict)
+    assert snapshot["eligible_users"] == USERS
+    assert snapshot["partition_count"] == 8
+    assert (ran.home / "ledger.sqlite").exists()
+
+
+def test_rerunning_run_writes_nothing(ran: Ran, tmp_path: Path) -> None:
+    users_file = tmp_path / "same.parquet"
+    pl.DataFrame({"user_id": ran.users}, schema={"user_id": pl.Int64}).write_parquet(users_file)
+    result = run_entitle(["run", "--users", str(users_file), "--json", "--no-progress"], ran.env)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["written"] == 0
+    assert document["already_present"] == USERS * ITEMS_PER_USER
+
+
+def test_status_json(ran: Ran) -> None:
+    result = run_entitle(["status", "--json"], ran.env)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert (document["done"], document["failed"], document["running"], document["pending"]) == (8, 0, 0, 0)
+    assert document["partition_count"] == 8
+    assert sum(p["planned"] for p in document["partitions"]) == USERS * ITEMS_PER_USER
+    text = run_entitle(["status", "--all"], ran.env)
+    assert text.returncode == 0
+    assert text.stdout.count(" done ") == 8
+
+
+def test_summary_json(ran: Ran) -> None:
+    result = run_entitle(["summary", "--json"], ran.env)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["total_grants"] == USERS * ITEMS_PER_USER
+    assert document["total_face_value_krw"] == USERS * FACE_VALUE_PER_USER_KRW
+    assert all(item["grants"] == USERS for item in document["items"])
+
+
+def test_query_coverage_as_csv(ran: Ran) -> None:
+    result = run_entitle(["query", "coverage", "--format", "csv"], ran.env)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == ITEMS_PER_USER
+    assert {r["campaign_id"] for r in rows} == {"kakao-outage-2022"}
+    assert all(int(r["live_grants"]) == int(r["users"]) == USERS for r in rows)
+    face = {r["item_sku"]: int(r["face_value_krw"]) for r in rows}
+    assert face["coupon-2000"] == USERS * 2000 and face["coupon-3000"] == USERS * 3000
+    assert face["emoticon-permanent"] == 0
+
+
+def test_query_user_grants(ran: Ran) -> None:
+    user_id = ran.users[123]
+    result = run_entitle(["query", "user_grants", "--param", f"user_id={user_id}", "--format", "json"], ran.env)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    rows = [dict(zip(document["columns"], r, strict=True)) for r in document["rows"]]
+    assert len(rows) == ITEMS_PER_USER
+    assert {r["user_id"] for r in rows} == {user_id}
+    by_sku = {r["item_sku"]: r for r in rows}
+    assert by_sku["coupon-2000"]["amount_krw"] == 2000
+    assert by_sku["coupon-3000"]["valid_until"] == "2023-04-04T15:00:00Z"
+    assert by_sku["emoticon-permanent"]["valid_until"] is None
+    assert by_sku["emoticon-permanent"]["valid_from"] == "2023-01-04T15:00:00Z"
+
+    table = run_entitle(["query", "user_grants", "--param", f"user_id={user_id}"], ran.env)
+    assert table.returncode == 0
+    assert "(5 rows)" in table.stdout
+
+    nobody = run_entitle(["query", "user_grants", "--param", "user_id=1", "--format", "csv"], ran.env)
+    assert nobody.returncode == 0
+    assert nobody.stdout.strip().splitlines()[1:] == []
+
+
+def test_query_list(ran: Ran) -> None:
+    result = run_entitle(["query", "--list", "--json"], ran.env)
+    assert result.returncode == 0, result.stderr
+    names = {q["name"]: q["parameters"] for q in json.loads(result.stdout)["queries"]}
+    assert names["user_grants"] == ["user_id"]
+    assert {"coverage", "partition_status", "user_grants", "users_missing_items", "grants_per_day"} <= set(names)
+
+
+def test_query_errors(ran: Ran) -> None:
+    assert_clean_error(run_entitle(["query", "nosuch"], ran.env), 2, "no query named 'nosuch'", "coverage")
+    assert_clean_error(
+        run_entitle(["query", "coverage", "--param", "colour=red"], ran.env), 2, "has no parameter(s) ['colour']"
+    )
+    assert_clean_error(run_entitle(["query", "coverage", "--param", "oops"], ran.env), 2, "KEY=VALUE")
+
+
+def test_grant_with_an_unknown_partition_is_a_clear_error(ran: Ran) -> None:
+    result = run_entitle(["grant", "--partitions", "99999"], ran.env)
+    assert_clean_error(result, 3, "partition id(s) [99999] do not exist", "partitions 0..7")
+    garbled = run_entitle(["grant", "--partitions", "three"], ran.env)
+    assert garbled.returncode == 2
+    assert "not a comma-separated list of partition ids" in garbled.stderr
+
+
+def test_grant_only_failed_with_nothing_failed_does_nothing(ran: Ran) -> None:
+    result = run_entitle(["grant", "--only-failed", "--json"], ran.env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["partitions"] == 0
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_users_file_exits_3_with_a_message_and_no_traceback(
+    entitle: Entitle, tmp_path: Path, write_users: Callable[..., Path]
+) -> None:
+    env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"))
+    misnamed = write_users(tmp_path / "users.csv", [1, 2], column="userid")
+    assert_clean_error(entitle(["run", "--users", str(misnamed)], env), 3, "Rename it to 'user_id'")
+
+    too_bad = write_users(tmp_path / "bad.csv", [1, "x", "y"])
+    result = entitle(["run", "--users", str(too_bad), "--json"], env)
+    assert_clean_error(result, 3, "rows rejected", "quarantine.parquet")
+    error = json.loads(result.stdout)
+    assert error["exit_code"] == 3 and "rows rejected" in error["error"]
+
+    truncated = tmp_path / "cut.parquet"
+    write_users(tmp_path / "whole.parquet", list(range(1, 1000)))
+    truncated.write_bytes((tmp_path / "whole.parquet").read_bytes()[:300])
+    assert_clean_error(entitle(["plan", "--users", str(truncated)], env), 3, "not a readable Parquet file")
+
+    assert_clean_error(entitle(["run", "--users", str(tmp_path / "absent.csv")], env), 3, "file not found")
+
+
+def test_configuration_errors_exit_2(entitle: Entitle, tmp_path: Path, write_users: Callable[..., Path]) -> None:
+    users = write_users(tmp_path / "users.csv", [1, 2])
+    env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"), ENTITLE_PARTITIONS="0")
+    assert_clean_error(entitle(["plan", "--users", str(users)], env), 2, "partition count 0 must be between 1 and 1024")
+    env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"), ENTITLE_REJECTED_SHARE_MAX="5")
+    assert_clean_error(entitle(["plan", "--users", str(users)], env), 2, "ENTITLE_REJECTED_SHARE_MAX=5.0")
+
+
+def test_bad_campaign_file_exits_3(entitle: Entitle, tmp_path: Path, write_users: Callable[..., Path]) -> None:
+    users = write_users(tmp_path / "users.csv", [1, 2])
+    campaign = tmp_path / "campaign.toml"
+    campaign.write_text('[campaign]\nid = "x"\nname = "x"\ntime_zone = "Nowhere/Land"\nstart = 2023-01-05\n', encoding="utf-8")
+    env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"), ENTITLE_CAMPAIGN=str(campaign))
+    assert_clean_error(entitle(["run", "--users", str(users)], env), 3, "campaign.time_zone", "Nowhere/Land")
+
+
+def test_grant_before_any_run_names_the_fix(entitle: Entitle, tmp_path: Path) -> None:
+    env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"))
+    assert_clean_error(entitle(["grant"], env), 3, "has no snapshot", "entitle run --users FILE")
+
+
+def test_a_failed_partition_exits_7_and_a_rerun_recovers(
+    entitle: Entitle, tmp_path: Path, write_users: Callable[..., Path]
+) -> None:
+    import shutil
+
+    env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"), ENTITLE_PARTITIONS="4")
+    users = write_users(tmp_path / "users.parquet", list(range(1, 801)))
+    first = entitle(["run", "--users", str(users), "--json", "--no-progress"], env)
+    assert first.returncode == 0, first.stderr
+    parts = Path(json.loads(first.stdout)["snapshot"]["partitions_dir"])
+
+    damaged = parts / "part-0002.parquet"
+    damaged.write_bytes(b"not parquet at all")
+    verify = entitle(["grant", "--verify", "--json", "--no-progress"], env)  # --verify reads every partition
+    assert verify.returncode == 7, verify.stderr
+    document = json.loads(verify.stdout)
+    assert [f["partition_id"] for f in document["failed_partitions"]] == [2]
+    assert str(damaged) in document["failed_partitions"][0]["error"]
+    human = entitle(["status"], env)
+    assert "part-0002  failed" in human.stdout
+    assert str(damaged) in human.stdout
+
+    shutil.rmtree(parts)  # the documented fix: delete the partitions folder and run again
+    again = entitle(["run", "--users", str(users), "--json", "--no-progress"], env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["written"] == 0
+    assert damaged.read_bytes().startswith(b"PAR1")
+    status = json.loads(entitle(["status", "--json"], env).stdout)
+    assert (status["done"], status["failed"]) == (4, 0)
