@@ -228,8 +228,9 @@ def naive_baseline(backend: str, pg_url: str, home: Path, users_file: Path, pipe
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute(
-            "CREATE TABLE grants (campaign_key INTEGER NOT NULL, user_bucket INTEGER NOT NULL, user_id INTEGER NOT NULL,"
-            " item_key INTEGER NOT NULL, partition_id INTEGER NOT NULL, run_key INTEGER NOT NULL, amount_krw INTEGER,"
+            "CREATE TABLE grants (campaign_key INTEGER NOT NULL, user_bucket INTEGER NOT NULL,"
+            " user_id INTEGER NOT NULL, item_key INTEGER NOT NULL, partition_id INTEGER NOT NULL,"
+            " run_key INTEGER NOT NULL, amount_krw INTEGER,"
             " valid_from INTEGER NOT NULL, valid_until INTEGER, granted_at INTEGER NOT NULL,"
             " PRIMARY KEY (campaign_key, item_key, user_id)) WITHOUT ROWID"
         )
@@ -269,6 +270,13 @@ def reset_postgres(pg_url: str) -> None:
 
 
 def self_rss_mb() -> float:
+    """Peak resident memory of this process image (VmHWM); ru_maxrss would carry the parent's over exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -26,6 +26,7 @@ from pipeline.granting import PartitionOutcome
 from pipeline.progress import Progress
 
 EXIT_INTERNAL = 70
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what shells report for a closed pipe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,6 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
         result: int = args.handler(args, settings)
         return result
+    except BrokenPipeError:
+        # The reader went away (`entitle … | head`): not an error of ours, and nothing more to say.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except EntitleError as exc:
         _fail(args, str(exc), exc.exit_code)
         return exc.exit_code
@@ -364,7 +370,10 @@ def _say(args: argparse.Namespace, *lines: str) -> None:
 def _fail(args: argparse.Namespace, message: str, code: int) -> None:
     print(f"entitle: error: {message}", file=sys.stderr)
     if getattr(args, "json", False):
-        print(json.dumps({"error": message, "exit_code": code}))
+        try:
+            print(json.dumps({"error": message, "exit_code": code}))
+        except BrokenPipeError:
+            pass
 
 
 if __name__ == "__main__":

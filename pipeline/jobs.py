@@ -171,7 +171,7 @@ def select_partitions(
             )
         chosen = [e for e in chosen if e.partition_id in wanted]
     if only_failed:
-        latest = latest_attempts(pipeline, run.snapshot_id)
+        latest = latest_attempts(pipeline, run.snapshot_id, len(run.entries))
         chosen = [e for e in chosen if latest.get(e.partition_id, {}).get("status") in ("failed", "running")]
     return chosen
 
@@ -197,12 +197,16 @@ def grant(
     return outcomes
 
 
-def latest_attempts(pipeline: Pipeline, snapshot_id: str) -> dict[int, dict[str, Any]]:
-    """The latest attempt per partition of a snapshot, keyed by partition id."""
+def latest_attempts(pipeline: Pipeline, snapshot_id: str, partition_count: int) -> dict[int, dict[str, Any]]:
+    """The latest attempt per partition of a snapshot split ``partition_count`` ways, by partition id."""
     table = ledger.partition_attempts
     latest = (
         sa.select(table.c.partition_id, sa.func.max(table.c.attempt_key).label("attempt_key"))
-        .where(table.c.campaign_key == pipeline.keys.campaign_key, table.c.snapshot_id == snapshot_id)
+        .where(
+            table.c.campaign_key == pipeline.keys.campaign_key,
+            table.c.snapshot_id == snapshot_id,
+            table.c.partition_count == partition_count,
+        )
         .group_by(table.c.partition_id)
         .subquery()
     )
@@ -238,7 +242,7 @@ def status(pipeline: Pipeline, snapshot_id: str | None = None) -> StatusReport:
     """Done, failed (with the error), running and pending partitions of a snapshot."""
     row = _snapshot_row(pipeline, snapshot_id)
     count = int(row["partition_count"])
-    latest = latest_attempts(pipeline, str(row["snapshot_id"]))
+    latest = latest_attempts(pipeline, str(row["snapshot_id"]), count)
     partitions = []
     for partition_id in range(count):
         attempt = latest.get(partition_id)

@@ -414,7 +414,9 @@ def register_snapshot(
             connection.execute(
                 snapshots.update()
                 .where(snapshots.c.campaign_key == campaign_key, snapshots.c.snapshot_id == snapshot_id)
-                .values(registered_at=now)
+                .values(
+                    registered_at=now, snapshot_dir=values["snapshot_dir"], partition_count=values["partition_count"]
+                )
             )
 
 

@@ -88,7 +88,7 @@ def freeze_snapshot(
     not_integer_rows = int(by_reason.get("not_integer", 0))
     out_of_range_rows = int(by_reason.get("out_of_range", 0))
 
-    valid = classified.filter(pl.col("reason").is_null()).select("row_number", "user_id")
+    valid = classified.filter(pl.col("reason").is_null()).select("row_number", "user_id", "raw_value")
     ordered = valid.sort(["user_id", "row_number"])
     duplicate_mask = ordered["user_id"] == ordered["user_id"].shift(1)
     duplicates = ordered.filter(duplicate_mask)
@@ -100,7 +100,7 @@ def freeze_snapshot(
             classified.filter(pl.col("reason").is_not_null()).select("row_number", "raw_value", "reason"),
             duplicates.select(
                 "row_number",
-                pl.col("user_id").cast(pl.String).alias("raw_value"),
+                pl.col("raw_value").cast(pl.String),
                 pl.lit("duplicate").alias("reason"),
             ),
         ]

@@ -111,11 +111,6 @@ class Prepared:
     def engine(self) -> Engine:
         return self.pipeline.engine
 
-    @property
-    def users(self) -> list[int]:
-        """The snapshot's eligible user ids, read from the frozen file."""
-        return pl.read_parquet(self.snapshot.report.users_file)["user_id"].to_list()
-
 
 @pytest.fixture
 def open_pipeline() -> Iterator[Callable[[Settings], jobs.Pipeline]]:
@@ -177,9 +172,7 @@ def grant_counts(engine: Engine) -> tuple[int, int]:
 def grants_per_partition(engine: Engine) -> dict[int, int]:
     """Grant rows per partition id as recorded in the ledger."""
     with engine.connect() as connection:
-        rows = connection.execute(
-            sa.text("SELECT partition_id, count(*) FROM grants GROUP BY partition_id")
-        ).all()
+        rows = connection.execute(sa.text("SELECT partition_id, count(*) FROM grants GROUP BY partition_id")).all()
     return {int(p): int(n) for p, n in rows}
 
 
@@ -244,16 +237,18 @@ def pg_admin() -> Iterator[Engine]:
     engine = sa.create_engine(
         admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S}
     )
+    unreachable = None
     try:
         with engine.connect() as connection:
             connection.execute(sa.text("SELECT 1"))
     except sa.exc.OperationalError as exc:
-        engine.dispose()
         where = admin_url.render_as_string(hide_password=True)
-        message = f"PostgreSQL is not reachable at {where}: {getattr(exc, 'orig', exc)}"
+        unreachable = f"PostgreSQL is not reachable at {where}: {' '.join(str(exc.orig).split())}"
+    if unreachable is not None:
+        engine.dispose()
         if os.environ.get("ENTITLE_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"{message} (ENTITLE_REQUIRE_POSTGRES=1, so this is a failure, not a skip)")
-        pytest.skip(f"{message}; set ENTITLE_TEST_POSTGRES_URL or start the server")
+            pytest.fail(f"{unreachable} (ENTITLE_REQUIRE_POSTGRES=1: a failure, not a skip)", pytrace=False)
+        pytest.skip(f"{unreachable}; set ENTITLE_TEST_POSTGRES_URL or start the server")
     yield engine
     engine.dispose()
 

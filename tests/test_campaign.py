@@ -137,9 +137,7 @@ def test_validity_counts_calendar_days_in_the_campaign_zone() -> None:
     assert item.valid_until is not None
     assert item.valid_until.isoformat() == "2023-03-31T00:00:00-04:00"
     assert item.valid_until - item.valid_from == dt.timedelta(days=30)  # wall clock
-    assert item.valid_until.astimezone(dt.UTC) - item.valid_from.astimezone(dt.UTC) == dt.timedelta(
-        days=30, hours=-1
-    )
+    assert item.valid_until.astimezone(dt.UTC) - item.valid_from.astimezone(dt.UTC) == dt.timedelta(days=30, hours=-1)
 
 
 # --------------------------------------------------------------------------- bad campaign files
@@ -197,7 +195,9 @@ BAD_CAMPAIGNS = [
         id="missing-campaign-table",
     ),
     pytest.param(
-        lambda t: t.replace('kind = "emoticon"\nvalidity = "permanent"', 'kind = "emoticon"\namount_krw = 500\nvalidity = "permanent"'),
+        lambda t: t.replace(
+            'kind = "emoticon"\nvalidity = "permanent"', 'kind = "emoticon"\namount_krw = 500\nvalidity = "permanent"'
+        ),
         [r"items\[0\]\.amount_krw", "not allowed for a emoticon"],
         id="amount-on-emoticon",
     ),

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-
 from conftest import ENTITLE_SCRIPT, FACE_VALUE_PER_USER_KRW, ITEMS_PER_USER, cli_environment, run_entitle
+
 from pipeline.cli import build_parser
 
 Entitle = Callable[..., subprocess.CompletedProcess[str]]
@@ -41,7 +41,12 @@ def test_every_command_has_help(tmp_path: Path) -> None:
     env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"))
     invocations = [["--help"]] + [[name, "--help"] for name in sorted(COMMANDS)]
     processes = [
-        (args, subprocess.Popen([str(ENTITLE_SCRIPT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        (
+            args,
+            subprocess.Popen(
+                [str(ENTITLE_SCRIPT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            ),
+        )
         for args in invocations
     ]
     for args, process in processes:
@@ -108,7 +113,11 @@ def test_plan_reports_and_writes_nothing(entitle: Entitle, tmp_path: Path, write
     assert document["total_grants"] == 100 * ITEMS_PER_USER
     assert document["total_face_value_krw"] == 100 * FACE_VALUE_PER_USER_KRW
     assert {i["item_sku"] for i in document["items"]} == {
-        "emoticon-permanent", "emoticon-90d-a", "emoticon-90d-b", "coupon-2000", "coupon-3000",
+        "emoticon-permanent",
+        "emoticon-90d-a",
+        "emoticon-90d-b",
+        "coupon-2000",
+        "coupon-3000",
     }
     assert not home.exists(), f"plan wrote {sorted(p.name for p in home.rglob('*')) if home.exists() else []}"
 
@@ -289,7 +298,9 @@ def test_configuration_errors_exit_2(entitle: Entitle, tmp_path: Path, write_use
 def test_bad_campaign_file_exits_3(entitle: Entitle, tmp_path: Path, write_users: Callable[..., Path]) -> None:
     users = write_users(tmp_path / "users.csv", [1, 2])
     campaign = tmp_path / "campaign.toml"
-    campaign.write_text('[campaign]\nid = "x"\nname = "x"\ntime_zone = "Nowhere/Land"\nstart = 2023-01-05\n', encoding="utf-8")
+    campaign.write_text(
+        '[campaign]\nid = "x"\nname = "x"\ntime_zone = "Nowhere/Land"\nstart = 2023-01-05\n', encoding="utf-8"
+    )
     env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"), ENTITLE_CAMPAIGN=str(campaign))
     assert_clean_error(entitle(["run", "--users", str(users)], env), 3, "campaign.time_zone", "Nowhere/Land")
 
@@ -328,3 +339,20 @@ def test_a_failed_partition_exits_7_and_a_rerun_recovers(
     assert damaged.read_bytes().startswith(b"PAR1")
     status = json.loads(entitle(["status", "--json"], env).stdout)
     assert (status["done"], status["failed"]) == (4, 0)
+
+
+@pytest.mark.parametrize("args", [["status", "--json"], ["query", "coverage", "--format", "csv"]])
+def test_a_closed_stdout_is_not_reported_as_a_bug(ran: Ran, args: list[str]) -> None:
+    """`entitle status --json | head -1`: the reader goes away; that is not an internal error."""
+    env = {**ran.env, "PYTHONUNBUFFERED": "1"}  # every print reaches the (closed) pipe at once
+    process = subprocess.Popen(
+        [str(ENTITLE_SCRIPT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # closed long before the child has imported polars and has anything to print
+    stderr = process.stderr.read()
+    process.stderr.close()
+    exit_code = process.wait(timeout=60)
+    assert "Traceback" not in stderr, stderr
+    assert "internal error" not in stderr, stderr
+    assert exit_code not in (1, 70), (exit_code, stderr)

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-
 from conftest import CAMPAIGN_START, ITEMS_PER_USER, Prepared
+
 from pipeline import ledger
 from pipeline.config import Settings
 from pipeline.errors import CampaignNotStartedError
@@ -47,16 +47,16 @@ def attempts(prepared: Prepared, partition_id: int) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def backend_settings(
-    request: pytest.FixtureRequest, tmp_path: Path, settings_for: Callable[..., Settings]
-) -> Settings:
+def backend_settings(request: pytest.FixtureRequest, tmp_path: Path, settings_for: Callable[..., Settings]) -> Settings:
     """Settings for 4 partitions on SQLite and on PostgreSQL."""
     url = None if request.param == "sqlite" else request.getfixturevalue("pg_url")
     return settings_for(tmp_path / "var", partitions=4, ledger_url=url)
 
 
 @pytest.fixture
-def prepared(backend_settings: Settings, prepare: Callable[..., Prepared], tmp_path: Path, write_users: Callable[..., Path]) -> Prepared:
+def prepared(
+    backend_settings: Settings, prepare: Callable[..., Prepared], tmp_path: Path, write_users: Callable[..., Path]
+) -> Prepared:
     return prepare(backend_settings, write_users(tmp_path / "users.parquet", USERS))
 
 
@@ -79,9 +79,7 @@ def test_grant_writes_every_planned_grant_with_the_campaign_terms(prepared: Prep
 
     g, i = ledger.grants, ledger.campaign_items
     with prepared.engine.connect() as connection:
-        rows = connection.execute(
-            sa.select(g, i.c.item_sku).join(i, i.c.item_key == g.c.item_key)
-        ).all()
+        rows = connection.execute(sa.select(g, i.c.item_sku).join(i, i.c.item_key == g.c.item_key)).all()
     for row in rows:
         item = prepared.pipeline.campaign.item(row.item_sku)
         assert row.amount_krw == item.amount_krw

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import CAMPAIGN_START, FACE_VALUE_PER_USER_KRW, ITEMS_PER_USER, Prepared
+
 from pipeline import jobs
 from pipeline.campaign import load_campaign
 from pipeline.config import Settings
@@ -154,9 +154,10 @@ def test_a_run_uses_the_configured_partition_count_after_repartitioning(
     four = prepare(settings_for(home, partitions=4), users_file)
     assert four.snapshot.partition_count == 4
     assert four.run.snapshot_id == eight.run.snapshot_id
-    assert len(four.run.entries) == 4, (
-        f"the run loaded {len(four.run.entries)} partitions from an earlier partitioning, "
-        f"not the {four.snapshot.partition_count} just made in {four.snapshot.partitions_dir}"
+    loaded = {e.partition_count for e in four.run.entries}, len(four.run.entries)
+    assert loaded == ({4}, 4), (
+        f"the run loaded {loaded[1]} partitions of N={sorted(loaded[0])} from an earlier partitioning, "
+        f"not the 4 just written to {four.snapshot.partitions_dir.name}"
     )
     assert jobs.status(four.pipeline).partition_count == 4
     outcomes = jobs.grant(four.pipeline, four.run, four.run.entries)
@@ -212,7 +213,9 @@ def test_one_bad_partition_fails_alone_and_only_failed_repairs_it(
     assert jobs.status(pipeline).done == 8
 
 
-def test_unknown_partition_ids_are_refused(settings: Settings, prepare: Callable[..., Prepared], users_file: Path) -> None:
+def test_unknown_partition_ids_are_refused(
+    settings: Settings, prepare: Callable[..., Prepared], users_file: Path
+) -> None:
     prepared = prepare(settings, users_file)
     with pytest.raises(SnapshotError, match=r"partition id\(s\) \[8, 99999\] do not exist; .* partitions 0..7"):
         jobs.select_partitions(prepared.pipeline, prepared.run, [1, 8, 99999], only_failed=False)
@@ -230,7 +233,10 @@ def test_a_run_needs_a_snapshot(settings: Settings, open_pipeline: Callable[[Set
 
 
 def test_grant_refuses_before_the_campaign_start(
-    tmp_path: Path, settings_for: Callable[..., Settings], prepare: Callable[..., Prepared], users_file: Path,
+    tmp_path: Path,
+    settings_for: Callable[..., Settings],
+    prepare: Callable[..., Prepared],
+    users_file: Path,
     ledger_probe: Any,
 ) -> None:
     early = CAMPAIGN_START - dt.timedelta(minutes=1)
@@ -244,7 +250,10 @@ def test_grant_refuses_before_the_campaign_start(
 
 
 def test_grant_proceeds_from_the_start_instant(
-    tmp_path: Path, settings_for: Callable[..., Settings], prepare: Callable[..., Prepared], users_file: Path,
+    tmp_path: Path,
+    settings_for: Callable[..., Settings],
+    prepare: Callable[..., Prepared],
+    users_file: Path,
     ledger_probe: Any,
 ) -> None:
     prepared = prepare(settings_for(tmp_path / "var", clock=lambda: CAMPAIGN_START), users_file)

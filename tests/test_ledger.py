@@ -72,7 +72,8 @@ def count_grants(engine: Engine) -> int:
 def test_committed_ddl_is_the_rendered_ddl(dialect: str) -> None:
     committed = (REPO / "sql" / dialect / "schema.sql").read_text(encoding="utf-8")
     assert committed == render_ddl(dialect), (
-        f"sql/{dialect}/schema.sql is stale: regenerate with `python -m pipeline.ddl {dialect} > sql/{dialect}/schema.sql`"
+        f"sql/{dialect}/schema.sql is stale; regenerate it: "
+        f"`python -m pipeline.ddl {dialect} > sql/{dialect}/schema.sql`"
     )
 
 
@@ -97,7 +98,8 @@ def describe_schema(engine: Engine, schema: str | None = None) -> dict[str, Any]
             ),
             "unique": sorted(tuple(u["column_names"]) for u in inspector.get_unique_constraints(table, schema=schema)),
             "checks": sorted(
-                (c["name"], " ".join(c["sqltext"].split())) for c in inspector.get_check_constraints(table, schema=schema)
+                (c["name"], " ".join(c["sqltext"].split()))
+                for c in inspector.get_check_constraints(table, schema=schema)
             ),
             "indexes": sorted(
                 (i["name"], tuple(i["column_names"]), bool(i["unique"]))
@@ -229,8 +231,13 @@ def test_voids_cannot_be_updated_or_deleted(engine: Engine) -> None:
     with engine.begin() as connection:
         connection.execute(
             ledger.grant_voids.insert().values(
-                campaign_key=1, user_bucket=user_bucket(42), user_id=42, item_key=1,
-                reason="test", actor="pytest", voided_at=dt.datetime.now(dt.UTC),
+                campaign_key=1,
+                user_bucket=user_bucket(42),
+                user_id=42,
+                item_key=1,
+                reason="test",
+                actor="pytest",
+                voided_at=dt.datetime.now(dt.UTC),
             )
         )
     with pytest.raises(sa.exc.DBAPIError, match="append-only|cannot be updated"):
@@ -252,8 +259,12 @@ def test_a_voided_grant_leaves_the_grant_ledger_view(engine: Engine) -> None:
         ).inserted_primary_key[0]
         item_key = connection.execute(
             ledger.campaign_items.insert().values(
-                campaign_key=campaign_key, item_sku="x", item_kind="coupon", amount_krw=2000,
-                valid_from=START, terms_hash="0" * 16,
+                campaign_key=campaign_key,
+                item_sku="x",
+                item_kind="coupon",
+                amount_krw=2000,
+                valid_from=START,
+                terms_hash="0" * 16,
             )
         ).inserted_primary_key[0]
         run_key = connection.execute(
@@ -266,8 +277,13 @@ def test_a_voided_grant_leaves_the_grant_ledger_view(engine: Engine) -> None:
     with engine.begin() as connection:
         connection.execute(
             ledger.grant_voids.insert().values(
-                campaign_key=campaign_key, user_bucket=user_bucket(2), user_id=2, item_key=item_key,
-                reason="fraud", actor="pytest", voided_at=dt.datetime.now(dt.UTC),
+                campaign_key=campaign_key,
+                user_bucket=user_bucket(2),
+                user_id=2,
+                item_key=item_key,
+                reason="fraud",
+                actor="pytest",
+                voided_at=dt.datetime.now(dt.UTC),
             )
         )
     with engine.connect() as connection:
@@ -401,9 +417,13 @@ def test_editing_terms_before_any_grant_is_allowed(
     outcomes = jobs.grant(prepared.pipeline, prepared.run, prepared.run.entries)
     assert sum(o.written for o in outcomes) == 10
     with prepared.engine.connect() as connection:
-        amounts = connection.execute(
-            sa.text("SELECT DISTINCT amount_krw FROM grants WHERE amount_krw IS NOT NULL ORDER BY 1")
-        ).scalars().all()
+        amounts = (
+            connection.execute(
+                sa.text("SELECT DISTINCT amount_krw FROM grants WHERE amount_krw IS NOT NULL ORDER BY 1")
+            )
+            .scalars()
+            .all()
+        )
     assert amounts == [2500, 3000]
 
     # Now that grants carry 2,500, going back to the bundled 2,000 is the refused edit.

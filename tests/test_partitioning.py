@@ -18,8 +18,8 @@ from pipeline.errors import ConfigError, PartitionError
 from pipeline.partitioning import (
     BUCKET_MODULUS,
     MANIFEST_NAME,
-    PartitionEntry,
     PARTITION_COUNT_MAX,
+    PartitionEntry,
     bucket_range,
     check_partition_count,
     load_manifest,
@@ -280,11 +280,14 @@ def test_read_partition_detects_one_changed_user(partitioned: list[PartitionEntr
     # Replace one user by another of the same partition, keeping the file self-consistent and sorted.
     victim = frame["user_id"][0]
     replacement = next(
-        u for u in range(victim + 1, victim + 100_000)
+        u
+        for u in range(victim + 1, victim + 100_000)
         if partition_of(u, 4) == entry.partition_id and u not in set(frame["user_id"].to_list())
     )
     tampered = (
-        frame.with_columns(pl.when(pl.col("user_id") == victim).then(replacement).otherwise(pl.col("user_id")).alias("user_id"))
+        frame.with_columns(
+            pl.when(pl.col("user_id") == victim).then(replacement).otherwise(pl.col("user_id")).alias("user_id")
+        )
         .with_columns(user_bucket_expr().alias("user_bucket"))
         .sort("user_bucket", "user_id")
     )
@@ -308,7 +311,9 @@ def test_read_partition_detects_a_wrong_bucket(partitioned: list[PartitionEntry]
     entry = _biggest(partitioned)
     frame = pl.read_parquet(entry.path)
     bad = frame.with_columns(
-        pl.when(pl.int_range(pl.len()) == 0).then(pl.col("user_bucket") + 1).otherwise(pl.col("user_bucket"))
+        pl.when(pl.int_range(pl.len()) == 0)
+        .then(pl.col("user_bucket") + 1)
+        .otherwise(pl.col("user_bucket"))
         .alias("user_bucket")
     )
     schemas.write_parquet(bad, "partition", entry.path)

@@ -53,7 +53,9 @@ def home(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_valid_file_is_frozen_sorted_and_distinct(fmt: str, tmp_path: Path, home: Path, write_users: WriteUsers) -> None:
+def test_valid_file_is_frozen_sorted_and_distinct(
+    fmt: str, tmp_path: Path, home: Path, write_users: WriteUsers
+) -> None:
     users = write_users(tmp_path / f"users.{fmt}", [30, 10, 20, 9_000_000_000, 1, INT64_MAX])
     report = freeze(users, home)
     assert report.rows_read == 6
@@ -70,7 +72,9 @@ def test_valid_file_is_frozen_sorted_and_distinct(fmt: str, tmp_path: Path, home
     assert pl.read_parquet(report.quarantine_file).height == 0
 
 
-def test_snapshot_id_is_the_content_hash_of_the_distinct_sorted_ids(tmp_path: Path, home: Path, write_users: WriteUsers) -> None:
+def test_snapshot_id_is_the_content_hash_of_the_distinct_sorted_ids(
+    tmp_path: Path, home: Path, write_users: WriteUsers
+) -> None:
     users = write_users(tmp_path / "users.csv", [3, 1, 2, 2])
     report = freeze(users, home)
     expected = hashlib.sha256(struct.pack("<3q", 1, 2, 3)).hexdigest()[:16]
@@ -89,7 +93,9 @@ def test_same_input_twice_gives_the_same_snapshot_and_bytes(tmp_path: Path, writ
     assert third == first
 
 
-def test_csv_and_parquet_with_the_same_ids_give_the_same_snapshot(tmp_path: Path, home: Path, write_users: WriteUsers) -> None:
+def test_csv_and_parquet_with_the_same_ids_give_the_same_snapshot(
+    tmp_path: Path, home: Path, write_users: WriteUsers
+) -> None:
     ids = [7, 3, 99, 12_345_678_901]
     from_csv = freeze(write_users(tmp_path / "u.csv", ids), home)
     from_parquet = freeze(write_users(tmp_path / "u.parquet", ids), home)
@@ -357,7 +363,9 @@ def test_exclusions_remove_users_and_are_counted(fmt: str, tmp_path: Path, home:
 
 
 @pytest.mark.parametrize("bad_value", ["abc", None, 0, "-4"])
-def test_a_bad_exclusion_row_is_an_error(bad_value: int | str | None, tmp_path: Path, home: Path, write_users: WriteUsers) -> None:
+def test_a_bad_exclusion_row_is_an_error(
+    bad_value: int | str | None, tmp_path: Path, home: Path, write_users: WriteUsers
+) -> None:
     users = write_users(tmp_path / "users.csv", [1, 2, 3])
     exclusions = write_users(tmp_path / "blocked.csv", [2, bad_value])
     with pytest.raises(SnapshotError) as caught:
@@ -387,3 +395,12 @@ def test_snapshot_metadata_is_json_with_every_count(tmp_path: Path, home: Path, 
     assert values["not_integer_rows"] == 1
     assert values["out_of_range_rows"] == 1
     assert values["snapshot_id"] == report.snapshot_id
+
+
+def test_quarantined_duplicates_keep_the_cell_as_read(tmp_path: Path, home: Path) -> None:
+    # schemas/quarantine.json: raw_value is "the user id cell as read".
+    path = tmp_path / "users.csv"
+    path.write_text("user_id\n7\n007\n 7 \n", encoding="utf-8")
+    report = freeze(path, home)
+    assert report.duplicate_rows == 2
+    assert quarantine_rows(Path(report.quarantine_file)) == [(2, "007", "duplicate"), (3, " 7 ", "duplicate")]

@@ -1,0 +1,107 @@
+"""
+### entitlement_grant — grant a campaign's items to every eligible user, nightly
+
+Freezes the user file into a snapshot, partitions it, grants each partition in
+its own mapped task instance (label `part-0042`), checks the ledger and prints
+a summary. Every task body is one call into `pipeline.dag_tasks`; only
+references (paths, ids, counts) pass between tasks.
+
+**Nightly** at 02:00 Asia/Seoul. A night with nothing new writes nothing;
+a night after new sign-ups grants only them; a night after a failure grants
+what was left. Nothing is granted before the campaign start (2023-01-05
+00:00 Asia/Seoul), which `pipeline` itself enforces.
+
+**Operators** redo only failed partitions by clearing the failed task
+instances of the run ("Clear → Only failed", or
+`airflow dags clear entitlement_grant --run-id RUN --only-failed -y`), or by
+triggering a run with `{"partitions": [3, 17]}`. See the README runbook.
+
+**Params**: `snapshot_uri` (user file; empty = `$ENTITLE_HOME/incoming/users.parquet`),
+`exclusion_uri`, `partitions` (ids to restrict the run to), `dry_run`, `verify`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+LEDGER_WRITERS_POOL = "ledger_writers"
+PARTITION_ID_MAX = 1023
+
+
+@dag(
+    dag_id="entitlement_grant",
+    schedule="0 2 * * *",
+    start_date=pendulum.datetime(2023, 1, 5, tz="Asia/Seoul"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["entitlements", "ledger", "nightly"],
+    doc_md=__doc__,
+    default_args={
+        "owner": "entitlements",
+        "retries": 3,
+        "retry_delay": timedelta(seconds=20),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=10),
+        "execution_timeout": timedelta(hours=2),
+    },
+    params={
+        "snapshot_uri": Param("", type="string", description="User file (.parquet or .csv); empty = default"),
+        "exclusion_uri": Param("", type="string", description="Optional file of user ids to exclude"),
+        "partitions": Param(
+            [],
+            type="array",
+            items={"type": "integer", "minimum": 0, "maximum": PARTITION_ID_MAX},
+            uniqueItems=True,
+            description="Partition ids to restrict the run to; empty = all",
+        ),
+        "dry_run": Param(False, type="boolean", description="Plan only: count, write nothing to the ledger"),
+        "verify": Param(False, type="boolean", description="Check every planned grant row by row"),
+    },
+)
+def entitlement_grant() -> None:
+    # Task bodies import pipeline lazily: the scheduler re-imports this file often,
+    # and importing Polars and SQLAlchemy there would slow every parse.
+    @task
+    def freeze_snapshot(params: dict[str, Any] | None = None) -> dict[str, Any]:
+        from pipeline import dag_tasks
+
+        return dag_tasks.freeze_and_partition(params or {})
+
+    @task
+    def plan_partitions(prepared: dict[str, Any], params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        from pipeline import dag_tasks
+
+        return dag_tasks.partitions_to_grant(prepared, params or {})
+
+    @task(pool=LEDGER_WRITERS_POOL, map_index_template="{{ partition_label }}")
+    def grant(partition: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
+        from pipeline import dag_tasks
+
+        context = get_current_context()
+        context["partition_label"] = partition["label"]  # type: ignore[typeddict-unknown-key]
+        return dag_tasks.grant_one(context["run_id"], partition, params or {})
+
+    @task
+    def reconcile(prepared: dict[str, Any], outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+        from pipeline import dag_tasks
+
+        return dag_tasks.check(prepared)
+
+    @task
+    def summary(prepared: dict[str, Any], outcomes: list[dict[str, Any]], checked: dict[str, Any]) -> dict[str, Any]:
+        from pipeline import dag_tasks
+
+        result = dag_tasks.summarize(prepared, list(outcomes), checked)
+        print(dag_tasks.render_summary(result))
+        return result
+
+    prepared = freeze_snapshot()
+    outcomes = grant.expand(partition=plan_partitions(prepared))
+    summary(prepared, outcomes, reconcile(prepared, outcomes))
+
+
+entitlement_grant()

@@ -1,0 +1,134 @@
+"""Task bodies of the ``entitlement_grant`` DAG: each DAG task is one call here.
+
+These functions take and return small plain values (paths, ids, counts) that
+fit in XCom, and never import Airflow: the DAG file passes what Airflow knows
+(run id, params) as arguments.  A failure raises an :class:`EntitleError`, so
+Airflow marks that task instance failed and retries it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline import jobs, reconciliation, snapshot
+from pipeline.config import Settings, load_settings
+from pipeline.errors import GrantFailedError, SnapshotError
+from pipeline.partitioning import load_manifest, partition_label, partition_snapshot, partitions_dir
+
+
+def default_snapshot_uri(settings: Settings) -> str:
+    """Where the nightly run looks for the user file when no snapshot_uri is given."""
+    return str(settings.home / "incoming" / "users.parquet")
+
+
+def freeze_and_partition(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Freeze the user file into a snapshot and partition it; register it unless dry. Returns references."""
+    settings = load_settings()
+    dry_run = bool(params.get("dry_run"))
+    users_file = Path(params.get("snapshot_uri") or default_snapshot_uri(settings))
+    exclusion = params.get("exclusion_uri") or None
+    if not users_file.exists():
+        raise SnapshotError(f"{users_file}: user file not found; pass the 'snapshot_uri' param or put the file there")
+    if dry_run:
+        # A dry run writes content-addressed files only (a cache), never the ledger.
+        campaign = settings.campaign()
+        report = snapshot.freeze_snapshot(
+            users_file,
+            settings.home,
+            campaign.campaign_id,
+            Path(exclusion) if exclusion else None,
+            settings.rejected_share_max,
+        )
+        out_dir = partitions_dir(Path(report.directory), settings.partition_count)
+        partition_snapshot(report.users_file, out_dir, settings.partition_count)
+        return {**jobs.PreparedSnapshot(report, out_dir, settings.partition_count).as_dict(), "dry_run": True}
+    pipeline = jobs.open_pipeline(settings)
+    pipeline.campaign.require_started(settings.clock())
+    report = jobs.freeze(pipeline, users_file, Path(exclusion) if exclusion else None)
+    return {**jobs.partition(pipeline, report).as_dict(), "dry_run": False}
+
+
+def partitions_to_grant(prepared: Mapping[str, Any], params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One small dict per partition to map over, restricted to the ``partitions`` param when given."""
+    entries = load_manifest(Path(prepared["partitions_dir"]))
+    count = len(entries)
+    wanted = sorted(set(params.get("partitions") or [])) or list(range(count))
+    unknown = [p for p in wanted if not 0 <= p < count]
+    if unknown:
+        raise SnapshotError(
+            f"partition id(s) {unknown} do not exist; snapshot {prepared['snapshot_id']} has partitions 0..{count - 1}"
+        )
+    return [
+        {
+            "snapshot_id": prepared["snapshot_id"],
+            "partition_id": p,
+            "label": partition_label(p),
+            "rows": entries[p].rows,
+        }
+        for p in wanted
+    ]
+
+
+def grant_one(run_id: str, partition: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """Grant one partition for the Airflow run ``run_id``; raise if it failed."""
+    settings = load_settings()
+    if params.get("dry_run"):
+        planned = int(partition["rows"]) * len(settings.campaign().items)
+        return {"partition_id": partition["partition_id"], "status": "dry_run", "planned": planned, "written": 0}
+    pipeline = jobs.open_pipeline(settings)
+    run = jobs.start_run(pipeline, run_id, str(partition["snapshot_id"]), trigger="airflow")
+    entry = jobs.select_partitions(pipeline, run, [int(partition["partition_id"])], only_failed=False)[0]
+    outcome = jobs.grant(pipeline, run, [entry], bool(params.get("verify")))[0]
+    if outcome.status != "done":
+        raise GrantFailedError(f"{entry.label} failed: {outcome.error}")
+    return outcome.as_dict()
+
+
+def check(prepared: Mapping[str, Any]) -> dict[str, Any]:
+    """The ledger check of the run's snapshot (count level; see :mod:`pipeline.reconciliation`)."""
+    if prepared.get("dry_run"):
+        return {"verdict": "DRY_RUN", "explanation": "dry run: nothing was granted, nothing to check"}
+    pipeline = jobs.open_pipeline(load_settings())
+    return reconciliation.count_check(pipeline, str(prepared["snapshot_id"])).as_dict()
+
+
+def summarize(
+    prepared: Mapping[str, Any], outcomes: list[Mapping[str, Any]], checked: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One small summary of the run for the log and XCom."""
+    settings = load_settings()
+    result: dict[str, Any] = {
+        "snapshot_id": prepared["snapshot_id"],
+        "eligible_users": prepared["eligible_users"],
+        "partitions_run": len(outcomes),
+        "planned": sum(int(o.get("planned") or 0) for o in outcomes),
+        "written": sum(int(o.get("written") or 0) for o in outcomes),
+        "already_present": sum(int(o.get("already_present") or 0) for o in outcomes),
+        "verdict": checked.get("verdict"),
+        "explanation": checked.get("explanation"),
+        "ledger": settings.describe_ledger(),
+        "dry_run": bool(prepared.get("dry_run")),
+    }
+    if not prepared.get("dry_run"):
+        totals = jobs.ledger_totals(jobs.open_pipeline(settings))
+        result["items"] = {t.item_sku: t.grants for t in totals}
+        result["total_face_value_krw"] = sum(t.face_value_krw for t in totals)
+    return result
+
+
+def render_summary(result: Mapping[str, Any]) -> str:
+    """The summary as lines for the task log."""
+    lines = [
+        f"snapshot {result['snapshot_id']}: {result['eligible_users']:,} eligible users, "
+        f"{result['partitions_run']} partitions run{' (dry run)' if result['dry_run'] else ''}",
+        f"planned {result['planned']:,}, written {result['written']:,}, already present {result['already_present']:,}",
+        f"check: {result['verdict']} — {result['explanation']}",
+        f"ledger: {result['ledger']}",
+    ]
+    for sku, count in (result.get("items") or {}).items():
+        lines.append(f"  {sku:<20} {count:>14,} live grants")
+    if "total_face_value_krw" in result:
+        lines.append(f"  total face value ₩{result['total_face_value_krw']:,}")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""pipeline.config: the composition root reads the environment once and validates it."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_settings
+from pipeline.errors import ConfigError
+
+
+def test_defaults(tmp_path: Path) -> None:
+    settings = load_settings({"ENTITLE_HOME": str(tmp_path / "home")})
+    assert settings.home == tmp_path / "home"
+    assert settings.ledger_url == f"sqlite:///{tmp_path / 'home' / 'ledger.sqlite'}"
+    assert settings.partition_count == 256
+    assert settings.rejected_share_max == 0.0001
+    assert settings.campaign_file is None
+    assert settings.campaign().campaign_id == "kakao-outage-2022"
+    now = settings.clock()
+    assert now.tzinfo is not None and now.utcoffset() == dt.timedelta(0)
+
+
+def test_environment_values_are_used(tmp_path: Path) -> None:
+    campaign = tmp_path / "c.toml"
+    settings = load_settings(
+        {
+            "ENTITLE_HOME": str(tmp_path),
+            "ENTITLE_LEDGER_URL": "postgresql+psycopg://u:secret@db.example:5432/ledger",
+            "ENTITLE_CAMPAIGN": str(campaign),
+            "ENTITLE_PARTITIONS": "16",
+            "ENTITLE_REJECTED_SHARE_MAX": "0.5",
+        }
+    )
+    assert settings.ledger_url.endswith("@db.example:5432/ledger")
+    assert settings.campaign_file == campaign
+    assert (settings.partition_count, settings.rejected_share_max) == (16, 0.5)
+    described = settings.describe_ledger()
+    assert "secret" not in described
+    assert described == "postgresql+psycopg://u:***@db.example:5432/ledger"
+
+
+def test_empty_values_mean_the_default(tmp_path: Path) -> None:
+    settings = load_settings(
+        {"ENTITLE_HOME": str(tmp_path), "ENTITLE_LEDGER_URL": "", "ENTITLE_PARTITIONS": "", "ENTITLE_CAMPAIGN": ""}
+    )
+    assert settings.ledger_url == f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    assert settings.partition_count == 256
+    assert settings.campaign_file is None
+
+
+def test_relative_home_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_settings({"ENTITLE_HOME": "var"}).home == tmp_path / "var"
+    assert load_settings({}).home == tmp_path / "var"
+
+
+def test_os_environ_is_the_default_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENTITLE_HOME", str(tmp_path / "from-env"))
+    monkeypatch.setenv("ENTITLE_PARTITIONS", "3")
+    settings = load_settings()
+    assert settings.home == tmp_path / "from-env"
+    assert settings.partition_count == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("ENTITLE_REJECTED_SHARE_MAX", "1.5", "must be a share between 0 and 1"),
+        ("ENTITLE_REJECTED_SHARE_MAX", "-0.1", "must be a share between 0 and 1"),
+        ("ENTITLE_REJECTED_SHARE_MAX", "lots", "ENTITLE_REJECTED_SHARE_MAX='lots' is not a number"),
+        ("ENTITLE_PARTITIONS", "2.5", "ENTITLE_PARTITIONS='2.5' is not a whole number"),
+        ("ENTITLE_PARTITIONS", "2000", "partition count 2000 must be between 1 and 1024"),
+    ],
+)
+def test_bad_values_are_config_errors(name: str, value: str, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as caught:
+        load_settings({"ENTITLE_HOME": str(tmp_path), name: value})
+    assert caught.value.exit_code == 2
+
+
+def test_settings_are_frozen(tmp_path: Path) -> None:
+    settings = load_settings({"ENTITLE_HOME": str(tmp_path)})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.partition_count = 4  # type: ignore[misc]
+    fixed = dt.datetime(2023, 1, 5, tzinfo=dt.UTC)
+    replaced = dataclasses.replace(settings, clock=lambda: fixed)
+    assert replaced.clock() == fixed
+    assert replaced == settings, "the clock is not part of a settings' identity"

@@ -1,0 +1,56 @@
+"""pipeline.demo_users: synthetic user files that exercise validation but pass it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipeline.demo_users import FIRST_ID, RECENT_ID_BASE, write_demo_users
+from pipeline.errors import ConfigError
+from pipeline.snapshot import REJECTED_SHARE_MAX_DEFAULT, freeze_snapshot
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_demo_file_counts_are_what_it_reports(suffix: str, tmp_path: Path) -> None:
+    out = tmp_path / f"users{suffix}"
+    demo = write_demo_users(60_000, out, seed=3)
+    frame = pl.read_csv(out, schema_overrides={"user_id": pl.String}) if suffix == ".csv" else pl.read_parquet(out)
+    assert frame.height == demo.rows
+    ids = frame["user_id"].cast(pl.Int64, strict=False)
+    valid = ids.filter(ids > 0)
+    assert valid.n_unique() == demo.distinct_valid_users == 60_000
+    assert valid.len() - valid.n_unique() == demo.duplicate_rows
+    assert demo.rows == 60_000 + demo.duplicate_rows + demo.bad_rows
+    unique = valid.unique()
+    assert unique.min() > FIRST_ID  # type: ignore[operator]
+    assert unique.filter(unique >= RECENT_ID_BASE).len() == int(60_000 * 0.02), "2 % recent sign-ups"
+
+
+def test_same_seed_same_file_other_seed_other_file(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a.parquet", tmp_path / "b.parquet", tmp_path / "c.parquet"
+    write_demo_users(5_000, a, seed=1)
+    write_demo_users(5_000, b, seed=1)
+    write_demo_users(5_000, c, seed=2)
+    assert a.read_bytes() == b.read_bytes()
+    assert set(pl.read_parquet(a)["user_id"].to_list()) != set(pl.read_parquet(c)["user_id"].to_list())
+
+
+def test_bad_arguments_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--count 0 must be between 1 and"):
+        write_demo_users(0, tmp_path / "u.parquet")
+    with pytest.raises(ConfigError, match="use a .parquet or .csv file name"):
+        write_demo_users(10, tmp_path / "u.json")
+
+
+# The module promises "a handful of bad rows ... exercise validation without tripping the 0.01 % limit".
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+@pytest.mark.parametrize("count", [5_000, 50_000])
+def test_demo_file_passes_the_default_rejected_share(count: int, suffix: str, tmp_path: Path) -> None:
+    out = tmp_path / f"users{suffix}"
+    demo = write_demo_users(count, out)
+    assert demo.bad_rows > 0 or demo.duplicate_rows > 0, "the file exercises validation"
+    report = freeze_snapshot(out, tmp_path / "var", "demo", rejected_share_max=REJECTED_SHARE_MAX_DEFAULT)
+    assert report.eligible_users == count
+    assert report.rejected_share <= REJECTED_SHARE_MAX_DEFAULT
