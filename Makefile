@@ -10,18 +10,20 @@ STAMP := $(VENV)/.installed
 DEMO_USERS ?= 1000000
 BENCH_USERS ?= 48000000
 BENCH_BACKEND ?= sqlite
+LEDGER_WRITERS ?= 1
 
 # Project-local Airflow: its config and metadata DB stay inside the project.
 export AIRFLOW_HOME := $(CURDIR)/var/airflow
 export AIRFLOW_CONFIG := $(CURDIR)/airflow.cfg
 export ENTITLE_HOME ?= $(CURDIR)/var
 
-.PHONY: venv demo test lint bench clean help
+.PHONY: venv demo test lint bench clean help airflow airflow-db
 
 help:
 	@echo "make demo   - run the pipeline on $(DEMO_USERS) synthetic users (DEMO_USERS=N to change)"
 	@echo "make test   - ruff, mypy and pytest"
 	@echo "make bench  - benchmark on BENCH_USERS=$(BENCH_USERS) users, backend BENCH_BACKEND=$(BENCH_BACKEND)"
+	@echo "make airflow - Airflow UI + scheduler on http://127.0.0.1:8080 with this project's DAGs"
 	@echo "make clean  - remove var/ (ledger, snapshots, Airflow metadata)"
 
 $(STAMP): requirements.lock pyproject.toml
@@ -34,11 +36,34 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP)
 
-demo: venv
-	@mkdir -p $(ENTITLE_HOME)
-	$(BIN)/entitle demo-users --count $(DEMO_USERS) --out $(ENTITLE_HOME)/demo/users.parquet
-	$(BIN)/entitle run --users $(ENTITLE_HOME)/demo/users.parquet
+# The demo runs the DAG entitlement_grant end to end through Airflow (dag.test: no scheduler
+# needed), then prints the ledger summary. Airflow's own task logs go to var/airflow/demo-run.log.
+demo: airflow-db
+	@mkdir -p $(ENTITLE_HOME)/incoming
+	$(BIN)/entitle demo-users --count $(DEMO_USERS) --out $(ENTITLE_HOME)/incoming/users.parquet
+	@echo "running DAG entitlement_grant through Airflow (task logs: $(AIRFLOW_HOME)/demo-run.log) ..."
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python ops/run_dag.py entitlement_grant \
+		'{"snapshot_uri": "$(ENTITLE_HOME)/incoming/users.parquet"}' > $(AIRFLOW_HOME)/demo-run.log 2>&1; \
+		status=$$?; tail -n 1 $(AIRFLOW_HOME)/demo-run.log; \
+		grep -E "check: |planned [0-9,]+, written" $(AIRFLOW_HOME)/demo-run.log | sed -E 's/^.*(check: |planned )/\1/' | head -n 2; \
+		exit $$status
 	$(BIN)/entitle summary
+	$(BIN)/entitle status
+
+# Project-local Airflow metadata DB (SQLite under var/airflow) and the ledger writers pool.
+# One slot: an SQLite ledger has one writer at a time (raise it for PostgreSQL).
+airflow-db: venv
+	@mkdir -p $(AIRFLOW_HOME)
+	@$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/migrate.log; exit 1)
+	@$(BIN)/airflow pools set ledger_writers $(LEDGER_WRITERS) "Concurrent ledger writers" > /dev/null
+
+# Airflow UI and scheduler on http://127.0.0.1:8080 (user admin; the password is in
+# var/airflow/simple_auth_manager_passwords.json.generated). Ctrl-C stops it.
+airflow: airflow-db
+	@test -s $(AIRFLOW_HOME)/secrets.env || $(BIN)/python -c "import secrets; \
+		print('export AIRFLOW__API_AUTH__JWT_SECRET=' + secrets.token_urlsafe(64)); \
+		print('export AIRFLOW__API__SECRET_KEY=' + secrets.token_urlsafe(32))" > $(AIRFLOW_HOME)/secrets.env
+	. $(AIRFLOW_HOME)/secrets.env && PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/airflow standalone
 
 lint: venv
 	$(BIN)/ruff check .

@@ -22,6 +22,7 @@ triggering a run with `{"partitions": [3, 17]}`. See the README runbook.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -30,6 +31,9 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 LEDGER_WRITERS_POOL = "ledger_writers"
 PARTITION_ID_MAX = 1023
+# Retries with exponential backoff: 20 s, 40 s, 80 s (capped at 10 min). Tests shorten them.
+TASK_RETRIES = int(os.environ.get("ENTITLE_TASK_RETRIES", "3"))
+RETRY_DELAY_S = float(os.environ.get("ENTITLE_RETRY_DELAY_S", "20"))
 
 
 @dag(
@@ -42,8 +46,8 @@ PARTITION_ID_MAX = 1023
     doc_md=__doc__,
     default_args={
         "owner": "entitlements",
-        "retries": 3,
-        "retry_delay": timedelta(seconds=20),
+        "retries": TASK_RETRIES,
+        "retry_delay": timedelta(seconds=RETRY_DELAY_S),
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": timedelta(minutes=10),
         "execution_timeout": timedelta(hours=2),
@@ -104,4 +108,4 @@ def entitlement_grant() -> None:
     summary(prepared, outcomes, reconcile(prepared, outcomes))
 
 
-entitlement_grant()
+entitlement_grant_dag = entitlement_grant()

@@ -1,0 +1,325 @@
+"""The Airflow DAGs: integrity of every DAG file, and real runs through ``dag.test``.
+
+Airflow runs in subprocesses with a project-local metadata DB under tmp, so the
+test process never imports Airflow and each module gets a clean Airflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import jobs
+from pipeline.config import load_settings
+from pipeline.demo_users import write_demo_users
+from pipeline.partitioning import partitions_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+DAGS = sorted((ROOT / "dags").glob("*.py"))
+BIN = Path(sys.executable).parent
+USERS = 20_000
+PARTITIONS = 8
+
+pytestmark = [pytest.mark.airflow, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for a project-local Airflow with a migrated SQLite metadata DB."""
+    home = tmp_path_factory.mktemp("airflow")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "ENTITLE_"))}
+    env.update(
+        {
+            "PATH": f"{BIN}:{env.get('PATH', '')}",
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW_CONFIG": str(ROOT / "airflow.cfg"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            "ENTITLE_PARTITIONS": str(PARTITIONS),
+            "ENTITLE_TASK_RETRIES": "1",
+            "ENTITLE_RETRY_DELAY_S": "1",
+        }
+    )
+    migrate = subprocess.run(
+        [str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert migrate.returncode == 0, migrate.stderr[-2000:]
+    return env
+
+
+@pytest.fixture
+def entitle_env(airflow_env: dict[str, str], tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Airflow env plus a fresh ENTITLE_HOME with a 20,000-user file in it."""
+    env = dict(airflow_env)
+    env["ENTITLE_HOME"] = str(tmp_path / "var")
+    write_demo_users(USERS, tmp_path / "var" / "incoming" / "users.parquet")
+    yield env
+
+
+def run_dag(env: dict[str, str], conf: dict[str, Any] | None = None) -> tuple[int, dict[str, Any], str]:
+    """Run entitlement_grant once with dag.test; returns exit code, the result line, and stderr."""
+    result = subprocess.run(
+        [str(BIN / "python"), str(ROOT / "ops" / "run_dag.py"), "entitlement_grant", json.dumps(conf or {})],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "{}"
+    return result.returncode, json.loads(last), result.stdout[-4000:] + result.stderr[-4000:]
+
+
+def ledger_state(env: dict[str, str]) -> tuple[dict[str, int], int, int]:
+    """Live grants per item, total rows and distinct (user, item) pairs in the ledger."""
+    pipeline = jobs.open_pipeline(load_settings(env))
+    try:
+        totals = {t.item_sku: t.grants for t in jobs.ledger_totals(pipeline)}
+        with pipeline.engine.connect() as connection:
+            rows = connection.exec_driver_sql("SELECT count(*) FROM grants").scalar_one()
+            distinct = connection.exec_driver_sql(
+                "SELECT count(*) FROM (SELECT DISTINCT user_id, item_key FROM grants) AS d"
+            ).scalar_one()
+    finally:
+        pipeline.engine.dispose()
+    return totals, int(rows), int(distinct)
+
+
+def attempts(env: dict[str, str], run_id: str) -> dict[int, list[str]]:
+    """Statuses of every attempt per partition for one Airflow run."""
+    path = Path(env["ENTITLE_HOME"]) / "ledger.sqlite"
+    with sqlite3.connect(path) as connection:
+        rows = connection.execute(
+            "SELECT a.partition_id, a.status FROM partition_attempts a JOIN runs r ON r.run_key = a.run_key "
+            "WHERE r.run_id = ? ORDER BY a.attempt_key",
+            (run_id,),
+        ).fetchall()
+    found: dict[int, list[str]] = {}
+    for partition_id, status in rows:
+        found.setdefault(int(partition_id), []).append(str(status))
+    return found
+
+
+# --- integrity of every DAG file -------------------------------------------------------------
+
+_INSPECT = r"""
+import json, sys, time, runpy
+started = time.perf_counter()
+namespace = runpy.run_path(sys.argv[1])
+seconds = time.perf_counter() - started
+from airflow.sdk import DAG
+dags = [v for v in namespace.values() if isinstance(v, DAG)]
+out = []
+for dag in dags:
+    out.append({
+        "dag_id": dag.dag_id, "tags": sorted(dag.tags), "doc_md": dag.doc_md or "",
+        "catchup": dag.catchup, "max_active_runs": dag.max_active_runs,
+        "start_date": dag.start_date.isoformat() if dag.start_date else None,
+        "timezone": str(dag.timezone),
+        "schedule": str(getattr(dag, "schedule", None)),
+        "tasks": {t.task_id: {"retries": t.retries, "pool": t.pool} for t in dag.tasks},
+        "params": sorted(dag.params.keys()),
+    })
+print(json.dumps({"seconds": seconds, "dags": out,
+                  "heavy_imports": sorted(m for m in ("polars", "pyarrow", "pipeline") if m in sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize("dag_file", DAGS, ids=[p.name for p in DAGS])
+def test_dag_file_imports_cleanly_without_work(dag_file: Path, airflow_env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [str(BIN / "python"), "-c", _INSPECT, str(dag_file)],
+        env=airflow_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["dags"], f"{dag_file.name} defines no DAG"
+    assert found["seconds"] < 2.0, f"{dag_file.name} took {found['seconds']:.2f}s to import once Airflow is loaded"
+    assert found["heavy_imports"] == [], f"{dag_file.name} imports {found['heavy_imports']} at parse time"
+    for dag in found["dags"]:
+        assert dag["tags"], f"{dag['dag_id']} has no tags"
+        assert len(dag["doc_md"]) > 200, f"{dag['dag_id']} has no real doc_md"
+        assert dag["catchup"] is False
+        assert dag["max_active_runs"] == 1
+        for task_id, task in dag["tasks"].items():
+            assert task["retries"] >= 1, f"{dag['dag_id']}.{task_id} has no retries"
+
+
+def test_grant_dag_schedule_start_and_params(airflow_env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [str(BIN / "python"), "-c", _INSPECT, str(ROOT / "dags" / "entitlement_grant.py")],
+        env=airflow_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    dag = json.loads(result.stdout.strip().splitlines()[-1])["dags"][0]
+    assert dag["dag_id"] == "entitlement_grant"
+    assert dag["start_date"].startswith("2023-01-05T00:00:00+09:00") or dag["start_date"].startswith(
+        "2023-01-04T15:00:00+00:00"
+    )
+    assert "Asia/Seoul" in dag["timezone"]
+    assert "0 2 * * *" in dag["schedule"]
+    assert dag["tasks"]["grant"]["pool"] == "ledger_writers"
+    assert dag["params"] == ["dry_run", "exclusion_uri", "partitions", "snapshot_uri", "verify"]
+
+
+def test_dag_files_pass_ruff_airflow3_rules() -> None:
+    result = subprocess.run(
+        [str(BIN / "ruff"), "check", "--select", "AIR3", "--no-cache", str(ROOT / "dags")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- real runs -------------------------------------------------------------------------------
+
+
+def test_dag_grants_every_user_once_and_a_second_run_changes_nothing(entitle_env: dict[str, str]) -> None:
+    code, result, log = run_dag(entitle_env)
+    assert code == 0 and result["state"] == "success", log
+    totals, rows, distinct = ledger_state(entitle_env)
+    assert set(totals.values()) == {USERS}, totals
+    assert rows == distinct == USERS * 5
+
+    airflow_db = Path(entitle_env["AIRFLOW_HOME"]) / "airflow.db"
+    with sqlite3.connect(airflow_db) as connection:
+        labels = {
+            r[0]
+            for r in connection.execute(
+                "SELECT rendered_map_index FROM task_instance WHERE run_id = ? AND task_id = 'grant'",
+                (result["run_id"],),
+            )
+        }
+    assert labels == {f"part-{p:04d}" for p in range(PARTITIONS)}
+
+    code, second, log = run_dag(entitle_env)
+    assert code == 0, log
+    again = attempts(entitle_env, second["run_id"])
+    assert sorted(again) == list(range(PARTITIONS)) and all(s == ["done"] for s in again.values())
+    assert ledger_state(entitle_env)[1:] == (USERS * 5, USERS * 5)
+    pipeline = jobs.open_pipeline(load_settings(entitle_env))
+    with pipeline.engine.connect() as connection:
+        written = connection.exec_driver_sql(
+            "SELECT sum(a.written) FROM partition_attempts a JOIN runs r ON r.run_key = a.run_key WHERE r.run_id = ?",
+            (second["run_id"],),
+        ).scalar_one()
+    pipeline.engine.dispose()
+    assert written == 0, "a nightly run with nothing new must write nothing"
+
+
+def _break_partition(env: dict[str, str], partition_id: int) -> Path:
+    """Freeze and partition the user file ahead of the DAG, then corrupt one partition file."""
+    settings = load_settings(env)
+    pipeline = jobs.open_pipeline(settings)
+    report = jobs.freeze(pipeline, Path(env["ENTITLE_HOME"]) / "incoming" / "users.parquet")
+    prepared = jobs.partition(pipeline, report)
+    pipeline.engine.dispose()
+    broken = prepared.partitions_dir / f"part-{partition_id:04d}.parquet"
+    broken.write_bytes(b"this is not parquet")
+    return broken
+
+
+def _repair_partitions(env: dict[str, str], broken: Path) -> None:
+    """Regenerate the partitions (byte-identical) so the broken one is readable again."""
+    shutil.rmtree(broken.parent)
+    settings = load_settings(env)
+    pipeline = jobs.open_pipeline(settings)
+    report = jobs.freeze(pipeline, Path(env["ENTITLE_HOME"]) / "incoming" / "users.parquet")
+    jobs.partition(pipeline, report)
+    pipeline.engine.dispose()
+    assert partitions_dir(Path(report.directory), PARTITIONS) == broken.parent
+
+
+def test_failed_partition_fails_alone_and_clear_only_failed_finishes_it(entitle_env: dict[str, str]) -> None:
+    broken = _break_partition(entitle_env, 3)
+    code, result, log = run_dag(entitle_env)
+    assert code == 1 and result["state"] == "failed", log
+    run_id = result["run_id"]
+    first = attempts(entitle_env, run_id)
+    assert set(first[3]) == {"failed"}
+    assert all(first[p] == ["done"] for p in range(PARTITIONS) if p != 3), first
+    totals, rows, _ = ledger_state(entitle_env)
+    assert 0 < rows < USERS * 5
+
+    _repair_partitions(entitle_env, broken)
+    cleared = subprocess.run(
+        [str(BIN / "airflow"), "dags", "clear", "entitlement_grant", "--run-id", run_id, "--only-failed", "-y"],
+        env=entitle_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert cleared.returncode == 0, cleared.stderr[-2000:]
+    resumed = subprocess.run(
+        [
+            str(BIN / "python"),
+            str(ROOT / "ops" / "airflow_resume_run.py"),
+            str(ROOT / "dags" / "entitlement_grant.py"),
+            "entitlement_grant",
+            run_id,
+        ],
+        env=entitle_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = attempts(entitle_env, run_id)
+    assert after[3][-1] == "done" and after[3][:-1] == first[3], after[3]
+    assert all(after[p] == ["done"] for p in range(PARTITIONS) if p != 3), "a finished partition was re-executed"
+    totals, rows, distinct = ledger_state(entitle_env)
+    assert set(totals.values()) == {USERS} and rows == distinct == USERS * 5
+
+
+def test_operator_run_restricted_to_partitions_finishes_the_failed_one(entitle_env: dict[str, str]) -> None:
+    broken = _break_partition(entitle_env, 5)
+    code, result, log = run_dag(entitle_env)
+    assert code == 1, log
+    _repair_partitions(entitle_env, broken)
+    code, rerun, log = run_dag(entitle_env, {"partitions": [5]})
+    assert code == 0 and rerun["state"] == "success", log
+    assert sorted(attempts(entitle_env, rerun["run_id"])) == [5]
+    totals, rows, distinct = ledger_state(entitle_env)
+    assert set(totals.values()) == {USERS} and rows == distinct == USERS * 5
+
+
+@pytest.mark.parametrize(
+    ("conf", "field"),
+    [
+        ({"partitions": ["x"]}, "partitions"),
+        ({"partitions": [1024]}, "partitions"),
+        ({"dry_run": "maybe"}, "dry_run"),
+    ],
+)
+def test_bad_param_is_refused_before_the_run_starts(
+    entitle_env: dict[str, str], conf: dict[str, Any], field: str
+) -> None:
+    code, result, log = run_dag(entitle_env, conf)
+    assert code == 2 and result["state"] == "refused", log
+    assert field in result["error"]
+    assert not (Path(entitle_env["ENTITLE_HOME"]) / "ledger.sqlite").exists(), "nothing may run"
+
+
+def test_dry_run_writes_nothing_to_the_ledger(entitle_env: dict[str, str]) -> None:
+    code, result, log = run_dag(entitle_env, {"dry_run": True})
+    assert code == 0, log
+    assert not (Path(entitle_env["ENTITLE_HOME"]) / "ledger.sqlite").exists()
