@@ -300,8 +300,13 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
         if not sep or not key:
             raise QueryError(f"--param {item!r} must look like KEY=VALUE")
         params[key] = value
+    from sqlalchemy.engine import make_url
+
     from pipeline.ledger import create_ledger_engine
 
+    url = make_url(settings.ledger_url)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        raise QueryError(f"no ledger at {url.database} yet; run `entitle run --users FILE` first")
     engine = create_ledger_engine(settings.ledger_url)
     result = queries.run_query(engine, args.name, params)
     fmt = "json" if args.json else args.format

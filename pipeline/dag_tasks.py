@@ -112,9 +112,12 @@ def summarize(
         "dry_run": bool(prepared.get("dry_run")),
     }
     if not prepared.get("dry_run"):
-        totals = jobs.ledger_totals(jobs.open_pipeline(settings))
-        result["items"] = {t.item_sku: t.grants for t in totals}
-        result["total_face_value_krw"] = sum(t.face_value_krw for t in totals)
+        # The check counted live grants per item moments ago; counting 240M rows again would
+        # double the tail of the run, so reuse its figures.
+        campaign = settings.campaign()
+        live = dict(checked.get("live_per_item") or {})
+        result["items"] = live
+        result["total_face_value_krw"] = sum(live.get(i.sku, 0) * (i.amount_krw or 0) for i in campaign.items)
     return result
 
 

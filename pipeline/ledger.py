@@ -13,6 +13,7 @@ corrections are new rows in ``grant_voids``.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -208,8 +209,6 @@ class CampaignKeys:
 
     def items_signature(self, campaign: Campaign) -> str:
         """Digest of (item_key, terms_hash) pairs: equal means the same grants are planned per user."""
-        import hashlib
-
         parts = ",".join(
             f"{self.item_keys[i.sku]}:{i.terms_hash()}" for i in sorted(campaign.items, key=lambda i: i.sku)
         )
@@ -259,8 +258,16 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
 
 
 def create_schema(engine: Engine) -> None:
-    """Create tables, views and append-only triggers if absent (idempotent)."""
+    """Create tables, views and append-only triggers if absent (idempotent).
+
+    Every task opens the ledger, so the common case (schema and views current) is one
+    read and no write: a schema write in SQLite also invalidates every other connection's
+    prepared statements.
+    """
+    views_digest = hashlib.sha256(view_sql(engine.dialect.name).encode()).hexdigest()[:16]
     try:
+        if _schema_is_current(engine, views_digest):
+            return
         with write_transaction(engine) as connection:
             metadata.create_all(connection)
             for statement in _split_sql(view_sql(engine.dialect.name)):
@@ -278,8 +285,18 @@ def create_schema(engine: Engine) -> None:
                 raise LedgerError(
                     f"ledger schema version {existing}, this program needs {SCHEMA_VERSION}; upgrade the ledger"
                 )
+            connection.execute(ledger_meta.delete().where(ledger_meta.c.meta_key == "views_sha256"))
+            connection.execute(ledger_meta.insert().values(meta_key="views_sha256", meta_value=views_digest))
     except SQLAlchemyError as exc:
         raise LedgerError(f"cannot create the ledger schema at {engine.url!r}: {exc}") from exc
+
+
+def _schema_is_current(engine: Engine, views_digest: str) -> bool:
+    with engine.connect() as connection:
+        if not sa.inspect(connection).has_table("ledger_meta"):
+            return False
+        stored = dict(connection.execute(sa.select(ledger_meta.c.meta_key, ledger_meta.c.meta_value)).tuples().all())
+    return stored.get("schema_version") == str(SCHEMA_VERSION) and stored.get("views_sha256") == views_digest
 
 
 def view_sql(dialect_name: str) -> str:
@@ -299,6 +316,9 @@ def _split_sql(script: str) -> list[str]:
 
 def register_campaign(engine: Engine, campaign: Campaign, now: dt.datetime) -> CampaignKeys:
     """Record the campaign and its items; refuse changed terms for items that have grants."""
+    registered = _registered_unchanged(engine, campaign)
+    if registered is not None:
+        return registered
     with write_transaction(engine) as connection:
         row = connection.execute(
             sa.select(campaigns.c.campaign_key).where(campaigns.c.campaign_id == campaign.campaign_id)
@@ -324,6 +344,37 @@ def register_campaign(engine: Engine, campaign: Campaign, now: dt.datetime) -> C
             )
         item_keys = {item.sku: _register_item(connection, campaign, campaign_key, item) for item in campaign.items}
     return CampaignKeys(campaign_key, item_keys)
+
+
+def _registered_unchanged(engine: Engine, campaign: Campaign) -> CampaignKeys | None:
+    """The keys when the campaign and every item are already registered exactly as in the file."""
+    with engine.connect() as connection:
+        row = connection.execute(
+            sa.select(campaigns.c.campaign_key, campaigns.c.name, campaigns.c.time_zone, campaigns.c.starts_at).where(
+                campaigns.c.campaign_id == campaign.campaign_id
+            )
+        ).first()
+        if row is None or (row.name, row.time_zone, row.starts_at) != (
+            campaign.name,
+            campaign.time_zone,
+            campaign.starts_at,
+        ):
+            return None
+        stored = {
+            r.item_sku: (int(r.item_key), r.terms_hash)
+            for r in connection.execute(
+                sa.select(campaign_items.c.item_sku, campaign_items.c.item_key, campaign_items.c.terms_hash).where(
+                    campaign_items.c.campaign_key == row.campaign_key
+                )
+            )
+        }
+    keys: dict[str, int] = {}
+    for item in campaign.items:
+        found = stored.get(item.sku)
+        if found is None or found[1] != item.terms_hash():
+            return None
+        keys[item.sku] = found[0]
+    return CampaignKeys(int(row.campaign_key), keys)
 
 
 def _register_item(connection: Connection, campaign: Campaign, campaign_key: int, item: Item) -> int:
@@ -373,6 +424,10 @@ def register_run(
     engine: Engine, run_id: str, campaign_key: int, snapshot_id: str, trigger: str, now: dt.datetime
 ) -> int:
     """The run's key, creating the run row on first use (retries of a run share it)."""
+    with engine.connect() as connection:
+        row = connection.execute(sa.select(runs.c.run_key, runs.c.snapshot_id).where(runs.c.run_id == run_id)).first()
+    if row is not None and row[1] == snapshot_id:
+        return int(row[0])
     with write_transaction(engine) as connection:
         row = connection.execute(sa.select(runs.c.run_key, runs.c.snapshot_id).where(runs.c.run_id == run_id)).first()
         if row is not None:

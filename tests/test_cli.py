@@ -356,3 +356,11 @@ def test_a_closed_stdout_is_not_reported_as_a_bug(ran: Ran, args: list[str]) -> 
     assert "Traceback" not in stderr, stderr
     assert "internal error" not in stderr, stderr
     assert exit_code not in (1, 70), (exit_code, stderr)
+
+
+def test_query_without_a_ledger_says_so_and_creates_nothing(entitle: Entitle, tmp_path: Path) -> None:
+    home = tmp_path / "var"
+    home.mkdir()
+    result = entitle(["query", "coverage"], cli_environment(ENTITLE_HOME=str(home)))
+    assert_clean_error(result, 2, "no ledger at", "entitle run")
+    assert not (home / "ledger.sqlite").exists()

@@ -323,3 +323,25 @@ def test_dry_run_writes_nothing_to_the_ledger(entitle_env: dict[str, str]) -> No
     code, result, log = run_dag(entitle_env, {"dry_run": True})
     assert code == 0, log
     assert not (Path(entitle_env["ENTITLE_HOME"]) / "ledger.sqlite").exists()
+
+
+def test_a_night_after_new_sign_ups_grants_only_them(entitle_env: dict[str, str]) -> None:
+    import polars as pl
+
+    users_file = Path(entitle_env["ENTITLE_HOME"]) / "incoming" / "users.parquet"
+    code, first, log = run_dag(entitle_env)
+    assert code == 0, log
+    before = ledger_state(entitle_env)[1]
+    newcomers = pl.DataFrame({"user_id": list(range(9_000_000_001, 9_000_000_001 + 1_234))})
+    pl.concat([pl.read_parquet(users_file), newcomers]).write_parquet(users_file)
+    code, second, log = run_dag(entitle_env)
+    assert code == 0, log
+    pipeline = jobs.open_pipeline(load_settings(entitle_env))
+    with pipeline.engine.connect() as connection:
+        written = connection.exec_driver_sql(
+            "SELECT sum(a.written) FROM partition_attempts a JOIN runs r ON r.run_key = a.run_key WHERE r.run_id = ?",
+            (second["run_id"],),
+        ).scalar_one()
+    pipeline.engine.dispose()
+    assert written == 1_234 * 5
+    assert ledger_state(entitle_env)[1:] == (before + 1_234 * 5, before + 1_234 * 5)

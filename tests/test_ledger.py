@@ -149,9 +149,10 @@ def test_create_schema_is_idempotent_and_records_the_version(engine: Engine) -> 
     ledger.create_schema(engine)
     ledger.create_schema(engine)
     with engine.connect() as connection:
-        version = connection.execute(sa.select(ledger.ledger_meta.c.meta_value)).scalars().all()
+        meta = dict(connection.execute(sa.select(ledger.ledger_meta)).tuples().all())
         views = set(sa.inspect(connection).get_view_names())
-    assert version == [str(ledger.SCHEMA_VERSION)]
+    assert meta["schema_version"] == str(ledger.SCHEMA_VERSION)
+    assert set(meta) == {"schema_version", "views_sha256"}, "views are applied once per version of views.sql"
     assert {"grant_ledger", "partition_status"} <= views
 
 
