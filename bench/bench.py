@@ -37,7 +37,7 @@ def main() -> int:
     parser.add_argument(
         "--backend", choices=("sqlite", "postgresql"), default=os.environ.get("BENCH_BACKEND", "sqlite")
     )
-    parser.add_argument("--partitions", type=int, default=int(os.environ.get("ENTITLE_PARTITIONS", 256)))
+    parser.add_argument("--partitions", type=int, default=int(os.environ.get("ENTITLE_PARTITIONS", 128)))
     parser.add_argument("--home", type=Path, default=None, help="work folder (default var/bench/<users>-<backend>)")
     parser.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL))
     parser.add_argument("--keep", action="store_true", help="keep the work folder afterwards")
@@ -104,29 +104,45 @@ def airflow_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> 
             (outcome["run_id"],),
         ).fetchall()
     work = sum(float(d or 0) for _, _, d in per_task)
-    overhead = wall - work
+    scheduling = wall - work
+    # The pipeline's own timing of each partition's grant transaction in this run.
+    with sqlite3.connect(home / "ledger.sqlite") as connection:
+        grant_work = float(
+            connection.execute(
+                "SELECT coalesce(sum(a.duration_s), 0) FROM partition_attempts a JOIN runs r ON r.run_key = a.run_key "
+                "WHERE r.run_id = ?",
+                (outcome["run_id"],),
+            ).fetchone()[0]
+        )
+    grant_tasks = sum(float(d or 0) for t, _, d in per_task if t == "grant")
+    startup = grant_tasks - grant_work
+    share = (scheduling + startup) / wall
     print(f"airflow mode: {args.users:,} users, {args.partitions} partitions, run {outcome['run_id']}")
     print(f"{'task':<18} {'instances':>9} {'seconds':>9}")
     for task_id, count, duration in sorted(per_task):
         print(f"{task_id:<18} {count:>9} {float(duration or 0):>9.1f}")
+    print(f"end-to-end wall {wall:.1f} s; in task instances {work:.1f} s; scheduling between them {scheduling:.1f} s")
     print(
-        f"end-to-end wall {wall:.1f} s; task work {work:.1f} s; Airflow overhead {overhead:.1f} s "
-        f"= {overhead / wall:.1%} of wall (target <= 15 %)"
+        f"grant task instances {grant_tasks:.1f} s, of which grant transactions {grant_work:.1f} s "
+        f"and task start-up/wrapping {startup:.1f} s"
+    )
+    print(
+        f"Airflow overhead (scheduling + task start-up) {scheduling + startup:.1f} s = {share:.1%} of wall "
+        "(target <= 15 %)"
     )
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "users": args.users,
-                    "partitions": args.partitions,
-                    "wall_s": wall,
-                    "work_s": work,
-                    "overhead_s": overhead,
-                    "overhead_share": overhead / wall,
-                    "tasks": {t: {"instances": c, "seconds": d} for t, c, d in per_task},
-                }
-            )
-        )
+        figures = {
+            "users": args.users,
+            "partitions": args.partitions,
+            "wall_s": wall,
+            "task_instances_s": work,
+            "scheduling_s": scheduling,
+            "grant_work_s": grant_work,
+            "task_startup_s": startup,
+            "overhead_share": share,
+            "tasks": {t: {"instances": c, "seconds": d} for t, c, d in per_task},
+        }
+        print(json.dumps(figures))
     if not args.keep:
         shutil.rmtree(home, ignore_errors=True)
     return 0

@@ -8,7 +8,7 @@ settings as arguments.
 | ENTITLE_HOME                | ./var                                 |
 | ENTITLE_LEDGER_URL          | sqlite:///$ENTITLE_HOME/ledger.sqlite |
 | ENTITLE_CAMPAIGN            | the bundled kakao-outage-2022 campaign |
-| ENTITLE_PARTITIONS          | 256                                   |
+| ENTITLE_PARTITIONS          | 128                                   |
 | ENTITLE_REJECTED_SHARE_MAX  | 0.0001 (0.01 %)                       |
 """
 

@@ -295,7 +295,9 @@ def _schema_is_current(engine: Engine, views_digest: str) -> bool:
     with engine.connect() as connection:
         if not sa.inspect(connection).has_table("ledger_meta"):
             return False
-        stored = dict(connection.execute(sa.select(ledger_meta.c.meta_key, ledger_meta.c.meta_value)).tuples().all())
+        stored = {
+            str(k): str(v) for k, v in connection.execute(sa.select(ledger_meta.c.meta_key, ledger_meta.c.meta_value))
+        }
     return stored.get("schema_version") == str(SCHEMA_VERSION) and stored.get("views_sha256") == views_digest
 
 

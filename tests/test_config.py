@@ -10,13 +10,14 @@ import pytest
 
 from pipeline.config import load_settings
 from pipeline.errors import ConfigError
+from pipeline.partitioning import PARTITION_COUNT_DEFAULT
 
 
 def test_defaults(tmp_path: Path) -> None:
     settings = load_settings({"ENTITLE_HOME": str(tmp_path / "home")})
     assert settings.home == tmp_path / "home"
     assert settings.ledger_url == f"sqlite:///{tmp_path / 'home' / 'ledger.sqlite'}"
-    assert settings.partition_count == 256
+    assert settings.partition_count == PARTITION_COUNT_DEFAULT
     assert settings.rejected_share_max == 0.0001
     assert settings.campaign_file is None
     assert settings.campaign().campaign_id == "kakao-outage-2022"
@@ -48,7 +49,7 @@ def test_empty_values_mean_the_default(tmp_path: Path) -> None:
         {"ENTITLE_HOME": str(tmp_path), "ENTITLE_LEDGER_URL": "", "ENTITLE_PARTITIONS": "", "ENTITLE_CAMPAIGN": ""}
     )
     assert settings.ledger_url == f"sqlite:///{tmp_path / 'ledger.sqlite'}"
-    assert settings.partition_count == 256
+    assert settings.partition_count == PARTITION_COUNT_DEFAULT
     assert settings.campaign_file is None
 
 

@@ -149,7 +149,7 @@ def test_create_schema_is_idempotent_and_records_the_version(engine: Engine) -> 
     ledger.create_schema(engine)
     ledger.create_schema(engine)
     with engine.connect() as connection:
-        meta = dict(connection.execute(sa.select(ledger.ledger_meta)).tuples().all())
+        meta = {str(k): str(v) for k, v in connection.execute(sa.select(ledger.ledger_meta))}
         views = set(sa.inspect(connection).get_view_names())
     assert meta["schema_version"] == str(ledger.SCHEMA_VERSION)
     assert set(meta) == {"schema_version", "views_sha256"}, "views are applied once per version of views.sql"
