@@ -306,21 +306,13 @@ def _insert_missing(connection: Connection, context: GrantContext, entry: Partit
 
 def _verify(connection: Connection, context: GrantContext, entry: PartitionEntry, planned: int) -> None:
     """Check every planned grant is present with the campaign's exact terms."""
+    # Null-safe inequality: SQLite spells it IS NOT (IS DISTINCT FROM only since 3.39).
+    differs = "IS DISTINCT FROM" if connection.dialect.name == "postgresql" else "IS NOT"
     row = connection.execute(
         sa.text(
             "SELECT count(g.user_id) AS present, "
-            "sum(CASE WHEN g.user_id IS NOT NULL AND (g.amount_krw IS NOT i.amount_krw "
-            "OR g.valid_from IS NOT i.valid_from OR g.valid_until IS NOT i.valid_until) THEN 1 ELSE 0 END) "
-            "AS differing "
-            "FROM stage_users AS s CROSS JOIN stage_items AS i "
-            "LEFT JOIN grants AS g ON g.campaign_key = :campaign_key AND g.user_bucket = s.user_bucket "
-            "AND g.user_id = s.user_id AND g.item_key = i.item_key AND g.user_bucket BETWEEN :lo AND :hi"
-        )
-        if connection.dialect.name != "postgresql"
-        else sa.text(
-            "SELECT count(g.user_id) AS present, "
-            "sum(CASE WHEN g.user_id IS NOT NULL AND (g.amount_krw IS DISTINCT FROM i.amount_krw "
-            "OR g.valid_from IS DISTINCT FROM i.valid_from OR g.valid_until IS DISTINCT FROM i.valid_until) "
+            f"sum(CASE WHEN g.user_id IS NOT NULL AND (g.amount_krw {differs} i.amount_krw "
+            f"OR g.valid_from {differs} i.valid_from OR g.valid_until {differs} i.valid_until) "
             "THEN 1 ELSE 0 END) AS differing "
             "FROM stage_users AS s CROSS JOIN stage_items AS i "
             "LEFT JOIN grants AS g ON g.campaign_key = :campaign_key AND g.user_bucket = s.user_bucket "

@@ -247,7 +247,7 @@ def _read_parquet_column(path: Path) -> pl.DataFrame:
         raise SnapshotError(
             f"{path}: column '{USER_ID_COLUMN}' has type {field_type}; expected integers (int64) or text digits"
         )
-    return pl.DataFrame({"raw_value": raw_value, "user_id": parsed}).with_columns(pl.col("raw_value").cast(pl.String))
+    return pl.DataFrame({"raw_value": raw_value, "user_id": parsed})
 
 
 def _read_csv_column(path: Path) -> pl.DataFrame:
