@@ -29,7 +29,7 @@ from pipeline.campaign import ITEM_KINDS, Campaign, Item
 from pipeline.errors import LedgerError, TermsChangedError, invariant
 from pipeline.partitioning import BUCKET_MODULUS, BUCKET_MULTIPLIER
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: issue_no (void and reissue), reconciliation tables
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 SQLITE_BUSY_TIMEOUT_MS = 120_000
 SQLITE_CACHE_KIB = 262_144
@@ -147,6 +147,9 @@ grants = sa.Table(
     sa.Column("user_bucket", sa.BigInteger, primary_key=True),
     sa.Column("user_id", sa.BigInteger, primary_key=True),
     sa.Column("item_key", sa.Integer, primary_key=True),
+    # 0 for the first grant; a grant voided for wrong terms is reissued as 1, 2, … (a trigger
+    # admits issue n only when issue n-1 exists and is voided, so at most one issue is live).
+    sa.Column("issue_no", sa.SmallInteger, primary_key=True, autoincrement=False, server_default="0"),
     sa.Column("partition_id", sa.SmallInteger, nullable=False),
     sa.Column("run_key", sa.Integer, nullable=False),
     sa.Column("amount_krw", sa.BigInteger, nullable=True),
@@ -154,6 +157,7 @@ grants = sa.Table(
     sa.Column("valid_until", Instant, nullable=True),
     sa.Column("granted_at", Instant, nullable=False),
     sa.CheckConstraint("user_id > 0", name="ck_grants_user_id_positive"),
+    sa.CheckConstraint("issue_no >= 0", name="ck_grants_issue_no"),
     sa.CheckConstraint(
         f"user_bucket = (user_id % {BUCKET_MODULUS}) * {BUCKET_MULTIPLIER} % {BUCKET_MODULUS}",
         name="ck_grants_user_bucket",
@@ -168,6 +172,7 @@ grant_voids = sa.Table(
     sa.Column("user_bucket", sa.BigInteger, primary_key=True),
     sa.Column("user_id", sa.BigInteger, primary_key=True),
     sa.Column("item_key", sa.Integer, primary_key=True),
+    sa.Column("issue_no", sa.SmallInteger, primary_key=True, autoincrement=False, server_default="0"),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("actor", sa.String(128), nullable=False),
     sa.Column("voided_at", Instant, nullable=False),
@@ -197,6 +202,97 @@ partition_attempts = sa.Table(
     sa.CheckConstraint("status IN ('running', 'done', 'failed')", name="ck_attempt_status"),
     sa.Index("ix_partition_attempts_lookup", "campaign_key", "snapshot_id", "partition_id", "attempt_key"),
     sa.Index("ix_partition_attempts_content", "campaign_key", "content_sha256", "items_signature", "status"),
+)
+
+
+# Reconciliation results. The analyst views reconciliation_runs and reconciliation_breaks
+# (sql/<dialect>/views.sql) present these tables with campaign ids, skus and readable times.
+recon_runs = sa.Table(
+    "recon_runs",
+    metadata,
+    sa.Column("reconciliation_key", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("reconciliation_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), nullable=False),
+    sa.Column("snapshot_id", sa.String(16), nullable=False),
+    sa.Column("partition_count", sa.Integer, nullable=False),
+    sa.Column("method", sa.String(16), nullable=False),
+    sa.Column("verdict", sa.String(16), nullable=False),
+    sa.Column("explanation", sa.Text, nullable=False),
+    *(
+        sa.Column(name, sa.BigInteger, nullable=False)
+        for name in (
+            "expected",
+            "matched",
+            "terms_mismatch",
+            "missing",
+            "voided",
+            "ledger_live",
+            "unexpected",
+            "duplicate",
+            "residual_expected",
+            "residual_ledger",
+            "open_breaks",
+            "breaks_itemized",
+        )
+    ),
+    sa.Column("export_dir", sa.Text, nullable=True),
+    sa.Column("started_at", Instant, nullable=False),
+    sa.Column("finished_at", Instant, nullable=False),
+    sa.CheckConstraint("verdict IN ('RECONCILED', 'BREAKS', 'INCOMPLETE')", name="ck_recon_verdict"),
+    sa.Index("ix_recon_runs_campaign", "campaign_key", "reconciliation_key"),
+)
+
+_RECON_COUNTS = ("expected", "live", "matched", "terms_mismatch", "missing", "voided", "unexpected", "duplicate")
+
+recon_items = sa.Table(
+    "recon_items",
+    metadata,
+    sa.Column("reconciliation_key", sa.Integer, sa.ForeignKey("recon_runs.reconciliation_key"), primary_key=True),
+    sa.Column("item_key", sa.Integer, primary_key=True),
+    sa.Column("item_sku", sa.String(63), nullable=False),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in _RECON_COUNTS),
+)
+
+recon_partitions = sa.Table(
+    "recon_partitions",
+    metadata,
+    sa.Column("reconciliation_key", sa.Integer, sa.ForeignKey("recon_runs.reconciliation_key"), primary_key=True),
+    sa.Column("partition_id", sa.Integer, primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("method", sa.String(16), nullable=False),
+    *(sa.Column(name, sa.BigInteger, nullable=True) for name in _RECON_COUNTS),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.CheckConstraint("state IN ('matched', 'breaks', 'not_granted', 'unreadable')", name="ck_recon_partition_state"),
+)
+
+recon_breaks = sa.Table(
+    "recon_breaks",
+    metadata,
+    sa.Column("break_id", sa.String(24), primary_key=True),
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), nullable=False),
+    sa.Column("break_class", sa.String(16), nullable=False),
+    sa.Column("user_id", sa.BigInteger, nullable=False),
+    sa.Column("user_bucket", sa.BigInteger, nullable=False),
+    sa.Column("item_key", sa.Integer, nullable=False),
+    sa.Column("item_sku", sa.String(63), nullable=True),
+    sa.Column("issue_no", sa.SmallInteger, nullable=True),
+    sa.Column("partition_id", sa.Integer, nullable=False),
+    sa.Column("expected_amount_krw", sa.BigInteger, nullable=True),
+    sa.Column("expected_valid_from", Instant, nullable=True),
+    sa.Column("expected_valid_until", Instant, nullable=True),
+    sa.Column("ledger_amount_krw", sa.BigInteger, nullable=True),
+    sa.Column("ledger_valid_from", Instant, nullable=True),
+    sa.Column("ledger_valid_until", Instant, nullable=True),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("first_seen_key", sa.Integer, sa.ForeignKey("recon_runs.reconciliation_key"), nullable=False),
+    sa.Column("last_seen_key", sa.Integer, sa.ForeignKey("recon_runs.reconciliation_key"), nullable=False),
+    sa.Column("resolved_key", sa.Integer, sa.ForeignKey("recon_runs.reconciliation_key"), nullable=True),
+    sa.CheckConstraint(
+        "break_class IN ('missing', 'unexpected', 'terms_mismatch', 'duplicate')", name="ck_recon_break_class"
+    ),
+    sa.CheckConstraint("status IN ('open', 'resolved')", name="ck_recon_break_status"),
+    sa.Index("ix_recon_breaks_open", "campaign_key", "status", "user_bucket"),
 )
 
 

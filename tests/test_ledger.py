@@ -119,7 +119,7 @@ def test_committed_sqlite_ddl_builds_the_same_tables_as_the_metadata(tmp_path: P
     try:
         expected = describe_schema(from_metadata)
         assert set(expected) == {t.name for t in ledger.metadata.sorted_tables}
-        assert expected["grants"]["pk"] == ["campaign_key", "user_bucket", "user_id", "item_key"]
+        assert expected["grants"]["pk"] == ["campaign_key", "user_bucket", "user_id", "item_key", "issue_no"]
         assert describe_schema(from_file_engine) == expected
     finally:
         from_metadata.dispose()
@@ -159,7 +159,7 @@ def test_create_schema_is_idempotent_and_records_the_version(engine: Engine) -> 
 def test_create_schema_refuses_another_schema_version(engine: Engine) -> None:
     with engine.begin() as connection:
         connection.execute(ledger.ledger_meta.update().values(meta_value="99"))
-    with pytest.raises(LedgerError, match="ledger schema version 99, this program needs 1"):
+    with pytest.raises(LedgerError, match=f"ledger schema version 99, this program needs {ledger.SCHEMA_VERSION}"):
         ledger.create_schema(engine)
 
 
@@ -229,6 +229,7 @@ def test_grants_cannot_be_updated_or_deleted(engine: Engine) -> None:
 
 
 def test_voids_cannot_be_updated_or_deleted(engine: Engine) -> None:
+    insert_grant(engine, **grant_values(42))
     with engine.begin() as connection:
         connection.execute(
             ledger.grant_voids.insert().values(
@@ -249,6 +250,47 @@ def test_voids_cannot_be_updated_or_deleted(engine: Engine) -> None:
             connection.execute(ledger.grant_voids.delete())
     with engine.connect() as connection:
         assert connection.execute(sa.select(ledger.grant_voids.c.reason)).scalars().all() == ["test"]
+
+
+def test_a_void_must_name_an_existing_grant(engine: Engine) -> None:
+    with pytest.raises(sa.exc.DBAPIError, match="a void must name an existing grant"):
+        with engine.begin() as connection:
+            connection.execute(
+                ledger.grant_voids.insert().values(
+                    campaign_key=1,
+                    user_bucket=user_bucket(43),
+                    user_id=43,
+                    item_key=1,
+                    reason="test",
+                    actor="pytest",
+                    voided_at=dt.datetime.now(dt.UTC),
+                )
+            )
+
+
+def test_a_reissue_needs_the_previous_issue_voided(engine: Engine) -> None:
+    insert_grant(engine, **grant_values(44))
+    with pytest.raises(sa.exc.DBAPIError, match="only when issue n-1 exists and is voided"):
+        insert_grant(engine, **grant_values(44), issue_no=1)
+    with engine.begin() as connection:
+        connection.execute(
+            ledger.grant_voids.insert().values(
+                campaign_key=1,
+                user_bucket=user_bucket(44),
+                user_id=44,
+                item_key=1,
+                issue_no=0,
+                reason="wrong amount",
+                actor="pytest",
+                voided_at=dt.datetime.now(dt.UTC),
+            )
+        )
+    with pytest.raises(sa.exc.DBAPIError, match="only when issue n-1 exists and is voided"):
+        insert_grant(engine, **grant_values(44), issue_no=2)  # skipping an issue number
+    insert_grant(engine, **grant_values(44), issue_no=1)
+    with pytest.raises(sa.exc.DBAPIError, match="only when issue n-1 exists and is voided"):
+        insert_grant(engine, **grant_values(44), issue_no=2)  # issue 1 is live: no second live grant
+    assert count_grants(engine) == 2
 
 
 def test_a_voided_grant_leaves_the_grant_ledger_view(engine: Engine) -> None:

@@ -17,7 +17,8 @@ SELECT
     strftime('%Y-%m-%dT%H:%M:%fZ', g.granted_at / 1000000.0, 'unixepoch') AS granted_at,
     r.run_id,
     g.partition_id,
-    g.user_bucket
+    g.user_bucket,
+    g.issue_no
 -- CROSS JOIN fixes the loop order (SQLite's documented planner control): campaigns, a handful of
 -- rows, drive the grants key (campaign_key, user_bucket, user_id, item_key), so a filter on
 -- user_bucket and user_id is an index seek instead of a scan.
@@ -28,7 +29,150 @@ JOIN runs AS r ON r.run_key = g.run_key
 WHERE NOT EXISTS (
     SELECT 1 FROM grant_voids AS v
     WHERE v.campaign_key = g.campaign_key AND v.user_bucket = g.user_bucket
-      AND v.user_id = g.user_id AND v.item_key = g.item_key
+      AND v.user_id = g.user_id AND v.item_key = g.item_key AND v.issue_no = g.issue_no
+)
+-- end
+DROP VIEW IF EXISTS grant_history
+-- end
+-- Every ledger entry: each grant (live or voided) and each void, with who, when and why.
+CREATE VIEW grant_history AS
+SELECT
+    c.campaign_id,
+    g.user_id,
+    i.item_sku,
+    g.issue_no,
+    'grant' AS entry_type,
+    g.amount_krw,
+    strftime('%Y-%m-%dT%H:%M:%SZ', g.valid_from / 1000000, 'unixepoch') AS valid_from,
+    CASE WHEN g.valid_until IS NULL THEN NULL
+         ELSE strftime('%Y-%m-%dT%H:%M:%SZ', g.valid_until / 1000000, 'unixepoch') END AS valid_until,
+    strftime('%Y-%m-%dT%H:%M:%fZ', g.granted_at / 1000000.0, 'unixepoch') AS entry_at,
+    r.run_id,
+    CAST(NULL AS TEXT) AS actor,
+    CAST(NULL AS TEXT) AS reason,
+    g.user_bucket
+FROM campaigns AS c
+CROSS JOIN grants AS g ON g.campaign_key = c.campaign_key
+JOIN campaign_items AS i ON i.item_key = g.item_key
+JOIN runs AS r ON r.run_key = g.run_key
+UNION ALL
+SELECT
+    c.campaign_id,
+    v.user_id,
+    i.item_sku,
+    v.issue_no,
+    'void' AS entry_type,
+    g.amount_krw,
+    strftime('%Y-%m-%dT%H:%M:%SZ', g.valid_from / 1000000, 'unixepoch') AS valid_from,
+    CASE WHEN g.valid_until IS NULL THEN NULL
+         ELSE strftime('%Y-%m-%dT%H:%M:%SZ', g.valid_until / 1000000, 'unixepoch') END AS valid_until,
+    strftime('%Y-%m-%dT%H:%M:%fZ', v.voided_at / 1000000.0, 'unixepoch') AS entry_at,
+    CAST(NULL AS TEXT) AS run_id,
+    v.actor,
+    v.reason,
+    v.user_bucket
+FROM campaigns AS c
+CROSS JOIN grant_voids AS v ON v.campaign_key = c.campaign_key
+JOIN campaign_items AS i ON i.item_key = v.item_key
+JOIN grants AS g ON g.campaign_key = v.campaign_key AND g.user_bucket = v.user_bucket
+    AND g.user_id = v.user_id AND g.item_key = v.item_key AND g.issue_no = v.issue_no
+-- end
+DROP VIEW IF EXISTS reconciliation_runs
+-- end
+-- Every reconciliation: verdict, the bridge (expected = matched + terms_mismatch + missing + voided;
+-- ledger_live = matched + terms_mismatch + unexpected + duplicate) and where its exports are.
+CREATE VIEW reconciliation_runs AS
+SELECT
+    r.reconciliation_id,
+    c.campaign_id,
+    r.snapshot_id,
+    r.partition_count,
+    r.method,
+    r.verdict,
+    r.explanation,
+    r.expected,
+    r.matched,
+    r.terms_mismatch,
+    r.missing,
+    r.voided,
+    r.ledger_live,
+    r.unexpected,
+    r.duplicate,
+    r.residual_expected,
+    r.residual_ledger,
+    r.open_breaks,
+    r.export_dir,
+    strftime('%Y-%m-%dT%H:%M:%fZ', r.started_at / 1000000.0, 'unixepoch') AS started_at,
+    strftime('%Y-%m-%dT%H:%M:%fZ', r.finished_at / 1000000.0, 'unixepoch') AS finished_at,
+    r.reconciliation_key
+FROM recon_runs AS r
+JOIN campaigns AS c ON c.campaign_key = r.campaign_key
+-- end
+DROP VIEW IF EXISTS reconciliation_breaks
+-- end
+-- Every break ever found, open or resolved; a break keeps its id across reconciliations.
+CREATE VIEW reconciliation_breaks AS
+SELECT
+    b.break_id,
+    c.campaign_id,
+    b.break_class,
+    b.status,
+    b.user_id,
+    b.item_sku,
+    b.issue_no,
+    b.partition_id,
+    b.expected_amount_krw,
+    CASE WHEN b.expected_valid_from IS NULL THEN NULL
+         ELSE strftime('%Y-%m-%dT%H:%M:%SZ', b.expected_valid_from / 1000000, 'unixepoch') END AS expected_valid_from,
+    CASE WHEN b.expected_valid_until IS NULL THEN NULL
+         ELSE strftime('%Y-%m-%dT%H:%M:%SZ', b.expected_valid_until / 1000000, 'unixepoch') END AS expected_valid_until,
+    b.ledger_amount_krw,
+    CASE WHEN b.ledger_valid_from IS NULL THEN NULL
+         ELSE strftime('%Y-%m-%dT%H:%M:%SZ', b.ledger_valid_from / 1000000, 'unixepoch') END AS ledger_valid_from,
+    CASE WHEN b.ledger_valid_until IS NULL THEN NULL
+         ELSE strftime('%Y-%m-%dT%H:%M:%SZ', b.ledger_valid_until / 1000000, 'unixepoch') END AS ledger_valid_until,
+    b.detail,
+    f.reconciliation_id AS first_seen_in,
+    strftime('%Y-%m-%dT%H:%M:%fZ', f.started_at / 1000000.0, 'unixepoch') AS first_seen_at,
+    l.reconciliation_id AS last_seen_in,
+    z.reconciliation_id AS resolved_in,
+    CASE WHEN z.finished_at IS NULL THEN NULL
+         ELSE strftime('%Y-%m-%dT%H:%M:%fZ', z.finished_at / 1000000.0, 'unixepoch') END AS resolved_at,
+    b.user_bucket
+FROM recon_breaks AS b
+JOIN campaigns AS c ON c.campaign_key = b.campaign_key
+JOIN recon_runs AS f ON f.reconciliation_key = b.first_seen_key
+JOIN recon_runs AS l ON l.reconciliation_key = b.last_seen_key
+LEFT JOIN recon_runs AS z ON z.reconciliation_key = b.resolved_key
+-- end
+DROP VIEW IF EXISTS campaign_coverage
+-- end
+-- Per campaign and item, as of the campaign's latest reconciliation: expected grants (eligible users),
+-- live grants, and how they differ. Counted from the data by `entitle reconcile`, not from run records.
+CREATE VIEW campaign_coverage AS
+SELECT
+    c.campaign_id,
+    r.reconciliation_id,
+    r.snapshot_id,
+    r.verdict,
+    strftime('%Y-%m-%dT%H:%M:%fZ', r.finished_at / 1000000.0, 'unixepoch') AS as_of,
+    it.item_sku,
+    ci.item_kind,
+    it.expected,
+    it.live AS granted,
+    it.matched,
+    it.missing,
+    it.unexpected,
+    it.terms_mismatch,
+    it.voided,
+    it.duplicate,
+    it.live * coalesce(ci.amount_krw, 0) AS face_value_krw
+FROM recon_runs AS r
+JOIN campaigns AS c ON c.campaign_key = r.campaign_key
+JOIN recon_items AS it ON it.reconciliation_key = r.reconciliation_key
+LEFT JOIN campaign_items AS ci ON ci.item_key = it.item_key
+WHERE r.reconciliation_key = (
+    SELECT max(x.reconciliation_key) FROM recon_runs AS x WHERE x.campaign_key = r.campaign_key
 )
 -- end
 DROP VIEW IF EXISTS partition_status
@@ -56,6 +200,30 @@ WHERE a.attempt_key = (
     SELECT max(b.attempt_key) FROM partition_attempts AS b
     WHERE b.campaign_key = a.campaign_key AND b.snapshot_id = a.snapshot_id AND b.partition_id = a.partition_id
 )
+-- end
+DROP TRIGGER IF EXISTS grants_reissue_guard
+-- end
+CREATE TRIGGER grants_reissue_guard BEFORE INSERT ON grants WHEN NEW.issue_no <> 0
+BEGIN
+    SELECT RAISE(ABORT, 'a grant can be reissued (issue_no n > 0) only when issue n-1 exists and is voided')
+    WHERE NOT EXISTS (
+        SELECT 1 FROM grant_voids AS v
+        WHERE v.campaign_key = NEW.campaign_key AND v.user_bucket = NEW.user_bucket AND v.user_id = NEW.user_id
+          AND v.item_key = NEW.item_key AND v.issue_no = NEW.issue_no - 1
+    );
+END
+-- end
+DROP TRIGGER IF EXISTS grant_voids_need_grant
+-- end
+CREATE TRIGGER grant_voids_need_grant BEFORE INSERT ON grant_voids
+BEGIN
+    SELECT RAISE(ABORT, 'a void must name an existing grant (campaign, user, item, issue)')
+    WHERE NOT EXISTS (
+        SELECT 1 FROM grants AS g
+        WHERE g.campaign_key = NEW.campaign_key AND g.user_bucket = NEW.user_bucket AND g.user_id = NEW.user_id
+          AND g.item_key = NEW.item_key AND g.issue_no = NEW.issue_no
+    );
+END
 -- end
 CREATE TRIGGER IF NOT EXISTS grants_append_only_update BEFORE UPDATE ON grants
 BEGIN
