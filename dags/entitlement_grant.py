@@ -101,6 +101,7 @@ def entitlement_grant() -> None:
 
         result = dag_tasks.summarize(prepared, list(outcomes), checked)
         print(dag_tasks.render_summary(result))
+        dag_tasks.require_reconciled(result)  # BREAKS or INCOMPLETE fail the run, after the summary is logged
         return result
 
     prepared = freeze_snapshot()

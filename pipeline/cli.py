@@ -1,27 +1,31 @@
-"""The ``entitle`` command line: demo users, plan, run, grant, status, summary, query, db.
+"""The ``entitle`` command line: demo users, plan, run, grant, status, summary, reconcile, repair, void,
+report, query.
 
 Exit codes: 0 success; 2 usage or configuration; 3 bad input (campaign or user
-file); 4 partition files; 5 ledger refused; 6 campaign not started; 7 some
-partitions failed (the others finished); 70 internal error (a bug: please report).
+file); 4 partition files; 5 ledger refused (including a refused void or
+repair); 6 campaign not started; 7 some partitions failed (the others
+finished); 8 reconciliation found breaks; 9 reconciliation incomplete; 70
+internal error (a bug: please report).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from pipeline import __version__, jobs, queries, snapshot
+from pipeline import __version__, corrections, jobs, queries, reconciliation, snapshot
 from pipeline.config import Settings, load_settings
 from pipeline.demo_users import write_demo_users
-from pipeline.errors import EntitleError, QueryError
+from pipeline.errors import CorrectionError, EntitleError, QueryError
 from pipeline.granting import PartitionOutcome
 from pipeline.progress import Progress
 
@@ -70,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Grant every eligible user a campaign's items exactly once, recorded in an SQL ledger.",
         epilog="Settings come from ENTITLE_HOME, ENTITLE_LEDGER_URL, ENTITLE_CAMPAIGN, ENTITLE_PARTITIONS and "
         "ENTITLE_REJECTED_SHARE_MAX (see README). Exit codes: 0 ok, 2 usage/config, 3 bad input, 4 partition "
-        "files, 5 ledger refused, 6 campaign not started, 7 partitions failed, 70 internal error.",
+        "files, 5 ledger refused, 6 campaign not started, 7 partitions failed, 8 reconciliation breaks, "
+        "9 reconciliation incomplete, 70 internal error.",
     )
     parser.add_argument("--version", action="version", version=f"entitle {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -110,10 +115,54 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("summary", "live grants per item and total face value, counted in the ledger")
     p.set_defaults(handler=cmd_summary)
 
+    p = command(
+        "reconcile",
+        "compare the snapshot x campaign with the live ledger; exit 0 RECONCILED, 8 BREAKS, 9 INCOMPLETE",
+    )
+    p.add_argument("--snapshot", help="snapshot id (default: the campaign's current snapshot)")
+    p.add_argument(
+        "--method",
+        choices=("checksum", "rows"),
+        default="checksum",
+        help="checksum: compare row-level only where a partition's checksums differ (default); rows: everywhere",
+    )
+    p.add_argument("--workers", type=int, help="reader processes (default ENTITLE_RECONCILE_WORKERS, else 2)")
+    p.add_argument("--report", action="store_true", help="also write the HTML and PNG report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+    p.set_defaults(handler=cmd_reconcile)
+
+    p = command(
+        "repair",
+        "grant what the latest reconciliation found missing, void and reissue grants with wrong terms",
+    )
+    p.add_argument("--actor", required=True, help="who repairs (recorded on every void)")
+    p.add_argument("--run-id", help="run id to record (default: a new repair__... id)")
+    p.add_argument("--no-reconcile", action="store_true", help="do not reconcile again afterwards")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+    p.set_defaults(handler=cmd_repair)
+
+    p = command("void", "void grants by compensating entries (never deletes); all-or-nothing")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--user", type=int, help="the user whose live grants to void")
+    target.add_argument("--break", dest="break_id", help="void the ledger row of an open break (unexpected, duplicate)")
+    target.add_argument(
+        "--from", dest="from_file", type=Path, help="CSV or Parquet with user_id[, item_sku][, reason] or break_id"
+    )
+    p.add_argument("--item", help="only this item sku (default: every item of the campaign the user holds)")
+    p.add_argument("--reason", help="why (required unless the file has a reason column)")
+    p.add_argument("--actor", required=True, help="who voids (recorded)")
+    p.set_defaults(handler=cmd_void)
+
+    p = command("report", "write the HTML page and PNG chart of a reconciliation (default: the latest)")
+    p.add_argument("--reconciliation", help="reconciliation id (default: the campaign's latest)")
+    p.add_argument("--out", type=Path, help="output folder (default: the reconciliation's export folder)")
+    p.set_defaults(handler=cmd_report)
+
     p = command("query", "run a named analyst query from sql/queries/ with bound parameters")
     p.add_argument("name", nargs="?", help="query name; omit (or --list) to list them")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a query parameter")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
+    p.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table", help="output format")
+    p.add_argument("--out", type=Path, help="write to this file instead of standard output (required for parquet)")
     p.add_argument("--list", action="store_true", help="list the named queries")
     p.set_defaults(handler=cmd_query)
     return parser
@@ -307,17 +356,166 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     url = make_url(settings.ledger_url)
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
         raise QueryError(f"no ledger at {url.database} yet; run `entitle run --users FILE` first")
+    fmt = "json" if args.json else args.format
+    if fmt == "parquet" and args.out is None:
+        raise QueryError("--format parquet writes a binary file: give --out FILE.parquet")
     engine = create_ledger_engine(settings.ledger_url)
     result = queries.run_query(engine, args.name, params)
-    fmt = "json" if args.json else args.format
-    if fmt == "json":
-        print(json.dumps({"columns": result.columns, "rows": [list(r) for r in result.rows]}, default=str))
-    elif fmt == "csv":
-        writer = csv.writer(sys.stdout)
-        writer.writerow(result.columns)
-        writer.writerows(result.rows)
+    if fmt == "parquet":
+        rows = queries.write_parquet(result, args.out)
+        print(f"wrote {rows:,} rows to {args.out}", file=sys.stderr)
+        return 0
+    with _output(args.out) as stream:
+        if fmt == "json":
+            print(
+                json.dumps({"columns": result.columns, "rows": [list(r) for r in result.rows]}, default=str),
+                file=stream,
+            )
+        elif fmt == "csv":
+            writer = csv.writer(stream)
+            writer.writerow(result.columns)
+            writer.writerows(result.rows)
+        else:
+            print(_table(result.columns, result.rows), file=stream)
+    return 0
+
+
+@contextlib.contextmanager
+def _output(path: Path | None) -> Iterator[TextIO]:
+    """Standard output, or a file written atomically."""
+    if path is None:
+        yield sys.stdout
+        return
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "w", encoding="utf-8", newline="") as handle:
+            yield handle
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    """Reconcile and print the verdict and the bridge."""
+    pipeline = jobs.open_pipeline(settings)
+    state = jobs.status(pipeline, args.snapshot)
+    bar = Progress("reconcile", state.partition_count, enabled=not args.no_progress)
+    result = reconciliation.reconcile(
+        pipeline, args.snapshot, args.method, args.workers, on_partition=lambda _check: bar.advance(1)
+    )
+    bar.close()
+    document = result.as_dict()
+    if args.report:
+        from pipeline import report
+
+        html, png = report.write_report(document, Path(result.export_dir))
+        document["report_html"], document["report_png"] = str(html), str(png)
+    _emit(args, document, _reconciliation_lines(document))
+    return _verdict_exit(result.verdict)
+
+
+def _verdict_exit(verdict: str) -> int:
+    return {"RECONCILED": 0, "BREAKS": 8, "INCOMPLETE": 9}[verdict]
+
+
+def _reconciliation_lines(document: dict[str, Any]) -> list[str]:
+    b = document["bridge"]
+    lines = [
+        f"{document['verdict']}: {document['explanation']}",
+        f"reconciliation {document['reconciliation_id']} of campaign {document['campaign_id']}, snapshot "
+        f"{document['snapshot_id']} ({document['partition_count']} partitions: {document['checksum_partitions']} by "
+        f"checksum, {document['row_partitions']} row by row) in {document['duration_s']:.1f} s",
+        f"  expected {b['expected']:>14,} = matched {b['matched']:,} + terms_mismatch {b['terms_mismatch']:,} "
+        f"+ missing {b['missing']:,} + voided {b['voided']:,}   (residual {b['residual_expected']:,})",
+        f"  ledger   {b['ledger']:>14,} = matched {b['matched']:,} + terms_mismatch {b['terms_mismatch']:,} "
+        f"+ unexpected {b['unexpected']:,} + duplicate {b['duplicate']:,}   (residual {b['residual_ledger']:,})",
+        f"  {'item':<20} {'expected':>12} {'live':>12} {'missing':>9} {'unexpected':>10} {'terms':>7} {'voided':>7}",
+    ]
+    for i in document["items"]:
+        lines.append(
+            f"  {i['item_sku']:<20} {i['expected']:>12,} {i['live']:>12,} {i['missing']:>9,} {i['unexpected']:>10,} "
+            f"{i['terms_mismatch']:>7,} {i['voided']:>7,}"
+        )
+    for brk in document["top_breaks"][:10]:
+        lines.append(
+            f"  {brk['break_id']}  {brk['break_class']:<14} user {brk['user_id']} {brk['item_sku']}: {brk['detail']}"
+        )
+    if document["open_breaks"] > 10:
+        lines.append(f"  ... {document['open_breaks'] - 10:,} more: entitle query open_breaks")
+    if document["resolved_breaks"]:
+        lines.append(f"  {document['resolved_breaks']:,} earlier break(s) resolved")
+    lines.append(f"  breaks: {document['breaks_file']}")
+    if "report_html" in document:
+        lines.append(f"  report: {document['report_html']} and {document['report_png']}")
+    return lines
+
+
+def cmd_repair(args: argparse.Namespace, settings: Settings) -> int:
+    """Repair missing and wrong-terms grants found by the latest reconciliation."""
+    pipeline = jobs.open_pipeline(settings)
+    pipeline.campaign.require_started(settings.clock())
+    done = corrections.repair(pipeline, args.actor, args.run_id)
+    document: dict[str, Any] = {"repair": done.as_dict()}
+    lines = [
+        f"repair of reconciliation {done.reconciliation_id} (run {done.run_id}): {done.granted_missing:,} missing "
+        f"grants granted, {done.reissued:,} grants with wrong terms voided and reissued, {done.already_fixed:,} "
+        f"already fixed, {len(done.partitions_granted)} ungranted partition(s) granted",
+    ]
+    if done.needs_decision:
+        listed = ", ".join(f"{n:,} {c}" for c, n in sorted(done.needs_decision.items()))
+        lines.append(
+            f"  not repaired, needs a decision: {listed}; void them with `entitle void --break ID` if they should "
+            "not exist"
+        )
+    if args.no_reconcile:
+        _emit(args, document, [*lines, "next: entitle reconcile"])
+        return 0
+    _say(args, *lines)
+    state = jobs.status(pipeline)
+    bar = Progress("reconcile", state.partition_count, enabled=not args.no_progress)
+    result = reconciliation.reconcile(pipeline, on_partition=lambda _check: bar.advance(1))
+    bar.close()
+    document["reconciliation"] = result.as_dict()
+    _emit(args, document, _reconciliation_lines(document["reconciliation"]))
+    return _verdict_exit(result.verdict)
+
+
+def cmd_void(args: argparse.Namespace, settings: Settings) -> int:
+    """Void grants."""
+    pipeline = jobs.open_pipeline(settings)
+    if args.from_file is not None:
+        if args.item:
+            raise CorrectionError("--item goes with --user; in a file, use an item_sku column")
+        requests = corrections.read_void_file(args.from_file, args.reason)
     else:
-        print(_table(result.columns, result.rows))
+        if not args.reason:
+            raise CorrectionError("--reason is required: say why (it is audited)")
+        if args.break_id and args.item:
+            raise CorrectionError("--item goes with --user; a break names its item already")
+        requests = [corrections.VoidRequest(args.reason, args.user, args.item, args.break_id, source="command line")]
+    voided = corrections.void_grants(pipeline, requests, args.actor, settings.clock())
+    lines = [f"voided {len(voided):,} grant(s) by {args.actor}:"]
+    lines += [f"  user {v.user_id} {v.item_sku} (issue {v.issue_no}): {v.reason}" for v in voided[:20]]
+    if len(voided) > 20:
+        lines.append(f"  ... and {len(voided) - 20:,} more")
+    lines.append("they stay in grant_history; run `entitle reconcile` to see the effect")
+    _emit(args, {"voided": [v.as_dict() for v in voided], "actor": args.actor}, lines)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    """Render a stored reconciliation as HTML and PNG."""
+    from pipeline import report
+
+    pipeline = jobs.open_pipeline(settings)
+    document = reconciliation.load_result(pipeline, args.reconciliation)
+    out_dir = args.out or Path(document["export_dir"])
+    html, png = report.write_report(document, out_dir)
+    _emit(
+        args,
+        {"reconciliation_id": document["reconciliation_id"], "html": str(html), "png": str(png)},
+        [f"report of {document['reconciliation_id']} ({document['verdict']}): {html}", f"chart: {png}"],
+    )
     return 0
 
 

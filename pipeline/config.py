@@ -25,6 +25,9 @@ from pipeline.errors import ConfigError
 from pipeline.partitioning import PARTITION_COUNT_DEFAULT, check_partition_count
 from pipeline.snapshot import REJECTED_SHARE_MAX_DEFAULT
 
+RECONCILE_WORKERS_DEFAULT = max(1, min(2, os.cpu_count() or 1))  # reader processes; more than cores only queues
+RECONCILE_WORKERS_MAX = 32
+
 
 def utc_now() -> dt.datetime:
     """The current instant, timezone-aware (the only clock the jobs use)."""
@@ -40,6 +43,7 @@ class Settings:
     campaign_file: Path | None
     partition_count: int
     rejected_share_max: float
+    reconcile_workers: int = 2
     clock: Callable[[], dt.datetime] = field(default=utc_now, compare=False)
 
     def campaign(self) -> Campaign:
@@ -65,7 +69,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     share = _float(env, "ENTITLE_REJECTED_SHARE_MAX", REJECTED_SHARE_MAX_DEFAULT)
     if not 0.0 <= share <= 1.0:
         raise ConfigError(f"ENTITLE_REJECTED_SHARE_MAX={share} must be a share between 0 and 1 (0.0001 = 0.01 %)")
-    return Settings(home, ledger_url, campaign_file, partition_count, share)
+    workers = _int(env, "ENTITLE_RECONCILE_WORKERS", RECONCILE_WORKERS_DEFAULT)
+    if not 1 <= workers <= RECONCILE_WORKERS_MAX:
+        raise ConfigError(f"ENTITLE_RECONCILE_WORKERS={workers} must be between 1 and {RECONCILE_WORKERS_MAX}")
+    return Settings(home, ledger_url, campaign_file, partition_count, share, workers)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -15,7 +15,12 @@ from typing import Any
 
 from pipeline import jobs, reconciliation, snapshot
 from pipeline.config import Settings, load_settings
-from pipeline.errors import GrantFailedError, SnapshotError
+from pipeline.errors import (
+    GrantFailedError,
+    ReconciliationBreaksError,
+    ReconciliationIncompleteError,
+    SnapshotError,
+)
 from pipeline.partitioning import load_manifest, partition_label, partition_snapshot, partitions_dir
 
 
@@ -98,11 +103,24 @@ def grant_one(run_id: str, partition: Mapping[str, Any], params: Mapping[str, An
 
 
 def check(prepared: Mapping[str, Any]) -> dict[str, Any]:
-    """The ledger check of the run's snapshot (count level; see :mod:`pipeline.reconciliation`)."""
+    """Reconcile the run's snapshot against the ledger (see :mod:`pipeline.reconciliation`); small result."""
     if prepared.get("dry_run"):
         return {"verdict": "DRY_RUN", "explanation": "dry run: nothing was granted, nothing to check"}
     pipeline = jobs.open_pipeline(load_settings())
-    return reconciliation.count_check(pipeline, str(prepared["snapshot_id"])).as_dict()
+    try:
+        result = reconciliation.reconcile(pipeline, str(prepared["snapshot_id"]))
+    finally:
+        pipeline.engine.dispose()
+    return {
+        "reconciliation_id": result.reconciliation_id,
+        "verdict": result.verdict,
+        "explanation": result.explanation,
+        "bridge": result.bridge,
+        "open_breaks": result.open_breaks,
+        "export_dir": result.export_dir,
+        "live_per_item": {i["item_sku"]: i["live"] for i in result.items},
+        "duration_s": result.duration_s,
+    }
 
 
 def summarize(
@@ -118,6 +136,8 @@ def summarize(
         "written": sum(int(o.get("written") or 0) for o in outcomes),
         "already_present": sum(int(o.get("already_present") or 0) for o in outcomes),
         "verdict": checked.get("verdict"),
+        "reconciliation_id": checked.get("reconciliation_id"),
+        "export_dir": checked.get("export_dir"),
         "explanation": checked.get("explanation"),
         "ledger": settings.describe_ledger(),
         "dry_run": bool(prepared.get("dry_run")),
@@ -139,6 +159,11 @@ def render_summary(result: Mapping[str, Any]) -> str:
         f"{result['partitions_run']} partitions run{' (dry run)' if result['dry_run'] else ''}",
         f"planned {result['planned']:,}, written {result['written']:,}, already present {result['already_present']:,}",
         f"check: {result['verdict']} — {result['explanation']}",
+        *(
+            [f"reconciliation: {result['reconciliation_id']} (exports in {result['export_dir']})"]
+            if result.get("reconciliation_id")
+            else []
+        ),
         f"ledger: {result['ledger']}",
     ]
     for sku, count in (result.get("items") or {}).items():
@@ -146,3 +171,17 @@ def render_summary(result: Mapping[str, Any]) -> str:
     if "total_face_value_krw" in result:
         lines.append(f"  total face value ₩{result['total_face_value_krw']:,}")
     return "\n".join(lines)
+
+
+def require_reconciled(result: Mapping[str, Any]) -> None:
+    """Fail the run (after its summary was logged) unless reconciliation says RECONCILED or it was a dry run."""
+    verdict = result.get("verdict")
+    if verdict in ("RECONCILED", "DRY_RUN"):
+        return
+    message = (
+        f"reconciliation verdict {verdict}: {result.get('explanation')}. The grants are committed; "
+        "list the breaks with `entitle query open_breaks`, then `entitle repair` / `entitle void`."
+    )
+    if verdict == "BREAKS":
+        raise ReconciliationBreaksError(message)
+    raise ReconciliationIncompleteError(message)

@@ -69,6 +69,24 @@ class GrantFailedError(EntitleError):
     exit_code = 7
 
 
+class CorrectionError(LedgerError):
+    """A void or repair was refused (nothing to void, already voided, no reconciliation); nothing was written."""
+
+    exit_code = 5
+
+
+class ReconciliationBreaksError(EntitleError):
+    """Reconciliation found open breaks (verdict BREAKS)."""
+
+    exit_code = 8
+
+
+class ReconciliationIncompleteError(EntitleError):
+    """Reconciliation could not compare everything (verdict INCOMPLETE)."""
+
+    exit_code = 9
+
+
 class QueryError(EntitleError):
     """A named query does not exist or its parameters are wrong."""
 

@@ -123,7 +123,7 @@ def start_run(
     pipeline: Pipeline, run_id: str | None = None, snapshot_id: str | None = None, trigger: str = "cli"
 ) -> RunHandle:
     """Register a run over the given (default: current) snapshot and load its manifest."""
-    row = _snapshot_row(pipeline, snapshot_id)
+    row = snapshot_row(pipeline, snapshot_id)
     count = int(row["partition_count"])
     entries = tuple(load_manifest(partitions_dir(Path(row["snapshot_dir"]), count)))
     run_id = run_id or new_run_id(pipeline, trigger)
@@ -133,7 +133,8 @@ def start_run(
     return RunHandle(run_id, run_key, str(row["snapshot_id"]), entries)
 
 
-def _snapshot_row(pipeline: Pipeline, snapshot_id: str | None) -> dict[str, Any]:
+def snapshot_row(pipeline: Pipeline, snapshot_id: str | None) -> dict[str, Any]:
+    """The registered snapshot row (default: the campaign's current one); :class:`SnapshotError` if none."""
     if snapshot_id is None:
         row = ledger.current_snapshot(pipeline.engine, pipeline.keys.campaign_key)
         if row is None:
@@ -240,7 +241,7 @@ class StatusReport:
 
 def status(pipeline: Pipeline, snapshot_id: str | None = None) -> StatusReport:
     """Done, failed (with the error), running and pending partitions of a snapshot."""
-    row = _snapshot_row(pipeline, snapshot_id)
+    row = snapshot_row(pipeline, snapshot_id)
     count = int(row["partition_count"])
     latest = latest_attempts(pipeline, str(row["snapshot_id"]), count)
     partitions = []

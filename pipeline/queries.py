@@ -98,3 +98,20 @@ def _strip_comments(sql: str) -> str:
 def query_path(name: str) -> Path:
     """The generic file of a query (for documentation)."""
     return QUERIES_DIR / f"{name}.sql"
+
+
+def write_parquet(result: QueryResult, path: Path) -> int:
+    """Write a query result as Parquet (types inferred from the values), atomically; returns the row count."""
+    import os
+
+    import polars as pl
+
+    frame = pl.DataFrame([list(r) for r in result.rows], schema=result.columns, orient="row", infer_schema_length=None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        frame.write_parquet(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return frame.height

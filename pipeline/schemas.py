@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import PartitionError, SchemaMismatchError
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
-SCHEMA_NAMES = ("snapshot", "quarantine", "partition", "manifest")
+SCHEMA_NAMES = ("snapshot", "quarantine", "partition", "manifest", "breaks")
 PARQUET_COMPRESSION = "zstd"
 PARQUET_ROW_GROUP_ROWS_MAX = 1_048_576
 
@@ -29,6 +29,7 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "int32": pa.int32(),
     "int64": pa.int64(),
     "string": pa.string(),
+    "timestamp_us_utc": pa.timestamp("us", tz="UTC"),
 }
 
 
