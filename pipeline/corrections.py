@@ -380,7 +380,7 @@ def repair(pipeline: jobs.Pipeline, actor: str, run_id: str | None = None) -> Re
                     user_id=values["user_id"],
                     item_key=values["item_key"],
                     issue_no=issue,
-                    reason=f"repair of break {brk.break_id}: {brk.detail}"[:REASON_CHARS_MAX],
+                    reason=f"repair of break {brk.break_id}: {str(brk.detail).split('; `')[0]}"[:REASON_CHARS_MAX],
                     actor=actor,
                     voided_at=now,
                 )

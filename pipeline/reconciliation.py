@@ -62,6 +62,7 @@ from pipeline.partitioning import (
     user_bucket,
     user_bucket_expr,
 )
+from pipeline.snapshot import EXCLUDED_FILE_NAME
 
 CHECKSUM_MODULUS = 2_147_483_647  # 2^31 - 1: every product below stays under 2^62 in SQL and Polars
 H1_BUCKET_FACTOR = 48_271
@@ -653,7 +654,7 @@ def reconcile(
         ) from exc
     latest = jobs.latest_attempts(pipeline, snapshot_id, count)
     known = _known_skus(pipeline)
-    excluded = Path(row["snapshot_dir"]) / "excluded.parquet"
+    excluded = Path(row["snapshot_dir"]) / EXCLUDED_FILE_NAME
     tasks = [
         PartitionTask(
             pipeline.settings.ledger_url,

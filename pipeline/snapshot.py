@@ -24,6 +24,7 @@ USER_ID_COLUMN = "user_id"
 REJECTED_SHARE_MAX_DEFAULT = 0.0001  # 0.01 %
 EXAMPLES_IN_MESSAGE_MAX = 5
 INT64_MAX = 2**63 - 1
+EXCLUDED_FILE_NAME = "excluded.parquet"  # snapshot users removed by the exclusion list
 _INTEGER_PATTERN = r"^[+-]?[0-9]+$"
 
 
@@ -115,11 +116,13 @@ def freeze_snapshot(
     rejected_share = rejected / rows_read
 
     excluded_users = 0
+    excluded = distinct.clear()
     if exclusion_file is not None:
         exclusions = load_exclusions(Path(exclusion_file))
-        before = distinct.height
+        # Kept with the snapshot so reconciliation can say why a grant to one of them is unexpected.
+        excluded = distinct.join(exclusions, on="user_id", how="semi", maintain_order="left")
         distinct = distinct.join(exclusions, on="user_id", how="anti", maintain_order="left")
-        excluded_users = before - distinct.height
+        excluded_users = excluded.height
 
     snapshot_id = schemas.int64_sha256(distinct["user_id"])[:16]
     directory = snapshot_root(home, campaign_id) / snapshot_id
@@ -163,6 +166,8 @@ def freeze_snapshot(
     metadata_path = directory / "snapshot.json"
     schemas.write_parquet(quarantine, "quarantine", quarantine_path)
     schemas.write_parquet(distinct, "snapshot", report.users_file)
+    if excluded.height:
+        schemas.write_parquet(excluded, "snapshot", directory / EXCLUDED_FILE_NAME)
     _write_json_atomic(metadata_path, report.as_dict())
     return report
 

@@ -44,9 +44,17 @@ def build_settings(
     campaign_file: Path | None = None,
     rejected_share_max: float | None = None,
     clock: Callable[[], dt.datetime] | None = None,
+    reconcile_workers: int = 1,
 ) -> Settings:
-    """Settings through the real composition root, from an explicit environment dict."""
-    environ = {"ENTITLE_HOME": str(home), "ENTITLE_PARTITIONS": str(partitions)}
+    """Settings through the real composition root, from an explicit environment dict.
+
+    Reconciliation runs in-process by default here (one worker); tests of the worker pool ask for more.
+    """
+    environ = {
+        "ENTITLE_HOME": str(home),
+        "ENTITLE_PARTITIONS": str(partitions),
+        "ENTITLE_RECONCILE_WORKERS": str(reconcile_workers),
+    }
     if ledger_url is not None:
         environ["ENTITLE_LEDGER_URL"] = ledger_url
     if campaign_file is not None:

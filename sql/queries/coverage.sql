@@ -1,13 +1,8 @@
--- Coverage per item: live grants (voids excluded), distinct users and face value, per campaign.
+-- Coverage per item as of the latest reconciliation: expected (eligible users), granted (live), missing,
+-- unexpected, wrong terms, voided on purpose, and the live face value. Run `entitle reconcile` to refresh.
 -- Params: campaign_id (optional; all campaigns when omitted)
-SELECT
-    campaign_id,
-    item_sku,
-    item_kind,
-    count(*) AS live_grants,
-    count(DISTINCT user_id) AS users,
-    coalesce(sum(amount_krw), 0) AS face_value_krw
-FROM grant_ledger
+SELECT campaign_id, item_sku, item_kind, expected, granted, missing, unexpected, terms_mismatch, voided,
+       face_value_krw, verdict, reconciliation_id, as_of
+FROM campaign_coverage
 WHERE (CAST(:campaign_id AS TEXT) IS NULL OR campaign_id = :campaign_id)
-GROUP BY campaign_id, item_sku, item_kind
 ORDER BY campaign_id, item_sku
