@@ -69,7 +69,10 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# The report tests open the HTML in Debian's headless Chromium: installed here when missing (as root);
+# without it those tests skip with the reason (CI sets ENTITLE_REQUIRE_BROWSER=1: they fail instead).
 test: lint
+	@bash ops/ensure_chromium.sh > /dev/null 2>&1 || echo "chromium unavailable: the browser tests will skip (see ops/ensure_chromium.sh)"
 	$(BIN)/pytest
 
 bench: venv

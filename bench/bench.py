@@ -28,6 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE_SAMPLE_USERS = 200_000
 LOOKUPS = 1000
+TAMPERED_GRANTS = 5  # grants deleted behind the pipeline to time a reconciliation that finds breaks
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
@@ -48,6 +49,7 @@ def main() -> int:
         help="run the campaign through the DAG and report Airflow's share of wall time",
     )
     parser.add_argument("--child-grant", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-reconcile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     home = args.home or ROOT / "var" / "bench" / f"{args.users}-{args.backend}"
     env = {
@@ -57,6 +59,8 @@ def main() -> int:
     }
     if args.child_grant:
         return child_grant(env)
+    if args.child_reconcile:
+        return child_reconcile(env)
     if args.airflow:
         return airflow_bench(args, home, env)
     return run_bench(args, home, env)
@@ -211,6 +215,32 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
         print(f"ERROR: the rerun wrote {rerun_figures['written']:,} grants", file=sys.stderr)
         return 1
 
+    recon = run_child(env, args, "--child-reconcile")
+    report(
+        "reconcile (clean)",
+        recon["grants_checked"],
+        recon["seconds"],
+        recon["worker_peak_rss_mb"],
+        f">= 3,000,000 grants/s, <= 80 s; verdict {recon['verdict']} "
+        f"({recon['checksum_partitions']} partitions by checksum); RSS is a worker's peak",
+    )
+    if recon["verdict"] != "RECONCILED":
+        print(f"ERROR: reconciliation says {recon['verdict']}", file=sys.stderr)
+        return 1
+    tampered = tamper_sample(pipeline, snapshot_report.users_file, TAMPERED_GRANTS)
+    recon = run_child(env, args, "--child-reconcile")
+    report(
+        "reconcile (5 breaks)",
+        recon["grants_checked"],
+        recon["seconds"],
+        recon["worker_peak_rss_mb"],
+        f"verdict {recon['verdict']}, {recon['open_breaks']} breaks; {recon['row_partitions']} partitions "
+        "compared row by row",
+    )
+    if recon["verdict"] != "BREAKS" or recon["open_breaks"] != tampered:
+        print(f"ERROR: expected {tampered} breaks, reconciliation says {recon}", file=sys.stderr)
+        return 1
+
     lookup_ms = lookup_users(pipeline, snapshot_report.users_file)
     report(
         "user lookup (median)",
@@ -248,12 +278,12 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
     return 0
 
 
-def run_child(env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
-    """Grant every partition in a fresh process; its own peak RSS is the grant work's."""
+def run_child(env: dict[str, str], args: argparse.Namespace, mode: str = "--child-grant") -> dict[str, Any]:
+    """Grant (or reconcile) in a fresh process; its own peak RSS is that work's."""
     command = [
         sys.executable,
         __file__,
-        "--child-grant",
+        mode,
         "--users",
         str(args.users),
         "--backend",
@@ -284,6 +314,52 @@ def child_grant(env: dict[str, str]) -> int:
     jobs.require_all_done(outcomes)
     print(json.dumps({"written": sum(o.written for o in outcomes), "seconds": seconds, "rss_mb": self_rss_mb()}))
     return 0
+
+
+def child_reconcile(env: dict[str, str]) -> int:
+    from pipeline import jobs, reconciliation
+    from pipeline.config import load_settings
+
+    pipeline = jobs.open_pipeline(load_settings(env))
+    started = time.perf_counter()
+    result = reconciliation.reconcile(pipeline)
+    seconds = time.perf_counter() - started
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "verdict": result.verdict,
+                "grants_checked": result.grants_checked,
+                "open_breaks": result.open_breaks,
+                "checksum_partitions": result.checksum_partitions,
+                "row_partitions": result.row_partitions,
+                "worker_peak_rss_mb": max(result.extra["worker_peak_rss_mb"], self_rss_mb()),
+            }
+        )
+    )
+    return 0
+
+
+def tamper_sample(pipeline: Any, users_file: Path, count: int) -> int:
+    """Delete ``count`` grants of users spread over the partitions, behind the pipeline's back."""
+    import polars as pl
+    import sqlalchemy as sa
+
+    from pipeline.partitioning import user_bucket
+
+    users = pl.read_parquet(users_file)["user_id"]
+    chosen = [int(users[i * (len(users) // count)]) for i in range(count)]
+    with pipeline.engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql("SET LOCAL session_replication_role = replica")
+        else:
+            connection.exec_driver_sql("DROP TRIGGER IF EXISTS grants_append_only_delete")
+        for user_id in chosen:
+            connection.execute(
+                sa.text("DELETE FROM grants WHERE user_bucket = :b AND user_id = :u AND item_key = 1"),
+                {"b": user_bucket(user_id), "u": user_id},
+            )
+    return count
 
 
 def lookup_users(pipeline: Any, users_file: Path) -> dict[str, float]:

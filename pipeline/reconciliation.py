@@ -124,6 +124,7 @@ class PartitionCheck:
     breaks: pl.DataFrame | None = None
     error: str | None = None
     duration_s: float = 0.0
+    peak_rss_mb: float = 0.0  # of the process that checked it (a worker holds one partition at a time)
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,17 @@ def check_partition(task: PartitionTask) -> PartitionCheck:
         raise LedgerError(f"{entry.label}: reconciliation could not read the ledger: {exc}") from exc
     result.duration_s = time.monotonic() - started
     result.bucket_lo, result.bucket_hi = entry.bucket_lo, entry.bucket_hi
+    result.peak_rss_mb = _peak_rss_mb()
     return result
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux and macOS report ru_maxrss in different units)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1_048_576 if sys.platform == "darwin" else peak / 1024
 
 
 def _ledger_checksums(
@@ -871,7 +882,7 @@ def _finish(
         checksum_partitions=sum(1 for c in checks if c.method == "checksum"),
         row_partitions=sum(1 for c in checks if c.method == "rows"),
         grants_checked=bridge_doc["ledger"],
-        extra={"stray_grants": stray},
+        extra={"stray_grants": stray, "worker_peak_rss_mb": round(max((c.peak_rss_mb for c in checks), default=0.0))},
     )
     _write_json_atomic(export_dir / EXPORT_FILE_RESULT, result.as_dict())
     return result
@@ -1066,9 +1077,9 @@ def load_result(pipeline: jobs.Pipeline, reconciliation_id: str | None = None) -
     with pipeline.engine.connect() as connection:
         row = connection.execute(query.order_by(recon_runs.c.reconciliation_key.desc()).limit(1)).first()
     if row is None:
-        which = f"reconciliation {reconciliation_id!r}" if reconciliation_id else "any reconciliation"
+        which = f"no reconciliation {reconciliation_id!r}" if reconciliation_id else "no reconciliation yet"
         raise SnapshotError(
-            f"campaign {pipeline.campaign.campaign_id!r} has no {which} in the ledger; run `entitle reconcile`"
+            f"campaign {pipeline.campaign.campaign_id!r} has {which} in the ledger; run `entitle reconcile`"
         )
     path = Path(str(row.export_dir)) / EXPORT_FILE_RESULT
     try:

@@ -6,6 +6,7 @@ import argparse
 import csv
 import io
 import json
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -364,3 +365,74 @@ def test_query_without_a_ledger_says_so_and_creates_nothing(entitle: Entitle, tm
     result = entitle(["query", "coverage"], cli_environment(ENTITLE_HOME=str(home)))
     assert_clean_error(result, 2, "no ledger at", "entitle run")
     assert not (home / "ledger.sqlite").exists()
+
+
+# --------------------------------------------------------------------------- reconcile, void, repair, report
+
+
+def test_reconcile_void_repair_and_report_through_the_cli(tmp_path: Path, write_users: Callable[..., Path]) -> None:
+    users = list(range(60_000_000, 60_000_400))
+    users_file = write_users(tmp_path / "users.parquet", users)
+    home = tmp_path / "var"
+    env = cli_environment(ENTITLE_HOME=str(home), ENTITLE_PARTITIONS="4", ENTITLE_RECONCILE_WORKERS="2")
+    assert run_entitle(["run", "--users", str(users_file), "--no-progress"], env).returncode == 0
+
+    clean = run_entitle(["reconcile", "--json", "--no-progress"], env)
+    assert clean.returncode == 0, clean.stderr
+    document = json.loads(clean.stdout)
+    assert document["verdict"] == "RECONCILED"
+    assert document["bridge"]["expected"] == document["bridge"]["ledger"] == 400 * ITEMS_PER_USER
+
+    # A grant voided on purpose is explained; voiding it again is refused with exit 5.
+    voided = run_entitle(
+        ["void", "--user", str(users[0]), "--item", "coupon-2000", "--reason", "closed", "--actor", "cs", "--json"],
+        env,
+    )
+    assert voided.returncode == 0, voided.stderr
+    assert json.loads(voided.stdout)["voided"][0]["item_sku"] == "coupon-2000"
+    again = run_entitle(
+        ["void", "--user", str(users[0]), "--item", "coupon-2000", "--reason", "closed", "--actor", "cs"], env
+    )
+    assert_clean_error(again, 5, f"user {users[0]} item 'coupon-2000' has no live grant to void (already voided")
+    assert_clean_error(run_entitle(["void", "--user", "5", "--actor", "cs"], env), 5, "--reason is required")
+
+    # Tamper: delete one grant behind the pipeline's back.
+    with sqlite3.connect(home / "ledger.sqlite") as connection:
+        connection.execute("DROP TRIGGER grants_append_only_delete")
+        connection.execute("DELETE FROM grants WHERE user_id = ? AND item_key = 1", (users[1],))
+    broken = run_entitle(["reconcile", "--no-progress", "--report"], env)
+    assert broken.returncode == 8, broken.stderr
+    assert broken.stdout.startswith("BREAKS: 1 open breaks: 1 missing")
+    assert f"user {users[1]} emoticon-permanent" in broken.stdout
+    html = next(home.rglob("report.html"))
+    assert "BREAKS" in html.read_text(encoding="utf-8")
+    assert next(home.rglob("report.png")).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+    breaks = tmp_path / "open.parquet"
+    exported = run_entitle(["query", "open_breaks", "--format", "parquet", "--out", str(breaks)], env)
+    assert exported.returncode == 0, exported.stderr
+    frame = pl.read_parquet(breaks)
+    assert frame.select("break_class", "user_id", "item_sku").rows() == [("missing", users[1], "emoticon-permanent")]
+    assert_clean_error(run_entitle(["query", "open_breaks", "--format", "parquet"], env), 2, "give --out")
+
+    repaired = run_entitle(["repair", "--actor", "ops", "--json", "--no-progress"], env)
+    assert repaired.returncode == 0, repaired.stderr
+    document = json.loads(repaired.stdout)
+    assert document["repair"]["granted_missing"] == 1
+    assert document["reconciliation"]["verdict"] == "RECONCILED"
+    assert document["reconciliation"]["bridge"]["voided"] == 1
+
+    report = run_entitle(["report", "--out", str(tmp_path / "report"), "--json"], env)
+    assert report.returncode == 0, report.stderr
+    paths = json.loads(report.stdout)
+    assert "RECONCILED" in Path(paths["html"]).read_text(encoding="utf-8")
+    history = run_entitle(["query", "user_history", "--param", f"user_id={users[0]}", "--format", "csv"], env)
+    assert history.returncode == 0, history.stderr
+    assert f"{users[0]},coupon-2000,0,void," in history.stdout
+
+
+def test_reconcile_without_a_snapshot_is_a_clean_error(tmp_path: Path) -> None:
+    env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"))
+    assert_clean_error(run_entitle(["reconcile", "--no-progress"], env), 3, "has no snapshot")
+    assert_clean_error(run_entitle(["repair", "--actor", "ops"], env), 5, "no reconciliation yet")
+    assert_clean_error(run_entitle(["report"], env), 3, "has no reconciliation yet")

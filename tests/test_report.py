@@ -15,7 +15,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ from pipeline import report
 CHROMIUM_TIMEOUT_S = 60
 SCREENSHOT_WIDTH_PX = 1200
 SCREENSHOT_HEIGHT_PX = 1600
-RENDER_TIME_MAX_S = 1.0
 STATES = ("matched", "breaks", "not_granted", "unreadable")
 SKUS = ("emoticon-permanent", "emoticon-30d", "emoticon-90d", "coupon-2000", "coupon-3000")
 SCRIPT_SKU = '<script>alert("sku")</script>'
@@ -562,15 +560,11 @@ def test_png_text_does_not_fail_on_characters_outside_the_font() -> None:
     assert image.width_px == report.PNG_WIDTH_PX
 
 
-def test_rendering_1024_partitions_is_fast() -> None:
+def test_1024_partitions_give_one_bar_each() -> None:
+    # Rendering time is measured by bench/bench.py, not asserted here (no timed tests).
     result = make_result(states=[STATES[p % 4] for p in range(1024)], top_breaks=100, open_breaks=5_000)
-    started = time.perf_counter()
     page = report.render_html(result)
-    html_s = time.perf_counter() - started
-    started = time.perf_counter()
     image = report.render_png(result)
-    png_s = time.perf_counter() - started
-    assert html_s < RENDER_TIME_MAX_S and png_s < RENDER_TIME_MAX_S, (html_s, png_s)
     assert page.count('<rect class="bar"') == 1024 + 2 * len(SKUS)
     assert decode_png(image).height_px == report.PNG_HEIGHT_PX
 
