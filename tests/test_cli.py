@@ -199,13 +199,13 @@ def test_summary_json(ran: Ran) -> None:
     assert all(item["grants"] == USERS for item in document["items"])
 
 
-def test_query_coverage_as_csv(ran: Ran) -> None:
-    result = run_entitle(["query", "coverage", "--format", "csv"], ran.env)
+def test_query_face_value_as_csv(ran: Ran) -> None:
+    result = run_entitle(["query", "face_value_per_item", "--format", "csv"], ran.env)
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert len(rows) == ITEMS_PER_USER
     assert {r["campaign_id"] for r in rows} == {"kakao-outage-2022"}
-    assert all(int(r["live_grants"]) == int(r["users"]) == USERS for r in rows)
+    assert all(int(r["live_grants"]) == USERS for r in rows)
     face = {r["item_sku"]: int(r["face_value_krw"]) for r in rows}
     assert face["coupon-2000"] == USERS * 2000 and face["coupon-3000"] == USERS * 3000
     assert face["emoticon-permanent"] == 0

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import ITEMS_PER_USER, Prepared
 
-from pipeline import jobs, ledger, queries
+from pipeline import jobs, ledger, queries, reconciliation
 from pipeline.config import Settings
 from pipeline.errors import QueryError
 from pipeline.partitioning import user_bucket
@@ -33,7 +33,20 @@ def rows_as_dicts(result: queries.QueryResult) -> list[dict[str, object]]:
 
 def test_every_query_file_is_listed_and_parsed() -> None:
     names = queries.list_queries()
-    assert names == ["coverage", "grants_per_day", "partition_status", "user_grants", "users_missing_items"]
+    assert names == [
+        "breaks_by_class",
+        "coverage",
+        "face_value_per_item",
+        "grants_per_day",
+        "open_breaks",
+        "partition_status",
+        "reconciliations",
+        "user_grants",
+        "user_history",
+        "users_missing_items",
+        "voids_by_actor",
+    ]
+    assert queries.load_query("open_breaks", "sqlite").parameters == ("campaign_id", "break_class", "limit")
     assert queries.load_query("user_grants", "sqlite").parameters == ("user_id",)
     assert queries.load_query("users_missing_items", "sqlite").parameters == ("campaign_id", "limit")
     assert queries.load_query("partition_status", "sqlite").parameters == ("campaign_id", "status")
@@ -78,8 +91,9 @@ def test_optional_parameters_filter_when_given(granted: Prepared) -> None:
     everything = queries.run_query(granted.engine, "partition_status", {})
     assert len(everything.rows) == granted.pipeline.settings.partition_count
     assert queries.run_query(granted.engine, "partition_status", {"status": "failed"}).rows == []
-    coverage = rows_as_dicts(queries.run_query(granted.engine, "coverage", {"campaign_id": "kakao-outage-2022"}))
-    assert [r["live_grants"] for r in coverage] == [len(USERS)] * ITEMS_PER_USER
+    face = rows_as_dicts(queries.run_query(granted.engine, "face_value_per_item", {"campaign_id": "kakao-outage-2022"}))
+    assert [r["live_grants"] for r in face] == [len(USERS)] * ITEMS_PER_USER
+    assert queries.run_query(granted.engine, "face_value_per_item", {"campaign_id": "other"}).rows == []
 
 
 def test_users_missing_items_sees_a_voided_grant(granted: Prepared) -> None:
@@ -101,10 +115,21 @@ def test_users_missing_items_sees_a_voided_grant(granted: Prepared) -> None:
         queries.run_query(granted.engine, "users_missing_items", {"campaign_id": "kakao-outage-2022"})
     )
     assert missing == [{"user_id": 404, "items_held": 4, "items_in_campaign": 5}]
-    coverage = {
-        r["item_sku"]: r["live_grants"] for r in rows_as_dicts(queries.run_query(granted.engine, "coverage", {}))
+    face = {
+        r["item_sku"]: r["live_grants"]
+        for r in rows_as_dicts(queries.run_query(granted.engine, "face_value_per_item", {}))
     }
-    assert coverage["coupon-3000"] == len(USERS) - 1
+    assert face["coupon-3000"] == len(USERS) - 1
+    reconciliation.reconcile(granted.pipeline)
+    coverage = {r["item_sku"]: r for r in rows_as_dicts(queries.run_query(granted.engine, "coverage", {}))}
+    assert (coverage["coupon-3000"]["granted"], coverage["coupon-3000"]["voided"]) == (len(USERS) - 1, 1)
+    assert coverage["coupon-2000"]["expected"] == coverage["coupon-2000"]["granted"] == len(USERS)
+    history = rows_as_dicts(queries.run_query(granted.engine, "user_history", {"user_id": "404"}))
+    assert [(r["item_sku"], r["entry_type"], r["actor"]) for r in history if r["entry_type"] == "void"] == [
+        ("coupon-3000", "void", "pytest")
+    ]
+    by_actor = rows_as_dicts(queries.run_query(granted.engine, "voids_by_actor", {"actor": "pytest"}))
+    assert [(r["item_sku"], r["voids"], r["face_value_krw"]) for r in by_actor] == [("coupon-3000", 1, 3000)]
     totals = {t.item_sku: t.grants for t in jobs.ledger_totals(granted.pipeline)}
     assert totals["coupon-3000"] == len(USERS) - 1
     with granted.engine.connect() as connection:
@@ -114,7 +139,7 @@ def test_users_missing_items_sees_a_voided_grant(granted: Prepared) -> None:
 def test_a_failing_query_is_a_query_error(tmp_path: Path) -> None:
     engine = ledger.create_ledger_engine(f"sqlite:///{tmp_path / 'empty.sqlite'}")
     try:
-        with pytest.raises(QueryError, match="query 'coverage' failed: no such table: grant_ledger"):
+        with pytest.raises(QueryError, match="query 'coverage' failed: no such table: campaign_coverage"):
             queries.run_query(engine, "coverage", {})
     finally:
         engine.dispose()
