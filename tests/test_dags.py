@@ -222,6 +222,33 @@ def test_dag_grants_every_user_once_and_a_second_run_changes_nothing(entitle_env
         ).scalar_one()
     pipeline.engine.dispose()
     assert written == 0, "a nightly run with nothing new must write nothing"
+    assert reconciliation_verdicts(entitle_env) == ["RECONCILED", "RECONCILED"], "each night reconciles"
+
+    # Behind the pipeline's back, a grant disappears: the next night's reconcile task finds it
+    # from the data (the grant tasks skip, their records say done), and the run fails visibly.
+    with sqlite3.connect(Path(entitle_env["ENTITLE_HOME"]) / "ledger.sqlite") as connection:
+        connection.execute("DROP TRIGGER grants_append_only_delete")
+        victim = connection.execute("SELECT user_id FROM grants ORDER BY user_id LIMIT 1").fetchone()[0]
+        connection.execute("DELETE FROM grants WHERE user_id = ? AND item_key = 2", (victim,))
+    code, third, log = run_dag(entitle_env)
+    assert code != 0 and third["state"] == "failed", log
+    assert "reconciliation verdict BREAKS" in log
+    assert reconciliation_verdicts(entitle_env)[-1] == "BREAKS"
+    pipeline = jobs.open_pipeline(load_settings(entitle_env))
+    try:
+        with pipeline.engine.connect() as connection:
+            open_breaks = connection.exec_driver_sql(
+                "SELECT break_class, user_id, item_sku FROM reconciliation_breaks WHERE status = 'open'"
+            ).all()
+    finally:
+        pipeline.engine.dispose()
+    assert [tuple(r) for r in open_breaks] == [("missing", victim, "emoticon-90d-a")]
+
+
+def reconciliation_verdicts(env: dict[str, str]) -> list[str]:
+    """Verdicts of every stored reconciliation, oldest first."""
+    with sqlite3.connect(Path(env["ENTITLE_HOME"]) / "ledger.sqlite") as connection:
+        return [r[0] for r in connection.execute("SELECT verdict FROM recon_runs ORDER BY reconciliation_key")]
 
 
 def _break_partition(env: dict[str, str], partition_id: int) -> Path:

@@ -394,6 +394,38 @@ def test_a_grant_under_a_forged_bucket_is_a_duplicate(
     assert reconciliation.reconcile(prepared.pipeline).verdict == "RECONCILED"
 
 
+def test_a_second_live_issue_inserted_directly_is_a_duplicate(
+    tmp_path: Path, prepare: Callable[..., Prepared], users_file: Path
+) -> None:
+    # SQLite has no insert trigger on grants (bulk speed), so a direct insert of issue 1 while
+    # issue 0 is live succeeds there; reconciliation must report it.
+    prepared = prepare(build_settings(tmp_path / "var"), users_file)
+    jobs.require_all_done(jobs.grant(prepared.pipeline, prepared.run, prepared.run.entries))
+    victim = USERS[31]
+    with prepared.engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO grants (campaign_key, user_bucket, user_id, item_key, issue_no, partition_id, run_key, "
+                "amount_krw, valid_from, valid_until, granted_at) SELECT campaign_key, user_bucket, user_id, "
+                "item_key, 1, partition_id, run_key, amount_krw + 1, valid_from, valid_until, granted_at FROM grants "
+                "WHERE user_bucket = :b AND user_id = :u AND item_key = :i"
+            ),
+            {"b": user_bucket(victim), "u": victim, "i": prepared.pipeline.keys.item_keys["coupon-3000"]},
+        )
+    result = reconciliation.reconcile(prepared.pipeline)
+    [row] = pl.read_parquet(result.breaks_file).iter_rows(named=True)
+    assert (row["break_class"], row["user_id"], row["item_sku"], row["issue_no"]) == (
+        "duplicate",
+        victim,
+        "coupon-3000",
+        1,
+    ), "the issue with the campaign's terms is the live one; the other is the duplicate"
+    corrections.void_grants(
+        prepared.pipeline, [corrections.VoidRequest("dup", break_id=row["break_id"])], "ops", dt.datetime.now(dt.UTC)
+    )
+    assert reconciliation.reconcile(prepared.pipeline).verdict == "RECONCILED"
+
+
 def test_an_unexpected_grant_to_an_excluded_user_says_so(
     tmp_path: Path, prepare: Callable[..., Prepared], write_users: Callable[..., Path]
 ) -> None:
