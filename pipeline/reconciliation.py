@@ -77,6 +77,7 @@ BREAK_ID_CHARS = 20
 EXPORT_FILE_RESULT = "result.json"
 EXPORT_FILE_BREAKS = "breaks.parquet"
 _SQL_IN_CHUNK_ROWS = 500
+ROW_FETCH_CHUNK_ROWS = 100_000
 
 
 # --------------------------------------------------------------------------- plain values
@@ -409,20 +410,6 @@ def _compare_rows(
     entry = task.entry
     bounds = {"ck": task.campaign_key, "lo": entry.bucket_lo, "hi": entry.bucket_hi}
     vf, vu = _us_sql("g.valid_from", dialect), _us_sql("g.valid_until", dialect)
-    rows = connection.execute(
-        sa.text(
-            f"SELECT g.user_bucket, g.user_id, g.item_key, g.issue_no, g.amount_krw, {vf}, {vu} FROM grants AS g "
-            "WHERE g.campaign_key = :ck AND g.user_bucket BETWEEN :lo AND :hi"
-        ),
-        bounds,
-    ).all()
-    void_rows = connection.execute(
-        sa.text(
-            "SELECT user_bucket, user_id, item_key, issue_no FROM grant_voids "
-            "WHERE campaign_key = :ck AND user_bucket BETWEEN :lo AND :hi"
-        ),
-        bounds,
-    ).all()
     ledger_schema = {
         "user_bucket": pl.Int64,
         "user_id": pl.Int64,
@@ -432,8 +419,26 @@ def _compare_rows(
         "ledger_valid_from": pl.Int64,
         "ledger_valid_until": pl.Int64,
     }
-    all_rows = pl.DataFrame([tuple(r) for r in rows], schema=ledger_schema, orient="row")
-    del rows
+    result = connection.execute(
+        sa.text(
+            f"SELECT g.user_bucket, g.user_id, g.item_key, g.issue_no, g.amount_krw, {vf}, {vu} FROM grants AS g "
+            "WHERE g.campaign_key = :ck AND g.user_bucket BETWEEN :lo AND :hi"
+        ),
+        bounds,
+    )
+    # In chunks: Python tuples of a whole partition (~2M rows) would cost several times the frame's memory.
+    chunks = []
+    while batch := result.fetchmany(ROW_FETCH_CHUNK_ROWS):
+        chunks.append(pl.DataFrame([tuple(r) for r in batch], schema=ledger_schema, orient="row"))
+    all_rows = pl.concat(chunks) if chunks else pl.DataFrame(schema=ledger_schema)
+    del chunks
+    void_rows = connection.execute(
+        sa.text(
+            "SELECT user_bucket, user_id, item_key, issue_no FROM grant_voids "
+            "WHERE campaign_key = :ck AND user_bucket BETWEEN :lo AND :hi"
+        ),
+        bounds,
+    ).all()
     voids = pl.DataFrame(
         [tuple(r) for r in void_rows],
         schema={"user_bucket": pl.Int64, "user_id": pl.Int64, "item_key": pl.Int64, "issue_no": pl.Int64},
