@@ -32,6 +32,7 @@ partition file and by the database).  A non-zero residual makes the verdict
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -50,7 +51,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import jobs, ledger, schemas
-from pipeline.errors import EntitleError, LedgerError, SnapshotError, invariant
+from pipeline.errors import EntitleError, InvariantViolation, LedgerError, SnapshotError, invariant
 from pipeline.ledger import recon_breaks, recon_items, recon_partitions, recon_runs, write_transaction
 from pipeline.partitioning import (
     BUCKET_MODULUS,
@@ -78,6 +79,7 @@ EXPORT_FILE_RESULT = "result.json"
 EXPORT_FILE_BREAKS = "breaks.parquet"
 _SQL_IN_CHUNK_ROWS = 500
 ROW_FETCH_CHUNK_ROWS = 100_000
+SEGMENTS_PER_PARTITION = 64  # key ranges checksummed separately once a partition's checksum differs
 
 
 # --------------------------------------------------------------------------- plain values
@@ -263,7 +265,11 @@ def check_partition(task: PartitionTask) -> PartitionCheck:
                     error=str(exc),
                     duration_s=time.monotonic() - started,
                 )
-            result = _compare(connection, task, users, all_fp, voided_fp, touched, live_count)
+            result = _compare(connection, task, users, all_fp, voided_fp, touched, live_count, rows_allowed=False)
+            if result is None:
+                # Narrow down before reading rows: checksum each of SEGMENTS_PER_PARTITION key ranges and
+                # compare row by row only those that differ, one range at a time (bounded memory).
+                result = _compare_by_segment(connection, task, users)
     except SQLAlchemyError as exc:
         raise LedgerError(f"{entry.label}: reconciliation could not read the ledger: {exc}") from exc
     result.duration_s = time.monotonic() - started
@@ -331,6 +337,47 @@ def _ledger_checksums(
     )
 
 
+def _compare_by_segment(connection: Connection, task: PartitionTask, users: pl.DataFrame) -> PartitionCheck:
+    """The partition checked as SEGMENTS_PER_PARTITION contiguous bucket ranges, combined."""
+    entry = task.entry
+    buckets = users.with_columns(user_bucket_expr("user_id").alias("_bucket"))
+    width = entry.bucket_hi - entry.bucket_lo + 1
+    checks: list[PartitionCheck] = []
+    for index in range(SEGMENTS_PER_PARTITION):
+        lo = entry.bucket_lo + width * index // SEGMENTS_PER_PARTITION
+        hi = entry.bucket_lo + width * (index + 1) // SEGMENTS_PER_PARTITION - 1
+        if hi < lo:
+            continue
+        segment = dataclasses.replace(task, entry=dataclasses.replace(entry, bucket_lo=lo, bucket_hi=hi))
+        segment_users = buckets.filter(pl.col("_bucket").is_between(lo, hi)).select("user_id")
+        all_fp, voided_fp, touched = _ledger_checksums(connection, segment)
+        live_count = all_fp[0] - voided_fp[0]
+        check = _compare(connection, segment, segment_users, all_fp, voided_fp, touched, live_count, rows_allowed=True)
+        if check is None:
+            raise InvariantViolation("a segment is always compared (rows_allowed=True)")
+        checks.append(check)
+    per_item: dict[int, dict[str, int]] = {}
+    for check in checks:
+        for item_key, counts in check.per_item.items():
+            target = per_item.setdefault(item_key, _counts())
+            for name in COUNT_NAMES:
+                target[name] += counts[name]
+    totals = _sum_counts(per_item.values())
+    frames = [c.breaks for c in checks if c.breaks is not None and c.breaks.height]
+    has_breaks = any(totals[c] for c in BREAK_CLASSES)
+    state = "not_granted" if not task.granted else ("breaks" if has_breaks else "matched")
+    return PartitionCheck(
+        entry.partition_id,
+        state,
+        "rows",
+        dict(totals),
+        per_item,
+        sum(c.residual_expected for c in checks),
+        sum(c.residual_ledger for c in checks),
+        breaks=pl.concat(frames) if frames else None,
+    )
+
+
 def _voided_keys(touched: list[tuple[int, int, int, int, bool]]) -> set[tuple[int, int, int]]:
     """(bucket, user, item) keys whose every issue is voided: deliberately taken away, not reissued."""
     live: set[tuple[int, int, int]] = set()
@@ -350,7 +397,9 @@ def _compare(
     voided_fp: tuple[int, int, int],
     touched: list[tuple[int, int, int, int, bool]],
     live_count: int,
-) -> PartitionCheck:
+    rows_allowed: bool,
+) -> PartitionCheck | None:
+    """Matched by checksum, else compared row by row, or ``None`` when rows are not allowed (too many)."""
     items_by_key = {i.item_key: i for i in task.items}
     expected_fp = expected_checksum(users, task.items)
     voided_keys = _voided_keys(touched)
@@ -383,6 +432,8 @@ def _compare(
             counts["expected"] - (counts["matched"] + counts["voided"]),
             live_count - counts["matched"],
         )
+    if not rows_allowed:
+        return None
     return _compare_rows(connection, task, users, voided_keys, live_count)
 
 
