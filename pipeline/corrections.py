@@ -165,6 +165,20 @@ def _void_targets(connection: Connection, pipeline: jobs.Pipeline, request: Void
     return _live_rows(connection, campaign_key, keys, request, exact_issue=False)
 
 
+def _grants_and_their_voids() -> sa.Join:
+    """Grants left-joined to the void of the same issue (void columns are NULL for a live grant)."""
+    return grants.outerjoin(
+        grant_voids,
+        sa.and_(
+            grant_voids.c.campaign_key == grants.c.campaign_key,
+            grant_voids.c.user_bucket == grants.c.user_bucket,
+            grant_voids.c.user_id == grants.c.user_id,
+            grant_voids.c.item_key == grants.c.item_key,
+            grant_voids.c.issue_no == grants.c.issue_no,
+        ),
+    )
+
+
 def _live_rows(
     connection: Connection,
     campaign_key: int,
@@ -185,18 +199,7 @@ def _live_rows(
             conditions.append(grants.c.issue_no == issue_no)
         rows = connection.execute(
             sa.select(grants.c.issue_no, grants.c.amount_krw, grant_voids.c.actor, grant_voids.c.voided_at)
-            .select_from(
-                grants.outerjoin(
-                    grant_voids,
-                    sa.and_(
-                        grant_voids.c.campaign_key == grants.c.campaign_key,
-                        grant_voids.c.user_bucket == grants.c.user_bucket,
-                        grant_voids.c.user_id == grants.c.user_id,
-                        grant_voids.c.item_key == grants.c.item_key,
-                        grant_voids.c.issue_no == grants.c.issue_no,
-                    ),
-                )
-            )
+            .select_from(_grants_and_their_voids())
             .where(*conditions)
             .order_by(grants.c.issue_no)
         ).all()
@@ -394,18 +397,7 @@ def _issues(connection: Connection, key: dict[str, Any]) -> dict[int, bool]:
     """Every issue of one (campaign, user, item) and whether it is voided."""
     rows = connection.execute(
         sa.select(grants.c.issue_no, grant_voids.c.actor)
-        .select_from(
-            grants.outerjoin(
-                grant_voids,
-                sa.and_(
-                    grant_voids.c.campaign_key == grants.c.campaign_key,
-                    grant_voids.c.user_bucket == grants.c.user_bucket,
-                    grant_voids.c.user_id == grants.c.user_id,
-                    grant_voids.c.item_key == grants.c.item_key,
-                    grant_voids.c.issue_no == grants.c.issue_no,
-                ),
-            )
-        )
+        .select_from(_grants_and_their_voids())
         .where(
             grants.c.campaign_key == key["campaign_key"],
             grants.c.user_bucket == key["user_bucket"],

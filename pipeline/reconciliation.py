@@ -356,12 +356,7 @@ def _compare_by_segment(connection: Connection, task: PartitionTask, users: pl.D
         if check is None:
             raise InvariantViolation("a segment is always compared (rows_allowed=True)")
         checks.append(check)
-    per_item: dict[int, dict[str, int]] = {}
-    for check in checks:
-        for item_key, counts in check.per_item.items():
-            target = per_item.setdefault(item_key, _counts())
-            for name in COUNT_NAMES:
-                target[name] += counts[name]
+    per_item = _merge_per_item(checks, {})
     totals = _sum_counts(per_item.values())
     frames = [c.breaks for c in checks if c.breaks is not None and c.breaks.height]
     has_breaks = any(totals[c] for c in BREAK_CLASSES)
@@ -435,6 +430,16 @@ def _compare(
     if not rows_allowed:
         return None
     return _compare_rows(connection, task, users, voided_keys, live_count)
+
+
+def _merge_per_item(checks: list[PartitionCheck], into: dict[int, dict[str, int]]) -> dict[int, dict[str, int]]:
+    """Per-item counts of several checks added up (``into`` is filled and returned)."""
+    for check in checks:
+        for item_key, counts in check.per_item.items():
+            target = into.setdefault(item_key, _counts())
+            for name in COUNT_NAMES:
+                target[name] += counts[name]
+    return into
 
 
 def _counts(**values: int) -> dict[str, int]:
@@ -725,13 +730,14 @@ def reconcile(
         ) from exc
     latest = jobs.latest_attempts(pipeline, snapshot_id, count)
     known = _known_skus(pipeline)
+    terms = item_terms(pipeline)
     excluded = Path(row["snapshot_dir"]) / EXCLUDED_FILE_NAME
     tasks = [
         PartitionTask(
             pipeline.settings.ledger_url,
             pipeline.keys.campaign_key,
             snapshot_id,
-            item_terms(pipeline),
+            terms,
             known,
             entry,
             latest.get(entry.partition_id, {}).get("status") == "done",
@@ -808,12 +814,7 @@ def _finish(
 ) -> Reconciliation:
     items = item_terms(pipeline)
     known = dict(_known_skus(pipeline))
-    per_item: dict[int, dict[str, int]] = {i.item_key: _counts() for i in items}
-    for check in checks:
-        for item_key, counts in check.per_item.items():
-            target = per_item.setdefault(item_key, _counts())
-            for name in COUNT_NAMES:
-                target[name] += counts[name]
+    per_item = _merge_per_item(checks, {i.item_key: _counts() for i in items})
     bridge = _sum_counts(per_item.values())
     residual_expected = sum(c.residual_expected for c in checks)
     residual_ledger = sum(c.residual_ledger for c in checks) + stray
