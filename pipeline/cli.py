@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: the reconciliation's export folder)")
     p.set_defaults(handler=cmd_report)
 
+    p = command("db", "ledger administration: `roles` creates the writer, operator and analyst roles (PostgreSQL)")
+    p.add_argument("action", choices=("roles",), help="roles: apply sql/postgresql/roles.sql (idempotent)")
+    p.set_defaults(handler=cmd_db)
+
     p = command("query", "run a named analyst query from sql/queries/ with bound parameters")
     p.add_argument("name", nargs="?", help="query name; omit (or --list) to list them")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a query parameter")
@@ -500,6 +504,26 @@ def cmd_void(args: argparse.Namespace, settings: Settings) -> int:
         lines.append(f"  ... and {len(voided) - 20:,} more")
     lines.append("they stay in grant_history; run `entitle reconcile` to see the effect")
     _emit(args, {"voided": [v.as_dict() for v in voided], "actor": args.actor}, lines)
+    return 0
+
+
+def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    """Ledger administration."""
+    from pipeline.ledger import apply_roles, create_ledger_engine
+
+    engine = create_ledger_engine(settings.ledger_url)
+    try:
+        roles = apply_roles(engine)
+    finally:
+        engine.dispose()
+    _emit(
+        args,
+        {"roles": list(roles), "ledger": settings.describe_ledger()},
+        [
+            f"roles applied on {settings.describe_ledger()}: {', '.join(roles)}",
+            "give them to login users, e.g. GRANT entitle_analyst TO alice;",
+        ],
+    )
     return 0
 
 

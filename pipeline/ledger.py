@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.campaign import ITEM_KINDS, Campaign, Item
-from pipeline.errors import LedgerError, TermsChangedError, invariant
+from pipeline.errors import ConfigError, LedgerError, TermsChangedError, invariant
 from pipeline.partitioning import BUCKET_MODULUS, BUCKET_MULTIPLIER
 
 SCHEMA_VERSION = 2  # 2: issue_no (void and reissue), reconciliation tables
@@ -385,6 +385,30 @@ def create_schema(engine: Engine) -> None:
             connection.execute(ledger_meta.insert().values(meta_key="views_sha256", meta_value=views_digest))
     except SQLAlchemyError as exc:
         raise LedgerError(f"cannot create the ledger schema at {engine.url!r}: {exc}") from exc
+
+
+LEDGER_ROLES = ("entitle_writer", "entitle_operator", "entitle_analyst")
+
+
+def apply_roles(engine: Engine) -> tuple[str, ...]:
+    """Create the writer, operator and analyst roles and their rights (PostgreSQL; idempotent)."""
+    if engine.dialect.name != "postgresql":
+        raise ConfigError(
+            f"roles are a PostgreSQL feature; an {engine.dialect.name} ledger has no users: protect the file "
+            "with file permissions (and give analysts a read-only copy or a read-only mount)"
+        )
+    create_schema(engine)
+    script = (SQL_DIR / "postgresql" / "roles.sql").read_text(encoding="utf-8")
+    try:
+        with write_transaction(engine) as connection:
+            for statement in _split_sql(script):
+                connection.exec_driver_sql(statement.replace("%", "%%"))
+    except SQLAlchemyError as exc:
+        raise LedgerError(
+            f"cannot apply sql/postgresql/roles.sql at {engine.url!r}: {getattr(exc, 'orig', exc)}. Run it as the "
+            "ledger's owner, with the CREATEROLE right."
+        ) from exc
+    return LEDGER_ROLES
 
 
 def _schema_is_current(engine: Engine, views_digest: str) -> bool:

@@ -770,11 +770,16 @@ def _run_checks(
     tasks: list[PartitionTask], workers: int, on_partition: Callable[[PartitionCheck], None] | None
 ) -> Iterator[PartitionCheck]:
     if workers <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            check = check_partition(task)
-            if on_partition is not None:
-                on_partition(check)
-            yield check
+        try:
+            for task in tasks:
+                check = check_partition(task)
+                if on_partition is not None:
+                    on_partition(check)
+                yield check
+        finally:
+            # In-process, the per-URL engines would outlive the reconciliation (and hold connections).
+            while _ENGINES:
+                _ENGINES.popitem()[1].dispose()
         return
     # Separate processes: the checksum scans run inside SQLite/PostgreSQL on one core each, and
     # Polars must not be forked after its thread pool started ("spawn", not "fork").

@@ -19,7 +19,20 @@ from conftest import ENTITLE_SCRIPT, FACE_VALUE_PER_USER_KRW, ITEMS_PER_USER, cl
 from pipeline.cli import build_parser
 
 Entitle = Callable[..., subprocess.CompletedProcess[str]]
-COMMANDS = {"demo-users", "plan", "run", "grant", "status", "summary", "reconcile", "repair", "void", "report", "query"}
+COMMANDS = {
+    "demo-users",
+    "plan",
+    "run",
+    "grant",
+    "status",
+    "summary",
+    "reconcile",
+    "repair",
+    "void",
+    "report",
+    "db",
+    "query",
+}
 USERS = 2_000
 
 

@@ -1,0 +1,164 @@
+"""PostgreSQL roles (sql/postgresql/roles.sql): the analyst reads only the analyst views, the operator only
+adds voids, the writer runs the pipeline; none of them can change or delete a grant."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from conftest import ITEMS_PER_USER, build_settings, prepare_pipeline
+from sqlalchemy.engine import Engine, make_url
+
+from pipeline import corrections, jobs, ledger, reconciliation
+from pipeline.errors import ConfigError
+
+pytestmark = pytest.mark.postgres
+
+USERS = list(range(70_000_000, 70_000_300))
+NEW_USERS = list(range(70_000_300, 70_000_350))
+ROLE_DROP_ATTEMPTS = 50
+ANALYST_VIEWS = (
+    "grant_ledger",
+    "grant_history",
+    "campaign_coverage",
+    "reconciliation_runs",
+    "reconciliation_breaks",
+    "partition_status",
+)
+
+
+@pytest.fixture
+def logins(pg_admin: Engine) -> Iterator[dict[str, str]]:
+    """One login user per group role, dropped afterwards (roles are cluster-wide)."""
+    suffix = uuid.uuid4().hex[:10]
+    names = {group: f"{group}_{suffix}" for group in ("writer", "operator", "analyst")}
+    with pg_admin.connect() as connection:
+        for name in names.values():
+            connection.exec_driver_sql(f'CREATE ROLE "{name}" LOGIN')
+    yield names
+    with pg_admin.connect() as connection:
+        for name in names.values():
+            # A closed session's backend may still be dropping its temporary tables: end it, then retry.
+            connection.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %(name)s", {"name": name}
+            )
+            for _ in range(ROLE_DROP_ATTEMPTS):
+                try:
+                    connection.exec_driver_sql(f'DROP ROLE IF EXISTS "{name}"')
+                    break
+                except sa.exc.InternalError:
+                    time.sleep(0.2)
+            else:
+                pytest.fail(f"login role {name} could not be dropped")
+
+
+def engine_as(pg_url: str, user: str) -> Engine:
+    return ledger.create_ledger_engine(make_url(pg_url).set(username=user).render_as_string(hide_password=False))
+
+
+def denied(engine: Engine, sql: str) -> bool:
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql(sql)
+    except sa.exc.ProgrammingError as exc:
+        return "permission denied" in str(exc.orig) or "must be owner" in str(exc.orig)
+    return False
+
+
+def test_roles_separate_writer_operator_and_analyst(
+    tmp_path: Path, pg_url: str, logins: dict[str, str], write_users: Callable[..., Path]
+) -> None:
+    owner = build_settings(tmp_path / "var", ledger_url=pg_url)
+    pipeline = jobs.open_pipeline(owner)
+    prepared = prepare_pipeline(pipeline, write_users(tmp_path / "users.parquet", USERS))
+    jobs.require_all_done(jobs.grant(pipeline, prepared.run, prepared.run.entries))
+    reconciliation.reconcile(pipeline)
+    assert ledger.apply_roles(pipeline.engine) == ("entitle_writer", "entitle_operator", "entitle_analyst")
+    assert ledger.apply_roles(pipeline.engine), "applying twice is fine"
+    with pipeline.engine.connect() as connection:
+        for group, login in logins.items():
+            connection.exec_driver_sql(f'GRANT entitle_{group} TO "{login}"')
+        connection.commit()
+    pipeline.engine.dispose()
+
+    analyst = engine_as(pg_url, logins["analyst"])
+    operator = engine_as(pg_url, logins["operator"])
+    writer_url = make_url(pg_url).set(username=logins["writer"]).render_as_string(hide_password=False)
+    as_writer: jobs.Pipeline | None = None
+    try:
+        # The analyst reads every analyst view and nothing else, and writes nothing.
+        with analyst.connect() as connection:
+            for view in ANALYST_VIEWS:
+                connection.exec_driver_sql(f"SELECT * FROM {view} LIMIT 1").all()
+            live = connection.exec_driver_sql("SELECT count(*) FROM grant_ledger").scalar_one()
+        assert live == len(USERS) * ITEMS_PER_USER
+        for table in ("grants", "grant_voids", "runs", "campaigns", "recon_breaks", "partition_attempts"):
+            assert denied(analyst, f"SELECT * FROM {table} LIMIT 1"), table
+        assert denied(
+            analyst,
+            "INSERT INTO grant_voids (campaign_key, user_bucket, user_id, item_key, reason, "
+            "actor, voided_at) VALUES (1, 1, 1, 1, 'x', 'x', now())",
+        )
+        assert denied(analyst, "CREATE TABLE analyst_scratch (x int)")
+
+        # The operator voids through the real command path, and can do nothing else to the ledger.
+        operator_settings = build_settings(tmp_path / "var", ledger_url=str(operator.url.render_as_string(False)))
+        as_operator = jobs.open_pipeline(operator_settings)
+        voided = corrections.void_grants(
+            as_operator, [corrections.VoidRequest("fraud", USERS[0], "coupon-2000")], "ops", dt.datetime.now(dt.UTC)
+        )
+        as_operator.engine.dispose()
+        assert [(v.user_id, v.item_sku) for v in voided] == [(USERS[0], "coupon-2000")]
+        assert denied(operator, "UPDATE grants SET amount_krw = 1")
+        assert denied(operator, "DELETE FROM grant_voids")
+        assert denied(
+            operator,
+            "INSERT INTO runs (run_id, campaign_key, snapshot_id, trigger, started_at) "
+            "VALUES ('x', 1, 'x', 'x', now())",
+        )
+
+        # The writer runs the pipeline on new sign-ups and reconciles; it cannot rewrite history either.
+        writer_settings = build_settings(tmp_path / "writer", ledger_url=writer_url)
+        as_writer = jobs.open_pipeline(writer_settings)
+        more = prepare_pipeline(as_writer, write_users(tmp_path / "more.parquet", USERS + NEW_USERS))
+        outcomes = jobs.grant(as_writer, more.run, more.run.entries)
+        jobs.require_all_done(outcomes)
+        assert sum(o.written for o in outcomes) == len(NEW_USERS) * ITEMS_PER_USER
+        result = reconciliation.reconcile(as_writer)
+        assert result.verdict == "RECONCILED" and result.bridge["voided"] == 1
+        writer = as_writer.engine
+        assert denied(writer, "DELETE FROM grants")
+        assert denied(writer, "UPDATE grants SET amount_krw = 1")
+        assert denied(writer, "DROP TABLE grants")
+    finally:
+        analyst.dispose()
+        operator.dispose()
+        if as_writer is not None:
+            as_writer.engine.dispose()  # its session's temporary tables go with it
+
+
+def test_roles_are_refused_on_sqlite(tmp_path: Path) -> None:
+    engine = ledger.create_ledger_engine(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    try:
+        with pytest.raises(ConfigError, match="roles are a PostgreSQL feature"):
+            ledger.apply_roles(engine)
+    finally:
+        engine.dispose()
+
+
+def test_db_roles_command(tmp_path: Path, pg_url: str) -> None:
+    from conftest import cli_environment, run_entitle
+
+    env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"), ENTITLE_LEDGER_URL=pg_url)
+    result = run_entitle(["db", "roles", "--json"], env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["roles"] == ["entitle_writer", "entitle_operator", "entitle_analyst"]
+    on_sqlite = run_entitle(["db", "roles"], cli_environment(ENTITLE_HOME=str(tmp_path / "var")))
+    assert on_sqlite.returncode == 2
+    assert on_sqlite.stderr.startswith("entitle: error: roles are a PostgreSQL feature")
