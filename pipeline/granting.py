@@ -81,6 +81,13 @@ def grant_partition(context: GrantContext, entry: PartitionEntry, verify: bool =
         users = read_partition(entry)
         invariant(users.height == entry.rows, "read_partition checks the row count")
         with write_transaction(context.engine) as connection:
+            if connection.dialect.name == "postgresql":
+                # Two writers of one partition queue here instead of both doing the work; the
+                # primary key, not this lock, is what makes a second grant impossible.
+                connection.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(:campaign_key, :partition_id)"),
+                    {"campaign_key": context.keys.campaign_key, "partition_id": entry.partition_id},
+                )
             _stage(connection, context, users)
             written = _insert_missing(connection, context, entry, now)
             if verify:
