@@ -240,6 +240,13 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
     if recon["verdict"] != "BREAKS" or recon["open_breaks"] != tampered:
         print(f"ERROR: expected {tampered} breaks, reconciliation says {recon}", file=sys.stderr)
         return 1
+    report(
+        "report (HTML + PNG)",
+        recon["partitions"],
+        recon["report_s"],
+        recon["worker_peak_rss_mb"],
+        "rows = partitions drawn; the page and the chart of the reconciliation above",
+    )
 
     lookup_ms = lookup_users(pipeline, snapshot_report.users_file)
     report(
@@ -324,6 +331,11 @@ def child_reconcile(env: dict[str, str]) -> int:
     started = time.perf_counter()
     result = reconciliation.reconcile(pipeline)
     seconds = time.perf_counter() - started
+    from pipeline import report
+
+    started = time.perf_counter()
+    report.write_report(result.as_dict(), Path(result.export_dir))
+    report_s = time.perf_counter() - started
     print(
         json.dumps(
             {
@@ -334,6 +346,8 @@ def child_reconcile(env: dict[str, str]) -> int:
                 "checksum_partitions": result.checksum_partitions,
                 "row_partitions": result.row_partitions,
                 "worker_peak_rss_mb": max(result.extra["worker_peak_rss_mb"], self_rss_mb()),
+                "report_s": report_s,
+                "partitions": len(result.partitions),
             }
         )
     )
