@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipeline import __version__, corrections, jobs, queries, reconciliation, snapshot
+from pipeline import __version__, corrections, jobs, queries, reconciliation, schemas, snapshot
 from pipeline.config import Settings, load_settings
 from pipeline.demo_users import write_demo_users
 from pipeline.errors import CorrectionError, EntitleError, QueryError
@@ -390,20 +390,15 @@ def _output(path: Path | None) -> Iterator[TextIO]:
     if path is None:
         yield sys.stdout
         return
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "w", encoding="utf-8", newline="") as handle:
-            yield handle
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with schemas.replaced_atomically(path) as temporary, open(temporary, "w", encoding="utf-8", newline="") as handle:
+        yield handle
 
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     """Reconcile and print the verdict and the bridge."""
     pipeline = jobs.open_pipeline(settings)
-    state = jobs.status(pipeline, args.snapshot)
-    bar = Progress("reconcile", state.partition_count, enabled=not args.no_progress)
+    partition_count = int(jobs.snapshot_row(pipeline, args.snapshot)["partition_count"])
+    bar = Progress("reconcile", partition_count, enabled=not args.no_progress)
     result = reconciliation.reconcile(
         pipeline, args.snapshot, args.method, args.workers, on_partition=lambda _check: bar.advance(1)
     )
@@ -475,8 +470,8 @@ def cmd_repair(args: argparse.Namespace, settings: Settings) -> int:
         _emit(args, document, [*lines, "next: entitle reconcile"])
         return 0
     _say(args, *lines)
-    state = jobs.status(pipeline)
-    bar = Progress("reconcile", state.partition_count, enabled=not args.no_progress)
+    partition_count = int(jobs.snapshot_row(pipeline, None)["partition_count"])
+    bar = Progress("reconcile", partition_count, enabled=not args.no_progress)
     result = reconciliation.reconcile(pipeline, on_partition=lambda _check: bar.advance(1))
     bar.close()
     document["reconciliation"] = result.as_dict()

@@ -102,16 +102,11 @@ def query_path(name: str) -> Path:
 
 def write_parquet(result: QueryResult, path: Path) -> int:
     """Write a query result as Parquet (types inferred from the values), atomically; returns the row count."""
-    import os
-
     import polars as pl
 
+    from pipeline.schemas import replaced_atomically
+
     frame = pl.DataFrame([list(r) for r in result.rows], schema=result.columns, orient="row", infer_schema_length=None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with replaced_atomically(path) as temporary:
         frame.write_parquet(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return frame.height

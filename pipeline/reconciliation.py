@@ -359,11 +359,9 @@ def _compare_by_segment(connection: Connection, task: PartitionTask, users: pl.D
     per_item = _merge_per_item(checks, {})
     totals = _sum_counts(per_item.values())
     frames = [c.breaks for c in checks if c.breaks is not None and c.breaks.height]
-    has_breaks = any(totals[c] for c in BREAK_CLASSES)
-    state = "not_granted" if not task.granted else ("breaks" if has_breaks else "matched")
     return PartitionCheck(
         entry.partition_id,
-        state,
+        _compared_state(task, totals),
         "rows",
         dict(totals),
         per_item,
@@ -430,6 +428,13 @@ def _compare(
     if not rows_allowed:
         return None
     return _compare_rows(connection, task, users, voided_keys, live_count)
+
+
+def _compared_state(task: PartitionTask, totals: dict[str, int]) -> str:
+    """not_granted before the partition's grant is done (differences are work to do), else breaks or matched."""
+    if not task.granted:
+        return "not_granted"
+    return "breaks" if any(totals[c] for c in BREAK_CLASSES) else "matched"
 
 
 def _merge_per_item(checks: list[PartitionCheck], into: dict[int, dict[str, int]]) -> dict[int, dict[str, int]]:
@@ -575,11 +580,8 @@ def _compare_rows(
     residual_ledger = live_count - (
         totals["matched"] + totals["terms_mismatch"] + totals["unexpected"] + totals["duplicate"]
     )
-    has_breaks = any(totals[c] for c in BREAK_CLASSES)
-    state = "not_granted" if not task.granted else ("breaks" if has_breaks else "matched")
-    breaks = None
-    if task.granted and has_breaks:
-        breaks = _break_rows(task, joined, forged, extra)
+    state = _compared_state(task, totals)
+    breaks = _break_rows(task, joined, forged, extra) if state == "breaks" else None
     return PartitionCheck(
         entry.partition_id,
         state,
@@ -753,7 +755,18 @@ def reconcile(
         pipeline.settings.home / "campaigns" / pipeline.campaign.campaign_id / "reconciliations" / reconciliation_id
     )
     return _finish(
-        pipeline, reconciliation_id, snapshot_id, count, method, started, started_mono, checks, stray, export_dir
+        pipeline,
+        reconciliation_id,
+        snapshot_id,
+        count,
+        method,
+        started,
+        started_mono,
+        checks,
+        stray,
+        export_dir,
+        terms,
+        dict(known),
     )
 
 
@@ -816,9 +829,9 @@ def _finish(
     checks: list[PartitionCheck],
     stray: int,
     export_dir: Path,
+    items: tuple[ItemTerms, ...],
+    known: dict[int, str],
 ) -> Reconciliation:
-    items = item_terms(pipeline)
-    known = dict(_known_skus(pipeline))
     per_item = _merge_per_item(checks, {i.item_key: _counts() for i in items})
     bridge = _sum_counts(per_item.values())
     residual_expected = sum(c.residual_expected for c in checks)
@@ -952,7 +965,7 @@ def _finish(
         grants_checked=bridge_doc["ledger"],
         extra={"stray_grants": stray, "worker_peak_rss_mb": round(max((c.peak_rss_mb for c in checks), default=0.0))},
     )
-    _write_json_atomic(export_dir / EXPORT_FILE_RESULT, result.as_dict())
+    schemas.write_json(export_dir / EXPORT_FILE_RESULT, result.as_dict())
     return result
 
 
@@ -1126,13 +1139,6 @@ def _breaks_export(breaks: pl.DataFrame | None, first_seen: dict[str, str]) -> p
     return frame.select([pl.col(c).cast(t) for c, t in columns.items()]).sort(
         ["partition_id", "user_bucket", "user_id", "item_key", "break_class"]
     )
-
-
-def _write_json_atomic(path: Path, document: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(document, indent=2, default=str, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def load_result(pipeline: jobs.Pipeline, reconciliation_id: str | None = None) -> dict[str, Any]:

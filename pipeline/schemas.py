@@ -7,12 +7,15 @@ and write below is checked against them, and every write is atomic
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -65,12 +68,24 @@ def to_arrow(frame: pl.DataFrame, name: str, where: str) -> pa.Table:
     return table.cast(expected)
 
 
-def write_parquet(frame: pl.DataFrame, name: str, path: Path) -> None:
-    """Write ``frame`` as Parquet with schema ``name``, atomically and byte-reproducibly."""
-    table = to_arrow(frame, name, str(path))
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """A temporary path to write; on success it is fsynced and renamed to ``path``, else removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        yield temporary
+        _fsync(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def write_parquet(frame: pl.DataFrame, name: str, path: Path) -> None:
+    """Write ``frame`` as Parquet with schema ``name``, atomically and byte-reproducibly."""
+    table = to_arrow(frame, name, str(path))
+    with replaced_atomically(path) as temporary:
         pq.write_table(
             table,
             temporary,
@@ -78,11 +93,12 @@ def write_parquet(frame: pl.DataFrame, name: str, path: Path) -> None:
             row_group_size=PARQUET_ROW_GROUP_ROWS_MAX,
             write_statistics=True,
         )
-        _fsync(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    """Write ``document`` as sorted, indented JSON, atomically (values JSON lacks become strings)."""
+    with replaced_atomically(path) as temporary:
+        temporary.write_text(json.dumps(document, indent=2, default=str, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read_parquet(path: Path, name: str) -> pl.DataFrame:

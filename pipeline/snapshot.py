@@ -8,7 +8,6 @@ input twice yields the same snapshot id and the same bytes.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -168,7 +167,7 @@ def freeze_snapshot(
     schemas.write_parquet(distinct, "snapshot", report.users_file)
     if excluded.height:
         schemas.write_parquet(excluded, "snapshot", directory / EXCLUDED_FILE_NAME)
-    _write_json_atomic(metadata_path, report.as_dict())
+    schemas.write_json(metadata_path, report.as_dict())
     return report
 
 
@@ -283,9 +282,3 @@ def _require_column(path: Path, columns: list[str]) -> None:
     ]
     hint = f" Did you mean {near[0]!r}? Rename it to '{USER_ID_COLUMN}'." if near else ""
     raise SnapshotError(f"{path}: no '{USER_ID_COLUMN}' column; found {columns[:10]}.{hint}")
-
-
-def _write_json_atomic(path: Path, values: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
