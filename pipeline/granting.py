@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline import ledger
+from pipeline import ledger, pgcopy
 from pipeline.campaign import Campaign
 from pipeline.errors import EntitleError, LedgerError, invariant
 from pipeline.ledger import CampaignKeys, partition_attempts, write_transaction
@@ -88,8 +88,11 @@ def grant_partition(context: GrantContext, entry: PartitionEntry, verify: bool =
                     sa.text("SELECT pg_advisory_xact_lock(:campaign_key, :partition_id)"),
                     {"campaign_key": context.keys.campaign_key, "partition_id": entry.partition_id},
                 )
-            _stage(connection, context, users)
-            written = _insert_missing(connection, context, entry, now)
+            written = _copy_new_range(connection, context, entry, users, now)
+            if written is None or verify:
+                _stage(connection, context, users)
+            if written is None:
+                written = _insert_missing(connection, context, entry, now)
             if verify:
                 _verify(connection, context, entry, planned)
             outcome = PartitionOutcome(
@@ -205,6 +208,25 @@ def _record_failure(context: GrantContext, attempt_key: int, outcome: PartitionO
         # The database itself is unreachable; the attempt stays 'running' and status shows it
         # as interrupted. The caller still reports the failure.
         pass
+
+
+def _copy_new_range(
+    connection: Connection, context: GrantContext, entry: PartitionEntry, users: pl.DataFrame, now: dt.datetime
+) -> int | None:
+    """PostgreSQL: a never-granted range is written by binary COPY into a new child table."""
+    if connection.dialect.name != "postgresql":
+        return None
+    constants = pgcopy.RowConstants(
+        campaign_key=context.keys.campaign_key,
+        partition_id=entry.partition_id,
+        run_key=context.run_key,
+        granted_at=now,
+        items=[
+            pgcopy.ItemTerms(context.keys.item_keys[i.sku], i.amount_krw, i.valid_from, i.valid_until)
+            for i in context.campaign.items
+        ],
+    )
+    return pgcopy.load_new_range(connection, constants, entry.bucket_lo, entry.bucket_hi, users)
 
 
 def _stage(connection: Connection, context: GrantContext, users: pl.DataFrame) -> None:

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from conftest import ENTITLE_SCRIPT, ITEMS_PER_USER, build_settings, cli_environment, prepare_pipeline, run_entitle
 from sqlalchemy.engine import Engine
 
-from pipeline import granting, jobs, reconciliation
+from pipeline import granting, jobs, pgcopy, reconciliation
 from pipeline.config import Settings
 from pipeline.partitioning import load_manifest, partitions_dir
 
@@ -178,25 +178,57 @@ def _grant_duration(env: dict[str, str], tmp_path: Path, write_users: Any, users
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("path", ["copy", "insert"])
 def test_a_connection_dropped_mid_transaction_fails_cleanly_and_retries_cleanly(
-    tmp_path: Path, pg_url: str, pg_admin: Engine, write_users: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    path: str,
+    tmp_path: Path,
+    pg_url: str,
+    pg_admin: Engine,
+    write_users: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The connection dies in the middle of a binary COPY into a new child, or of the INSERT path's staging."""
     users = list(range(81_000_000, 81_004_000))
     settings = build_settings(tmp_path / "var", ledger_url=pg_url)
     pipeline = jobs.open_pipeline(settings)
     prepared = prepare_pipeline(pipeline, write_users(tmp_path / "users.parquet", users))
-    real_stage = granting._stage
     dropped: list[int] = []
 
-    def stage_then_lose_the_connection(connection: sa.Connection, context: Any, frame: Any) -> None:
-        real_stage(connection, context, frame)
-        if not dropped:  # the first partition only: its staged rows are in an open transaction
-            pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    def terminate(pid: int) -> None:
+        if not dropped:  # the first partition only: its rows are in an open transaction
             with pg_admin.connect() as admin:
-                admin.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
-            dropped.append(int(pid))
+                admin.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+            dropped.append(pid)
 
-    monkeypatch.setattr(granting, "_stage", stage_then_lose_the_connection)
+    def backend_pid(connection: sa.Connection) -> int:
+        return int(connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+
+    if path == "copy":
+        real_encode, real_copy_rows = pgcopy.encode, pgcopy.copy_rows
+        copying: list[int] = []
+
+        def copy_rows(connection: sa.Connection, *args: Any) -> int:
+            copying[:] = [backend_pid(connection)]  # asked before the COPY holds the connection
+            return real_copy_rows(connection, *args)
+
+        def encode_then_lose(constants: Any, frame: Any) -> Any:
+            for number, chunk in enumerate(real_encode(constants, frame)):
+                yield chunk
+                if number == 1:  # some rows sent, the COPY still open
+                    terminate(copying[0])
+
+        monkeypatch.setattr(pgcopy, "encode", encode_then_lose)
+        monkeypatch.setattr(pgcopy, "copy_rows", copy_rows)
+        monkeypatch.setattr(pgcopy, "USERS_PER_CHUNK", 64)
+    else:
+        real_stage = granting._stage
+
+        def stage_then_lose(connection: sa.Connection, context: Any, frame: Any) -> None:
+            real_stage(connection, context, frame)
+            terminate(backend_pid(connection))
+
+        monkeypatch.setattr(pgcopy, "load_new_range", lambda *args: None)
+        monkeypatch.setattr(granting, "_stage", stage_then_lose)
     outcomes = jobs.grant(pipeline, prepared.run, prepared.run.entries)
     assert dropped, "the connection was terminated"
     failed = [o for o in outcomes if o.status == "failed"]
@@ -205,9 +237,12 @@ def test_a_connection_dropped_mid_transaction_fails_cleanly_and_retries_cleanly(
     assert all(o.status == "done" for o in outcomes[1:]), "the others went on, on fresh connections"
     with pipeline.engine.connect() as connection:
         in_partition_0 = connection.exec_driver_sql("SELECT count(*) FROM grants WHERE partition_id = 0").scalar_one()
+        children = connection.exec_driver_sql("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'grants_c%%'")
+        child_count = children.scalar_one()
     assert in_partition_0 == 0, "nothing of the dropped transaction was committed"
+    assert child_count == (7 if path == "copy" else 0), "the dropped partition left no child table behind"
 
-    monkeypatch.setattr(granting, "_stage", real_stage)
+    monkeypatch.undo()
     retry = jobs.grant(pipeline, prepared.run, jobs.select_partitions(pipeline, prepared.run, None, only_failed=True))
     assert [(o.partition_id, o.status) for o in retry] == [(0, "done")]
     assert reconciliation.reconcile(pipeline).verdict == "RECONCILED"

@@ -1,6 +1,12 @@
 -- Views and append-only triggers of the PostgreSQL ledger. Applied by the ledger
 -- on start-up (idempotent). Each statement ends with a line "-- end".
 
+-- grants is partitioned on (campaign_key, user_bucket): each pipeline partition's first grant
+-- attaches a child table for its range (pipeline/pgcopy.py). Grants outside every child
+-- (repairs of ranges granted row by row, hand-made rows, ledgers upgraded from version 2)
+-- land in this default child.
+CREATE TABLE IF NOT EXISTS grants_default PARTITION OF grants DEFAULT
+-- end
 CREATE OR REPLACE VIEW grant_ledger AS
 SELECT
     c.campaign_id,

@@ -1,0 +1,146 @@
+-- Schema version 1 -> 2 (sqlite): issue_no in the grant and void keys (void and reissue),
+-- and the reconciliation tables. Frozen; statements end with a line "-- end".
+
+CREATE TABLE grant_voids_v2 (
+	campaign_key INTEGER NOT NULL, 
+	user_bucket BIGINT NOT NULL, 
+	user_id BIGINT NOT NULL, 
+	item_key INTEGER NOT NULL, 
+	issue_no SMALLINT DEFAULT '0' NOT NULL, 
+	reason TEXT NOT NULL, 
+	actor VARCHAR(128) NOT NULL, 
+	voided_at BIGINT NOT NULL, 
+	PRIMARY KEY (campaign_key, user_bucket, user_id, item_key, issue_no)
+)
+ WITHOUT ROWID
+-- end
+INSERT INTO grant_voids_v2 (campaign_key, user_bucket, user_id, item_key, reason, actor, voided_at, issue_no) SELECT campaign_key, user_bucket, user_id, item_key, reason, actor, voided_at, 0 FROM grant_voids
+-- end
+DROP TABLE grant_voids
+-- end
+ALTER TABLE grant_voids_v2 RENAME TO grant_voids
+-- end
+CREATE TABLE grants_v2 (
+	campaign_key INTEGER NOT NULL, 
+	user_bucket BIGINT NOT NULL, 
+	user_id BIGINT NOT NULL, 
+	item_key INTEGER NOT NULL, 
+	issue_no SMALLINT DEFAULT '0' NOT NULL, 
+	partition_id SMALLINT NOT NULL, 
+	run_key INTEGER NOT NULL, 
+	amount_krw BIGINT, 
+	valid_from BIGINT NOT NULL, 
+	valid_until BIGINT, 
+	granted_at BIGINT NOT NULL, 
+	PRIMARY KEY (campaign_key, user_bucket, user_id, item_key, issue_no), 
+	CONSTRAINT ck_grants_user_id_positive CHECK (user_id > 0), 
+	CONSTRAINT ck_grants_issue_no CHECK (issue_no >= 0), 
+	CONSTRAINT ck_grants_user_bucket CHECK (user_bucket = (user_id % 2147483647) * 1540483477 % 2147483647)
+)
+ WITHOUT ROWID
+-- end
+INSERT INTO grants_v2 (campaign_key, user_bucket, user_id, item_key, partition_id, run_key, amount_krw, valid_from, valid_until, granted_at, issue_no) SELECT campaign_key, user_bucket, user_id, item_key, partition_id, run_key, amount_krw, valid_from, valid_until, granted_at, 0 FROM grants
+-- end
+DROP TABLE grants
+-- end
+ALTER TABLE grants_v2 RENAME TO grants
+-- end
+CREATE TABLE recon_runs (
+	reconciliation_key INTEGER NOT NULL, 
+	reconciliation_id VARCHAR(64) NOT NULL, 
+	campaign_key INTEGER NOT NULL, 
+	snapshot_id VARCHAR(16) NOT NULL, 
+	partition_count INTEGER NOT NULL, 
+	method VARCHAR(16) NOT NULL, 
+	verdict VARCHAR(16) NOT NULL, 
+	explanation TEXT NOT NULL, 
+	expected BIGINT NOT NULL, 
+	matched BIGINT NOT NULL, 
+	terms_mismatch BIGINT NOT NULL, 
+	missing BIGINT NOT NULL, 
+	voided BIGINT NOT NULL, 
+	ledger_live BIGINT NOT NULL, 
+	unexpected BIGINT NOT NULL, 
+	duplicate BIGINT NOT NULL, 
+	residual_expected BIGINT NOT NULL, 
+	residual_ledger BIGINT NOT NULL, 
+	open_breaks BIGINT NOT NULL, 
+	breaks_itemized BIGINT NOT NULL, 
+	export_dir TEXT, 
+	started_at BIGINT NOT NULL, 
+	finished_at BIGINT NOT NULL, 
+	PRIMARY KEY (reconciliation_key), 
+	CONSTRAINT ck_recon_verdict CHECK (verdict IN ('RECONCILED', 'BREAKS', 'INCOMPLETE')), 
+	UNIQUE (reconciliation_id), 
+	FOREIGN KEY(campaign_key) REFERENCES campaigns (campaign_key)
+)
+-- end
+CREATE INDEX ix_recon_runs_campaign ON recon_runs (campaign_key, reconciliation_key)
+-- end
+CREATE TABLE recon_breaks (
+	break_id VARCHAR(24) NOT NULL, 
+	campaign_key INTEGER NOT NULL, 
+	break_class VARCHAR(16) NOT NULL, 
+	user_id BIGINT NOT NULL, 
+	user_bucket BIGINT NOT NULL, 
+	item_key INTEGER NOT NULL, 
+	item_sku VARCHAR(63), 
+	issue_no SMALLINT, 
+	partition_id INTEGER NOT NULL, 
+	expected_amount_krw BIGINT, 
+	expected_valid_from BIGINT, 
+	expected_valid_until BIGINT, 
+	ledger_amount_krw BIGINT, 
+	ledger_valid_from BIGINT, 
+	ledger_valid_until BIGINT, 
+	detail TEXT NOT NULL, 
+	status VARCHAR(16) NOT NULL, 
+	first_seen_key INTEGER NOT NULL, 
+	last_seen_key INTEGER NOT NULL, 
+	resolved_key INTEGER, 
+	PRIMARY KEY (break_id), 
+	CONSTRAINT ck_recon_break_class CHECK (break_class IN ('missing', 'unexpected', 'terms_mismatch', 'duplicate')), 
+	CONSTRAINT ck_recon_break_status CHECK (status IN ('open', 'resolved')), 
+	FOREIGN KEY(campaign_key) REFERENCES campaigns (campaign_key), 
+	FOREIGN KEY(first_seen_key) REFERENCES recon_runs (reconciliation_key), 
+	FOREIGN KEY(last_seen_key) REFERENCES recon_runs (reconciliation_key), 
+	FOREIGN KEY(resolved_key) REFERENCES recon_runs (reconciliation_key)
+)
+-- end
+CREATE INDEX ix_recon_breaks_open ON recon_breaks (campaign_key, status, user_bucket)
+-- end
+CREATE TABLE recon_items (
+	reconciliation_key INTEGER NOT NULL, 
+	item_key INTEGER NOT NULL, 
+	item_sku VARCHAR(63) NOT NULL, 
+	expected BIGINT NOT NULL, 
+	live BIGINT NOT NULL, 
+	matched BIGINT NOT NULL, 
+	terms_mismatch BIGINT NOT NULL, 
+	missing BIGINT NOT NULL, 
+	voided BIGINT NOT NULL, 
+	unexpected BIGINT NOT NULL, 
+	duplicate BIGINT NOT NULL, 
+	PRIMARY KEY (reconciliation_key, item_key), 
+	FOREIGN KEY(reconciliation_key) REFERENCES recon_runs (reconciliation_key)
+)
+-- end
+CREATE TABLE recon_partitions (
+	reconciliation_key INTEGER NOT NULL, 
+	partition_id INTEGER NOT NULL, 
+	state VARCHAR(16) NOT NULL, 
+	method VARCHAR(16) NOT NULL, 
+	expected BIGINT, 
+	live BIGINT, 
+	matched BIGINT, 
+	terms_mismatch BIGINT, 
+	missing BIGINT, 
+	voided BIGINT, 
+	unexpected BIGINT, 
+	duplicate BIGINT, 
+	error TEXT, 
+	PRIMARY KEY (reconciliation_key, partition_id), 
+	CONSTRAINT ck_recon_partition_state CHECK (state IN ('matched', 'breaks', 'not_granted', 'unreadable')), 
+	FOREIGN KEY(reconciliation_key) REFERENCES recon_runs (reconciliation_key)
+)
+-- end
