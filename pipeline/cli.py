@@ -30,6 +30,7 @@ from pipeline.granting import PartitionOutcome
 from pipeline.progress import Progress
 
 EXIT_INTERNAL = 70
+WRITERS_MAX = 16  # ledger writer threads of one grant process
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what shells report for a closed pipe
 
 
@@ -72,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="entitle",
         description="Grant every eligible user a campaign's items exactly once, recorded in an SQL ledger.",
-        epilog="Settings come from ENTITLE_HOME, ENTITLE_LEDGER_URL, ENTITLE_CAMPAIGN, ENTITLE_PARTITIONS and "
-        "ENTITLE_REJECTED_SHARE_MAX (see README). Exit codes: 0 ok, 2 usage/config, 3 bad input, 4 partition "
-        "files, 5 ledger refused, 6 campaign not started, 7 partitions failed, 8 reconciliation breaks, "
-        "9 reconciliation incomplete, 70 internal error.",
+        epilog="Settings come from ENTITLE_HOME, ENTITLE_LEDGER_URL, ENTITLE_CAMPAIGN, ENTITLE_PARTITIONS, "
+        "ENTITLE_REJECTED_SHARE_MAX and, for partitions on S3, ENTITLE_DATA_URI (see README). Exit codes: 0 ok, "
+        "2 usage/config (also an unreachable object store), 3 bad input, 4 partition files, 5 ledger refused, "
+        "6 campaign not started, 7 partitions failed, 8 reconciliation breaks, 9 reconciliation incomplete, "
+        "70 internal error.",
     )
     parser.add_argument("--version", action="version", version=f"entitle {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -158,8 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: the reconciliation's export folder)")
     p.set_defaults(handler=cmd_report)
 
-    p = command("db", "ledger administration: `roles` creates the writer, operator and analyst roles (PostgreSQL)")
-    p.add_argument("action", choices=("roles",), help="roles: apply sql/postgresql/roles.sql (idempotent)")
+    p = command(
+        "db",
+        "ledger administration: `upgrade` migrates the ledger's schema, `version` shows it, "
+        "`roles` creates the writer, operator and analyst roles (PostgreSQL)",
+    )
+    p.add_argument(
+        "action",
+        choices=("upgrade", "version", "roles"),
+        help="upgrade: apply pending migrations in one transaction (back up first); version: the ledger's and "
+        "this program's schema versions; roles: apply sql/postgresql/roles.sql (idempotent)",
+    )
     p.set_defaults(handler=cmd_db)
 
     p = command("query", "run a named analyst query from sql/queries/ with bound parameters")
@@ -173,14 +184,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _users_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--users", type=Path, required=True, help="user file (.parquet or .csv) with a user_id column")
-    p.add_argument("--exclude", type=Path, help="file of user ids to exclude (withdrawn or blocked accounts)")
+    # Text, not Path: Path("s3://bucket/key") would lose a slash.
+    p.add_argument(
+        "--users", required=True, help="user file (.parquet or .csv, a path or s3://bucket/key) with a user_id column"
+    )
+    p.add_argument("--exclude", help="file of user ids to exclude (withdrawn or blocked accounts; path or s3:// URI)")
 
 
 def _grant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true", help="check every planned grant row by row after writing")
     p.add_argument("--run-id", help="run id to record (default: a new cli__… id)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+    p.add_argument(
+        "--writers",
+        type=_writer_count,
+        help="partitions written at once (default: 2 on PostgreSQL, 1 on SQLite, which has one writer anyway)",
+    )
+
+
+def _writer_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
+    if not 1 <= value <= WRITERS_MAX:
+        raise argparse.ArgumentTypeError(f"--writers {value}: give 1 to {WRITERS_MAX}")
+    return value
 
 
 def _partition_list(text: str) -> list[int]:
@@ -211,7 +240,12 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     """Dry run."""
     campaign = settings.campaign()
     report = snapshot.freeze_snapshot(
-        args.users, settings.home, campaign.campaign_id, args.exclude, settings.rejected_share_max, dry_run=True
+        settings.location(args.users),
+        settings.data_root,
+        campaign.campaign_id,
+        settings.location(args.exclude) if args.exclude else None,
+        settings.rejected_share_max,
+        dry_run=True,
     )
     items = jobs.plan_items(campaign, report.eligible_users)
     document = {
@@ -271,7 +305,8 @@ def _grant_and_report(
         if outcome.status != "done":
             failures.append(outcome)
 
-    outcomes = jobs.grant(pipeline, run, entries, args.verify, on_outcome)
+    writers = args.writers or (2 if pipeline.engine.dialect.name == "postgresql" else 1)
+    outcomes = jobs.grant(pipeline, run, entries, args.verify, on_outcome, writers)
     bar.close()
     written = sum(o.written for o in outcomes)
     present = sum(o.already_present for o in outcomes)
@@ -504,21 +539,47 @@ def cmd_void(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     """Ledger administration."""
-    from pipeline.ledger import apply_roles, create_ledger_engine
+    from pipeline import ledger
 
-    engine = create_ledger_engine(settings.ledger_url)
+    engine = ledger.create_ledger_engine(settings.ledger_url)
+    where = settings.describe_ledger()
     try:
-        roles = apply_roles(engine)
+        if args.action == "roles":
+            roles = ledger.apply_roles(engine)
+            _emit(
+                args,
+                {"roles": list(roles), "ledger": where},
+                [
+                    f"roles applied on {where}: {', '.join(roles)}",
+                    "give them to login users, e.g. GRANT entitle_analyst TO alice;",
+                ],
+            )
+        elif args.action == "upgrade":
+            done = ledger.upgrade(engine)
+            if done.from_version is None:
+                text = f"{where}: new ledger created at schema version {done.to_version}"
+            elif done.migrations:
+                text = (
+                    f"{where}: upgraded from schema version {done.from_version} to {done.to_version} "
+                    f"(migrations {', '.join(done.migrations)})"
+                )
+            else:
+                text = f"{where}: already at schema version {done.to_version}; nothing to do"
+            _emit(args, {"ledger": where, **done.as_dict()}, [text])
+        else:
+            found = ledger.recorded_version(engine)
+            current = found == ledger.SCHEMA_VERSION
+            advice = "up to date" if current else "run `entitle db upgrade`" if found is not None else "empty"
+            _emit(
+                args,
+                {"ledger": where, "schema_version": found, "program_schema_version": ledger.SCHEMA_VERSION},
+                [
+                    f"{where}: schema version {found if found is not None else '-'}, this program "
+                    f"{ledger.SCHEMA_VERSION} ({advice})"
+                ],
+            )
     finally:
         engine.dispose()
-    _emit(
-        args,
-        {"roles": list(roles), "ledger": settings.describe_ledger()},
-        [
-            f"roles applied on {settings.describe_ledger()}: {', '.join(roles)}",
-            "give them to login users, e.g. GRANT entitle_analyst TO alice;",
-        ],
-    )
     return 0
 
 

@@ -10,6 +10,11 @@ settings as arguments.
 | ENTITLE_CAMPAIGN            | the bundled kakao-outage-2022 campaign |
 | ENTITLE_PARTITIONS          | 128                                   |
 | ENTITLE_REJECTED_SHARE_MAX  | 0.0001 (0.01 %)                       |
+| ENTITLE_RECONCILE_WORKERS   | 2 (the cores, at most 2)              |
+| ENTITLE_DATA_URI            | $ENTITLE_HOME (snapshots, partitions); e.g. s3://bucket/prefix |
+| ENTITLE_S3_ENDPOINT_URL     | AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS's endpoint |
+| AWS_REGION                  | AWS_DEFAULT_REGION, else the AWS SDK's |
+| AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN | the AWS SDK's default chain (~/.aws, instance role) |
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.campaign import Campaign, load_campaign
 from pipeline.errors import ConfigError
 from pipeline.partitioning import PARTITION_COUNT_DEFAULT, check_partition_count
 from pipeline.snapshot import REJECTED_SHARE_MAX_DEFAULT
+from pipeline.storage import Location, ObjectStoreOptions
 
 RECONCILE_WORKERS_DEFAULT = max(1, min(2, os.cpu_count() or 1))  # reader processes; more than cores only queues
 RECONCILE_WORKERS_MAX = 32
+S3_ENDPOINT_VARIABLES = ("ENTITLE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # first set wins
 
 
 def utc_now() -> dt.datetime:
@@ -45,6 +53,17 @@ class Settings:
     rejected_share_max: float
     reconcile_workers: int = 2
     clock: Callable[[], dt.datetime] = field(default=utc_now, compare=False)
+    data_uri: str | None = None  # where snapshots and partitions go; None = under home
+    object_store: ObjectStoreOptions = field(default_factory=ObjectStoreOptions)
+
+    @property
+    def data_root(self) -> Location:
+        """The root of snapshots and partitions: ENTITLE_DATA_URI (local or s3://), else ENTITLE_HOME."""
+        return self.location(self.data_uri) if self.data_uri else self.home
+
+    def location(self, value: str | os.PathLike[str] | storage.ObjectUri) -> Location:
+        """A local path or an object-store URI (``s3://bucket/key``) reached with these settings."""
+        return storage.location(value, self.object_store)
 
     def campaign(self) -> Campaign:
         """Load and validate the configured campaign."""
@@ -72,7 +91,55 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     workers = _int(env, "ENTITLE_RECONCILE_WORKERS", RECONCILE_WORKERS_DEFAULT)
     if not 1 <= workers <= RECONCILE_WORKERS_MAX:
         raise ConfigError(f"ENTITLE_RECONCILE_WORKERS={workers} must be between 1 and {RECONCILE_WORKERS_MAX}")
-    return Settings(home, ledger_url, campaign_file, partition_count, share, workers)
+    object_store = _object_store(env)
+    data_uri = _data_uri(env, object_store)
+    return Settings(
+        home,
+        ledger_url,
+        campaign_file,
+        partition_count,
+        share,
+        workers,
+        data_uri=data_uri,
+        object_store=object_store,
+    )
+
+
+def _object_store(env: Mapping[str, str]) -> ObjectStoreOptions:
+    """Endpoint, region and credentials of the object store (S3 or any S3-compatible server)."""
+    endpoint = None
+    for name in S3_ENDPOINT_VARIABLES:
+        endpoint = env.get(name) or None
+        if endpoint is not None:
+            storage.check_endpoint_url(name, endpoint)
+            break
+    access_key = env.get("AWS_ACCESS_KEY_ID") or None
+    secret_key = env.get("AWS_SECRET_ACCESS_KEY") or None
+    if (access_key is None) != (secret_key is None):
+        raise ConfigError(
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together (or neither, to use ~/.aws or the "
+            "instance's role)"
+        )
+    return ObjectStoreOptions(
+        endpoint_url=endpoint.rstrip("/") if endpoint else None,
+        region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+        access_key=access_key,
+        secret_key=secret_key,
+        session_token=env.get("AWS_SESSION_TOKEN") or None,
+    )
+
+
+def _data_uri(env: Mapping[str, str], object_store: ObjectStoreOptions) -> str | None:
+    raw = env.get("ENTITLE_DATA_URI") or None
+    if raw is None:
+        return None
+    try:
+        where = storage.location(raw, object_store)
+    except ConfigError as exc:
+        raise ConfigError(f"ENTITLE_DATA_URI: {exc}") from exc
+    if isinstance(where, Path):
+        return str(where.expanduser().resolve())
+    return str(where)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

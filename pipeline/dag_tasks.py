@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from pipeline import jobs, reconciliation, snapshot
+from pipeline import jobs, reconciliation, snapshot, storage
 from pipeline.config import Settings, load_settings
 from pipeline.errors import (
     GrantFailedError,
@@ -33,32 +32,35 @@ def freeze_and_partition(params: Mapping[str, Any]) -> dict[str, Any]:
     """Freeze the user file into a snapshot and partition it; register it unless dry. Returns references."""
     settings = load_settings()
     dry_run = bool(params.get("dry_run"))
-    users_file = Path(params.get("snapshot_uri") or default_snapshot_uri(settings))
-    exclusion = params.get("exclusion_uri") or None
-    if not users_file.exists():
-        raise SnapshotError(f"{users_file}: user file not found; pass the 'snapshot_uri' param or put the file there")
+    users_file = settings.location(params.get("snapshot_uri") or default_snapshot_uri(settings))
+    exclusion = settings.location(params["exclusion_uri"]) if params.get("exclusion_uri") else None
+    if not storage.exists(users_file):
+        raise SnapshotError(
+            f"{storage.missing_message(users_file)}; pass the 'snapshot_uri' param (a path or s3:// URI) "
+            "or put the file there"
+        )
     if dry_run:
         # A dry run writes content-addressed files only (a cache), never the ledger.
         campaign = settings.campaign()
         report = snapshot.freeze_snapshot(
             users_file,
-            settings.home,
+            settings.data_root,
             campaign.campaign_id,
-            Path(exclusion) if exclusion else None,
+            exclusion,
             settings.rejected_share_max,
         )
-        out_dir = partitions_dir(Path(report.directory), settings.partition_count)
+        out_dir = partitions_dir(report.location, settings.partition_count)
         partition_snapshot(report.users_file, out_dir, settings.partition_count)
         return {**jobs.PreparedSnapshot(report, out_dir, settings.partition_count).as_dict(), "dry_run": True}
     pipeline = jobs.open_pipeline(settings)
     pipeline.campaign.require_started(settings.clock())
-    report = jobs.freeze(pipeline, users_file, Path(exclusion) if exclusion else None)
+    report = jobs.freeze(pipeline, users_file, exclusion)
     return {**jobs.partition(pipeline, report).as_dict(), "dry_run": False}
 
 
 def partitions_to_grant(prepared: Mapping[str, Any], params: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One small dict per partition to map over, restricted to the ``partitions`` param when given."""
-    entries = load_manifest(Path(prepared["partitions_dir"]))
+    entries = load_manifest(load_settings().location(prepared["partitions_dir"]))
     count = len(entries)
     wanted = sorted(set(params.get("partitions") or [])) or list(range(count))
     unknown = [p for p in wanted if not 0 <= p < count]

@@ -21,6 +21,12 @@ class ConfigError(EntitleError):
     exit_code = 2
 
 
+class StorageError(ConfigError):
+    """The object store cannot be reached, refuses our credentials, or has no such bucket."""
+
+    exit_code = 2
+
+
 class CampaignError(EntitleError):
     """The campaign file is invalid; the message names the field."""
 

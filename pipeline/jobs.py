@@ -7,10 +7,12 @@ small dict form through XCom.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from os import PathLike
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,6 +25,9 @@ from pipeline.errors import GrantFailedError, SnapshotError
 from pipeline.granting import GrantContext, PartitionOutcome, grant_partition
 from pipeline.ledger import CampaignKeys
 from pipeline.partitioning import PartitionEntry, load_manifest, partition_snapshot, partitions_dir
+from pipeline.storage import Location, ObjectUri
+
+UserFile = str | PathLike[str] | ObjectUri  # a local path or an s3:// URI
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class PreparedSnapshot:
     """A frozen, partitioned snapshot registered in the ledger."""
 
     report: snapshot.SnapshotReport
-    partitions_dir: Path
+    partitions_dir: Location
     partition_count: int
 
     def as_dict(self) -> dict[str, Any]:
@@ -66,14 +71,15 @@ class PreparedSnapshot:
 
 
 def freeze(
-    pipeline: Pipeline, users_file: Path, exclusion_file: Path | None = None, dry_run: bool = False
+    pipeline: Pipeline, users_file: UserFile, exclusion_file: UserFile | None = None, dry_run: bool = False
 ) -> snapshot.SnapshotReport:
     """Validate and freeze a user file into a snapshot (no ledger writes; no writes at all when dry)."""
+    settings = pipeline.settings
     return snapshot.freeze_snapshot(
-        users_file,
-        pipeline.settings.home,
+        settings.location(users_file),
+        settings.data_root,
         pipeline.campaign.campaign_id,
-        exclusion_file,
+        None if exclusion_file is None else settings.location(exclusion_file),
         pipeline.settings.rejected_share_max,
         dry_run,
     )
@@ -84,7 +90,7 @@ def partition(
 ) -> PreparedSnapshot:
     """Partition a frozen snapshot and register it as the campaign's current snapshot."""
     count = pipeline.settings.partition_count
-    out_dir = partitions_dir(Path(report.directory), count)
+    out_dir = partitions_dir(report.location, count)
     partition_snapshot(report.users_file, out_dir, count, on_progress)
     ledger.register_snapshot(
         pipeline.engine,
@@ -125,7 +131,7 @@ def start_run(
     """Register a run over the given (default: current) snapshot and load its manifest."""
     row = snapshot_row(pipeline, snapshot_id)
     count = int(row["partition_count"])
-    entries = tuple(load_manifest(partitions_dir(Path(row["snapshot_dir"]), count)))
+    entries = tuple(load_manifest(partitions_dir(pipeline.settings.location(row["snapshot_dir"]), count)))
     run_id = run_id or new_run_id(pipeline, trigger)
     run_key = ledger.register_run(
         pipeline.engine, run_id, pipeline.keys.campaign_key, row["snapshot_id"], trigger, pipeline.settings.clock()
@@ -183,19 +189,50 @@ def grant(
     entries: Iterable[PartitionEntry],
     verify: bool = False,
     on_outcome: Callable[[PartitionOutcome], None] | None = None,
+    writers: int = 1,
 ) -> list[PartitionOutcome]:
-    """Grant each partition in turn; a failed partition does not stop the others."""
+    """Grant the partitions, ``writers`` at a time; a failed partition does not stop the others.
+
+    Each writer is a thread with its own ledger connection and transaction per partition
+    (reading Parquet, encoding and the database's work release the GIL). SQLite takes one
+    writer at a time whatever this says; PostgreSQL runs them side by side.
+    """
     context = GrantContext(
         pipeline.engine, pipeline.campaign, pipeline.keys, run.run_key, run.snapshot_id, pipeline.settings.clock
     )
     pipeline.campaign.require_started(pipeline.settings.clock())
-    outcomes = []
-    for entry in entries:
-        outcome = grant_partition(context, entry, verify)
-        outcomes.append(outcome)
+    chosen = list(entries)
+    outcomes: dict[int, PartitionOutcome] = {}
+
+    def finished(outcome: PartitionOutcome) -> None:
+        outcomes[outcome.partition_id] = outcome
         if on_outcome is not None:
             on_outcome(outcome)
-    return outcomes
+
+    if writers <= 1:
+        for entry in chosen:
+            finished(grant_partition(context, entry, verify))
+    else:
+        stop = threading.Event()
+
+        def grant_one(entry: PartitionEntry) -> PartitionOutcome | None:
+            if stop.is_set():
+                return None
+            try:
+                return grant_partition(context, entry, verify)
+            except BaseException:
+                # Anything grant_partition does not turn into a failed outcome stops the run, as it
+                # would with one writer: partitions not yet started are not started.
+                stop.set()
+                raise
+
+        with ThreadPoolExecutor(max_workers=writers) as pool:
+            futures = [pool.submit(grant_one, entry) for entry in chosen]
+            for future in as_completed(futures):
+                outcome = future.result()
+                if outcome is not None:
+                    finished(outcome)
+    return [outcomes[entry.partition_id] for entry in chosen]
 
 
 def latest_attempts(pipeline: Pipeline, snapshot_id: str, partition_count: int) -> dict[int, dict[str, Any]]:

@@ -12,6 +12,10 @@ arithmetic (Polars, SQLite, PostgreSQL) computes it exactly.  Because the
 partition is monotone in the bucket, every partition is one contiguous range of
 buckets, which is also the ledger's key order: a partition's grants form one
 contiguous run of the ledger's primary key, for any N.
+
+Partitions and their manifest live under the snapshot's folder, which is a
+local path or an object-store prefix (:mod:`pipeline.storage`); the manifest is
+written last, so a partial set is never taken for a complete one.
 """
 
 from __future__ import annotations
@@ -20,12 +24,12 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import polars as pl
 
-from pipeline import schemas
+from pipeline import schemas, storage
 from pipeline.errors import ConfigError, PartitionError, invariant
+from pipeline.storage import Location
 
 BUCKET_MODULUS = 2_147_483_647
 BUCKET_MULTIPLIER = 1_540_483_477
@@ -41,7 +45,7 @@ class PartitionEntry:
 
     partition_id: int
     partition_count: int
-    path: Path
+    path: Location  # a local Path, or an s3:// ObjectUri
     rows: int
     bucket_lo: int
     bucket_hi: int
@@ -91,14 +95,14 @@ def check_partition_count(partition_count: int) -> None:
         )
 
 
-def partitions_dir(snapshot_dir: Path, partition_count: int) -> Path:
+def partitions_dir(snapshot_dir: Location, partition_count: int) -> Location:
     """Where the partitions of one snapshot for one N live."""
     return snapshot_dir / f"partitions-{partition_count:04d}"
 
 
 def partition_snapshot(
-    users_file: Path,
-    out_dir: Path,
+    users_file: Location,
+    out_dir: Location,
     partition_count: int,
     on_partition_written: Callable[[int], None] | None = None,
 ) -> list[PartitionEntry]:
@@ -157,10 +161,10 @@ def partition_snapshot(
     return entries
 
 
-def load_manifest(out_dir: Path) -> list[PartitionEntry]:
+def load_manifest(out_dir: Location) -> list[PartitionEntry]:
     """The manifest's entries, in partition order; :class:`PartitionError` if absent."""
     path = out_dir / MANIFEST_NAME
-    if not path.exists():
+    if not storage.exists(path):
         raise PartitionError(f"{path}: no manifest; the snapshot has not been partitioned (run `entitle run`)")
     manifest = schemas.read_parquet(path, "manifest").sort("partition_id")
     return [
@@ -202,10 +206,11 @@ def read_partition(entry: PartitionEntry) -> pl.DataFrame:
     return frame
 
 
-def _reusable_manifest(out_dir: Path, partition_count: int) -> list[PartitionEntry] | None:
-    if not (out_dir / MANIFEST_NAME).exists():
+def _reusable_manifest(out_dir: Location, partition_count: int) -> list[PartitionEntry] | None:
+    names = storage.file_names(out_dir)  # one listing, not a request per partition on an object store
+    if MANIFEST_NAME not in names:
         return None
     entries = load_manifest(out_dir)
-    if len(entries) != partition_count or not all(e.path.exists() for e in entries):
+    if len(entries) != partition_count or not all(e.path.name in names for e in entries):
         return None
     return entries

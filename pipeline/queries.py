@@ -8,12 +8,13 @@ is never interpolated into SQL text.
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.errors import QueryError
@@ -64,8 +65,12 @@ def load_query(name: str, dialect: str) -> NamedQuery:
     return NamedQuery(name, description, parameters, sql)
 
 
-def run_query(engine: Engine, name: str, params: dict[str, str]) -> QueryResult:
-    """Run a named query with bound parameters; unknown parameters are an error."""
+def run_query(engine: Engine, name: str, params: dict[str, str], connection: Connection | None = None) -> QueryResult:
+    """Run a named query with bound parameters; unknown parameters are an error.
+
+    ``connection``: run on this open connection (a service answering many lookups)
+    instead of checking one out of the engine's pool for this query alone.
+    """
     query = load_query(name, engine.dialect.name)
     unknown = sorted(set(params) - set(query.parameters))
     if unknown:
@@ -74,8 +79,8 @@ def run_query(engine: Engine, name: str, params: dict[str, str]) -> QueryResult:
         )
     bound = {p: _coerce(params.get(p)) for p in query.parameters}
     try:
-        with engine.connect() as connection:
-            result = connection.execute(sa.text(query.sql), bound)
+        with nullcontext(connection) if connection is not None else engine.connect() as open_connection:
+            result = open_connection.execute(sa.text(query.sql), bound)
             columns = list(result.keys())
             rows = [tuple(r) for r in result.fetchmany(RESULT_ROWS_MAX)]
     except SQLAlchemyError as exc:

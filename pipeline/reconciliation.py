@@ -50,7 +50,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline import jobs, ledger, schemas
+from pipeline import jobs, ledger, schemas, storage
 from pipeline.errors import EntitleError, InvariantViolation, LedgerError, SnapshotError, invariant
 from pipeline.ledger import recon_breaks, recon_items, recon_partitions, recon_runs, write_transaction
 from pipeline.partitioning import (
@@ -108,7 +108,7 @@ class PartitionTask:
     entry: PartitionEntry
     granted: bool
     method: str
-    excluded_file: str | None
+    excluded_file: storage.Location | None
 
 
 @dataclass
@@ -640,13 +640,13 @@ def _break_rows(task: PartitionTask, joined: pl.DataFrame, forged: pl.DataFrame,
     )
 
 
-def _excluded_users(excluded_file: str | None, breaks: pl.DataFrame) -> set[int]:
-    if excluded_file is None or not Path(excluded_file).exists():
+def _excluded_users(excluded_file: storage.Location | None, breaks: pl.DataFrame) -> set[int]:
+    if excluded_file is None:
         return set()
     candidates = breaks.filter(pl.col("break_class") == "unexpected").select("user_id")
-    if candidates.height == 0:
+    if candidates.height == 0 or not storage.exists(excluded_file):
         return set()
-    excluded = schemas.read_parquet(Path(excluded_file), "snapshot")
+    excluded = schemas.read_parquet(excluded_file, "snapshot")
     return set(candidates.join(excluded, on="user_id", how="semi")["user_id"].to_list())
 
 
@@ -725,7 +725,7 @@ def reconcile(
     snapshot_id = str(row["snapshot_id"])
     count = int(row["partition_count"])
     try:
-        entries = load_manifest(partitions_dir(Path(row["snapshot_dir"]), count))
+        entries = load_manifest(partitions_dir(pipeline.settings.location(row["snapshot_dir"]), count))
     except EntitleError as exc:
         raise SnapshotError(
             f"snapshot {snapshot_id}: its partition manifest cannot be read ({exc}); run the grant again to rebuild it"
@@ -733,7 +733,7 @@ def reconcile(
     latest = jobs.latest_attempts(pipeline, snapshot_id, count)
     known = _known_skus(pipeline)
     terms = item_terms(pipeline)
-    excluded = Path(row["snapshot_dir"]) / EXCLUDED_FILE_NAME
+    excluded = pipeline.settings.location(row["snapshot_dir"]) / EXCLUDED_FILE_NAME
     tasks = [
         PartitionTask(
             pipeline.settings.ledger_url,
@@ -744,7 +744,7 @@ def reconcile(
             entry,
             latest.get(entry.partition_id, {}).get("status") == "done",
             method,
-            str(excluded) if excluded.exists() else None,
+            excluded if storage.exists(excluded) else None,
         )
         for entry in entries
     ]

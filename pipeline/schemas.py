@@ -2,18 +2,16 @@
 
 The schemas live as JSON in the repository's ``schemas/`` folder; every read
 and write below is checked against them, and every write is atomic
-(temporary name, fsync, rename), so a crash never leaves half a file.
+(temporary name, fsync, rename; on an object store one upload of the whole
+object, see :mod:`pipeline.storage`), so a crash never leaves half a file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.errors import PartitionError, SchemaMismatchError
+from pipeline.storage import Location
+from pipeline.storage import replaced_atomically as replaced_atomically
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 SCHEMA_NAMES = ("snapshot", "quarantine", "partition", "manifest", "breaks")
@@ -68,50 +69,38 @@ def to_arrow(frame: pl.DataFrame, name: str, where: str) -> pa.Table:
     return table.cast(expected)
 
 
-@contextlib.contextmanager
-def replaced_atomically(path: Path) -> Iterator[Path]:
-    """A temporary path to write; on success it is fsynced and renamed to ``path``, else removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield temporary
-        _fsync(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def write_parquet(frame: pl.DataFrame, name: str, path: Path) -> None:
-    """Write ``frame`` as Parquet with schema ``name``, atomically and byte-reproducibly."""
+def write_parquet(frame: pl.DataFrame, name: str, path: Location) -> None:
+    """Write ``frame`` as Parquet with schema ``name``, atomically and byte-reproducibly (local or object store)."""
     table = to_arrow(frame, name, str(path))
-    with replaced_atomically(path) as temporary:
+    with storage.atomic_output(path) as target:
         pq.write_table(
             table,
-            temporary,
+            target,
             compression=PARQUET_COMPRESSION,
             row_group_size=PARQUET_ROW_GROUP_ROWS_MAX,
             write_statistics=True,
         )
 
 
-def write_json(path: Path, document: dict[str, Any]) -> None:
+def write_json(path: Location, document: dict[str, Any]) -> None:
     """Write ``document`` as sorted, indented JSON, atomically (values JSON lacks become strings)."""
-    with replaced_atomically(path) as temporary:
-        temporary.write_text(json.dumps(document, indent=2, default=str, sort_keys=True) + "\n", encoding="utf-8")
+    storage.write_text(path, json.dumps(document, indent=2, default=str, sort_keys=True) + "\n")
 
 
-def read_parquet(path: Path, name: str) -> pl.DataFrame:
-    """Read a Parquet file written with schema ``name``, checking the schema first."""
+def read_parquet(path: Location, name: str) -> pl.DataFrame:
+    """Read a Parquet file (local or object store) written with schema ``name``, checking the schema first."""
     try:
-        schema = pq.read_schema(path)
+        source = storage.read_source(path)
+        schema = pq.read_schema(storage.arrow_input(source))
+    except storage.ObjectNotFoundError as exc:
+        raise PartitionError(str(exc)) from exc
     except FileNotFoundError as exc:
         raise PartitionError(f"{path}: file not found") from exc
     except (OSError, pa.ArrowInvalid) as exc:
         raise PartitionError(f"{path}: not a readable Parquet file ({exc})") from exc
     check_schema(schema, name, str(path))
     try:
-        return pl.read_parquet(path)
+        return pl.read_parquet(source)
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise PartitionError(f"{path}: cannot read the Parquet data ({exc})") from exc
 
@@ -144,16 +133,3 @@ def _normalise(data_type: pa.DataType) -> pa.DataType:
 
 def _describe(columns: list[tuple[str, pa.DataType]]) -> str:
     return "[" + ", ".join(f"{n}: {t}" for n, t in columns) + "]"
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -2,22 +2,25 @@
 
 A snapshot is the sorted set of distinct eligible user ids (input minus
 exclusions), stored as Parquet under its content hash.  Freezing the same
-input twice yields the same snapshot id and the same bytes.
+input twice yields the same snapshot id and the same bytes.  The user file and
+the snapshot folder may each be a local path or an ``s3://`` URI
+(:mod:`pipeline.storage`); ``snapshot.json`` is written last, so a snapshot
+folder without it is not a snapshot.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import schemas
+from pipeline import schemas, storage
 from pipeline.errors import SnapshotError
+from pipeline.storage import Location, ObjectStoreOptions
 
 USER_ID_COLUMN = "user_id"
 REJECTED_SHARE_MAX_DEFAULT = 0.0001  # 0.01 %
@@ -44,27 +47,36 @@ class SnapshotReport:
     excluded_users: int
     rejected_share: float
     quarantine_file: str
+    # How to reach ``directory`` when it is on an object store; never written out.
+    store: ObjectStoreOptions | None = field(default=None, compare=False, repr=False)
 
     @property
-    def users_file(self) -> Path:
+    def location(self) -> Location:
+        """The snapshot's folder: a local Path or an object-store URI."""
+        return storage.location(self.directory, self.store)
+
+    @property
+    def users_file(self) -> Location:
         """The snapshot's Parquet file of eligible user ids."""
-        return Path(self.directory) / "users.parquet"
+        return self.location / "users.parquet"
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for JSON output."""
-        return asdict(self)
+        values = asdict(self)
+        del values["store"]
+        return values
 
 
-def snapshot_root(home: Path, campaign_id: str) -> Path:
-    """The folder that holds a campaign's snapshots."""
+def snapshot_root(home: Location, campaign_id: str) -> Location:
+    """The folder that holds a campaign's snapshots (under ENTITLE_HOME, or ENTITLE_DATA_URI when set)."""
     return home / "campaigns" / campaign_id / "snapshots"
 
 
 def freeze_snapshot(
-    users_file: Path,
-    home: Path,
+    users_file: Location,
+    home: Location,
     campaign_id: str,
-    exclusion_file: Path | None = None,
+    exclusion_file: Location | None = None,
     rejected_share_max: float = REJECTED_SHARE_MAX_DEFAULT,
     dry_run: bool = False,
 ) -> SnapshotReport:
@@ -72,9 +84,10 @@ def freeze_snapshot(
 
     Raises :class:`SnapshotError` (after writing the quarantine file, which the
     message names) when the file cannot be read or too large a share is rejected.
-    With ``dry_run`` nothing is written at all.
+    With ``dry_run`` nothing is written at all.  ``home`` is the data root: the
+    snapshot goes to ``home/campaigns/<campaign>/snapshots/<id>/``.
     """
-    users_file = Path(users_file)
+    users_file = storage.location(users_file)
     classified = _classify(users_file)
     rows_read = classified.height
     if rows_read == 0:
@@ -117,7 +130,7 @@ def freeze_snapshot(
     excluded_users = 0
     excluded = distinct.clear()
     if exclusion_file is not None:
-        exclusions = load_exclusions(Path(exclusion_file))
+        exclusions = load_exclusions(storage.location(exclusion_file))
         # Kept with the snapshot so reconciliation can say why a grant to one of them is unexpected.
         excluded = distinct.join(exclusions, on="user_id", how="semi", maintain_order="left")
         distinct = distinct.join(exclusions, on="user_id", how="anti", maintain_order="left")
@@ -140,6 +153,7 @@ def freeze_snapshot(
         excluded_users=excluded_users,
         rejected_share=rejected_share,
         quarantine_file=str(quarantine_path),
+        store=storage.options_of(directory),
     )
     if rejected_share > rejected_share_max:
         # Keep the evidence next to the input's name, not under a snapshot id that will never be used.
@@ -161,27 +175,28 @@ def freeze_snapshot(
     if dry_run:
         return report
 
-    directory.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(directory)
     metadata_path = directory / "snapshot.json"
     schemas.write_parquet(quarantine, "quarantine", quarantine_path)
     schemas.write_parquet(distinct, "snapshot", report.users_file)
     if excluded.height:
         schemas.write_parquet(excluded, "snapshot", directory / EXCLUDED_FILE_NAME)
+    # Written last: a snapshot folder without snapshot.json is incomplete.
     schemas.write_json(metadata_path, report.as_dict())
     return report
 
 
-def load_snapshot_report(directory: Path) -> SnapshotReport:
+def load_snapshot_report(directory: Location) -> SnapshotReport:
     """Read a frozen snapshot's metadata; :class:`SnapshotError` if it is not complete."""
     path = directory / "snapshot.json"
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))
+        values = json.loads(storage.read_text(path))
     except FileNotFoundError as exc:
         raise SnapshotError(f"{directory}: not a frozen snapshot (no snapshot.json); freeze it again") from exc
-    return SnapshotReport(**values)
+    return SnapshotReport(**values, store=storage.options_of(directory))
 
 
-def load_exclusions(path: Path) -> pl.DataFrame:
+def load_exclusions(path: Location) -> pl.DataFrame:
     """Distinct user ids to exclude; any unusable row is an error, never a silent skip."""
     classified = _classify(path)
     bad = classified.filter(pl.col("reason").is_not_null())
@@ -199,17 +214,21 @@ def load_exclusions(path: Path) -> pl.DataFrame:
     return classified.select("user_id").unique()
 
 
-def _classify(path: Path) -> pl.DataFrame:
+def _classify(path: Location) -> pl.DataFrame:
     """Read a user file into (row_number, raw_value, user_id, reason); reason null = valid."""
-    if not path.exists():
-        raise SnapshotError(f"{path}: file not found")
+    if not storage.exists(path):
+        raise SnapshotError(storage.missing_message(path))
     suffixes = "".join(path.suffixes).lower()
-    if suffixes.endswith((".parquet", ".pq")):
-        frame = _read_parquet_column(path)
-    elif suffixes.endswith((".csv", ".csv.gz")):
-        frame = _read_csv_column(path)
-    else:
+    if not suffixes.endswith((".parquet", ".pq", ".csv", ".csv.gz")):
         raise SnapshotError(f"{path}: unknown file type; use a .parquet or .csv file with a '{USER_ID_COLUMN}' column")
+    try:
+        source = storage.read_source(path)  # the local path, or the object's content (one GET)
+    except FileNotFoundError as exc:
+        raise SnapshotError(str(exc)) from exc
+    if suffixes.endswith((".parquet", ".pq")):
+        frame = _read_parquet_column(path, source)
+    else:
+        frame = _read_csv_column(path, source)
     raw = pl.col("raw_value")
     parsed = pl.col("user_id")
     reason = (
@@ -226,15 +245,15 @@ def _classify(path: Path) -> pl.DataFrame:
     return frame.with_row_index("row_number", offset=1).with_columns(reason.alias("reason"))
 
 
-def _read_parquet_column(path: Path) -> pl.DataFrame:
+def _read_parquet_column(path: Location, source: storage.Source) -> pl.DataFrame:
     try:
-        schema = pq.read_schema(path)
+        schema = pq.read_schema(storage.arrow_input(source))
     except (OSError, pa.ArrowInvalid) as exc:
         raise SnapshotError(f"{path}: not a readable Parquet file ({exc}); is it truncated?") from exc
     _require_column(path, schema.names)
     field_type = schema.field(USER_ID_COLUMN).type
     try:
-        column = pl.read_parquet(path, columns=[USER_ID_COLUMN])[USER_ID_COLUMN]
+        column = pl.read_parquet(source, columns=[USER_ID_COLUMN])[USER_ID_COLUMN]
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise SnapshotError(f"{path}: cannot read column '{USER_ID_COLUMN}' ({exc}); is the file truncated?") from exc
     if pa.types.is_integer(field_type):
@@ -254,15 +273,15 @@ def _read_parquet_column(path: Path) -> pl.DataFrame:
     return pl.DataFrame({"raw_value": raw_value, "user_id": parsed})
 
 
-def _read_csv_column(path: Path) -> pl.DataFrame:
+def _read_csv_column(path: Location, source: storage.Source) -> pl.DataFrame:
     try:
-        header = pl.read_csv(path, n_rows=0)
+        header = pl.read_csv(source, n_rows=0)
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise SnapshotError(f"{path}: not a readable CSV file ({exc})") from exc
     _require_column(path, header.columns)
     try:
         column = pl.read_csv(
-            path,
+            source,
             columns=[USER_ID_COLUMN],
             schema_overrides={USER_ID_COLUMN: pl.String},
         )[USER_ID_COLUMN]
@@ -272,7 +291,7 @@ def _read_csv_column(path: Path) -> pl.DataFrame:
     return pl.DataFrame({"raw_value": column, "user_id": parsed})
 
 
-def _require_column(path: Path, columns: list[str]) -> None:
+def _require_column(path: Location, columns: list[str]) -> None:
     if USER_ID_COLUMN in columns:
         return
     near = [

@@ -212,6 +212,25 @@ def test_the_crash_hook_really_interrupts_a_grant(tmp_path: Path) -> None:
         pipeline.engine.dispose()
 
 
+def test_a_crash_in_one_of_several_writers_stops_the_run_and_leaves_partitions_whole(tmp_path: Path) -> None:
+    """With writer threads, a crash in one partition is not swallowed, and no new partition starts after it."""
+    pipeline = jobs.open_pipeline(build_settings(tmp_path / "var", partitions=PARTITIONS))
+    try:
+        prepared = prepare_pipeline(pipeline, write_user_file(tmp_path / "u.csv", list(range(1, 101))))
+        with crash_after(pipeline.engine, "INSERT INTO grants", 1), pytest.raises(SimulatedCrash):
+            jobs.grant(pipeline, prepared.run, prepared.run.entries, writers=2)
+        state = partition_state(pipeline, prepared.run.entries)  # every partition all or nothing
+        status = jobs.status(pipeline)
+        assert status.running == 1, "the crashed partition is left 'running' (interrupted)"
+        assert status.done == sum(state.values()) <= 1, "only the other writer's partition in flight may finish"
+        assert status.pending >= PARTITIONS - 2, "no partition starts after the crash"
+        rerun = jobs.grant(pipeline, prepared.run, prepared.run.entries, writers=2)
+        jobs.require_all_done(rerun)
+        assert all(partition_state(pipeline, prepared.run.entries).values())
+    finally:
+        pipeline.engine.dispose()
+
+
 # --------------------------------------------------------------------------- a real SIGKILL
 
 KILL_USERS = 30_000

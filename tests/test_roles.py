@@ -162,3 +162,51 @@ def test_db_roles_command(tmp_path: Path, pg_url: str) -> None:
     on_sqlite = run_entitle(["db", "roles"], cli_environment(ENTITLE_HOME=str(tmp_path / "var")))
     assert on_sqlite.returncode == 2
     assert on_sqlite.stderr.startswith("entitle: error: roles are a PostgreSQL feature")
+
+
+def test_a_writer_that_does_not_own_grants_writes_new_ranges_row_by_row(
+    tmp_path: Path, pg_url: str, logins: dict[str, str], write_users: Callable[..., Path]
+) -> None:
+    """Attaching a child table needs ownership of grants; entitle_writer alone takes the INSERT path."""
+    owner = build_settings(tmp_path / "var", partitions=4, ledger_url=pg_url)
+    pipeline = jobs.open_pipeline(owner)
+    prepared = prepare_pipeline(pipeline, write_users(tmp_path / "users.parquet", USERS))
+    entries = prepared.run.entries
+    jobs.require_all_done(jobs.grant(pipeline, prepared.run, entries[:2]))
+    ledger.apply_roles(pipeline.engine)
+    with pipeline.engine.connect() as connection:
+        connection.exec_driver_sql(f'GRANT entitle_writer TO "{logins["writer"]}"')
+        connection.exec_driver_sql(f'GRANT entitle_analyst TO "{logins["analyst"]}"')
+        connection.commit()
+    writer_url = make_url(pg_url).set(username=logins["writer"]).render_as_string(hide_password=False)
+    as_writer = jobs.open_pipeline(build_settings(tmp_path / "var", partitions=4, ledger_url=writer_url))
+    analyst = engine_as(pg_url, logins["analyst"])
+    try:
+        outcomes = jobs.grant(as_writer, prepared.run, entries[2:])
+        jobs.require_all_done(outcomes)
+        with pipeline.engine.connect() as connection:
+            in_default = connection.exec_driver_sql("SELECT count(*) FROM grants_default").scalar_one()
+            tables = connection.exec_driver_sql(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'grants'::regclass"
+            ).scalar_one()
+        assert in_default == sum(e.rows for e in entries[2:]) * ITEMS_PER_USER
+        assert tables == 1 + 2, "the owner's two children and the default child; the writer made none"
+        assert reconciliation.reconcile(as_writer).verdict == "RECONCILED"
+        child = next(iter(_children(pipeline.engine)))
+        assert denied(analyst, f"SELECT 1 FROM {child}"), "children are not readable around the views"
+        assert denied(as_writer.engine, f"DELETE FROM {child}")
+    finally:
+        analyst.dispose()
+        as_writer.engine.dispose()
+        pipeline.engine.dispose()
+
+
+def _children(engine: Engine) -> list[str]:
+    with engine.connect() as connection:
+        return [
+            str(name)
+            for name in connection.exec_driver_sql(
+                "SELECT c.relname FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'grants'::regclass AND c.relname LIKE 'grants\\_c%%'"
+            ).scalars()
+        ]
