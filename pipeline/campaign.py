@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pipeline.errors import CampaignError, CampaignNotStartedError
 
 ITEM_KINDS = ("emoticon", "coupon", "pass", "cash")
+LEDGER_ISSUER = "ledger"  # the default issuer: the ledger entry is the entitlement, nothing to deliver
+ISSUER_KINDS = ("http", "python")
+ISSUERS_PER_CAMPAIGN_MAX = 16
+ISSUER_REQUESTS_PER_S_MAX = 10_000.0
+ISSUER_CONCURRENCY_MAX = 64
+ISSUER_BATCH_SIZE_MAX = 1_000  # the reference service's batch limit
+ISSUER_TIMEOUT_S_MAX = 600.0
+ISSUER_ATTEMPTS_MAX = 100
+ISSUER_BREAKER_FAILURES_MAX = 1_000
+ISSUER_COOLDOWN_S_MAX = 3_600.0
 KINDS_WITH_AMOUNT = frozenset({"coupon", "cash"})
 ITEMS_PER_CAMPAIGN_MAX = 64
 AMOUNT_KRW_MAX = 100_000_000
@@ -41,6 +51,8 @@ class Item:
     validity_days: int | None  # None = permanent
     valid_from: dt.datetime
     valid_until: dt.datetime | None
+    # Who delivers the grant; not a term (what the user receives does not depend on it).
+    issuer: str = LEDGER_ISSUER
 
     def terms(self) -> dict[str, Any]:
         """The terms a grant of this item carries, as plain JSON-able values."""
@@ -59,6 +71,25 @@ class Item:
 
 
 @dataclass(frozen=True)
+class IssuerSpec:
+    """A downstream service that receives a campaign's grants (``[issuers.NAME]`` in the campaign file)."""
+
+    name: str
+    kind: str  # http | python
+    url: str | None = None  # http: the service's base URL (ENTITLE_ISSUER_<NAME>_URL overrides it)
+    factory: str | None = None  # python: "package.module:callable" taking this spec, returning an Issuer
+    requests_per_s: float = 50.0
+    concurrency: int = 4
+    batch_size: int = 1_000
+    timeout_s: float = 10.0
+    max_attempts: int = 8
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 30.0
+    backoff_base_s: float = 0.2
+    backoff_cap_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class Campaign:
     """A validated campaign: identity, time zone, start instant and items."""
 
@@ -68,6 +99,25 @@ class Campaign:
     starts_at: dt.datetime  # aware, in the campaign's time zone
     items: tuple[Item, ...]
     source: str
+    issuers: tuple[IssuerSpec, ...] = ()
+
+    def issuer(self, name: str) -> IssuerSpec:
+        """The declared issuer called ``name``; :class:`CampaignError` if there is none."""
+        for spec in self.issuers:
+            if spec.name == name:
+                return spec
+        raise CampaignError(f"campaign {self.campaign_id!r} declares no issuer {name!r}")
+
+    def items_of(self, issuer: str) -> tuple[Item, ...]:
+        """The items delivered by ``issuer``."""
+        return tuple(i for i in self.items if i.issuer == issuer)
+
+    def with_issuer_urls(self, urls: dict[str, str]) -> Campaign:
+        """This campaign with the URLs of the named issuers replaced (per-deployment overrides)."""
+        if not urls:
+            return self
+        issuers = tuple(replace(s, url=urls[s.name]) if s.name in urls else s for s in self.issuers)
+        return replace(self, issuers=issuers)
 
     def item(self, sku: str) -> Item:
         """The item with this sku; :class:`CampaignError` if there is none."""
@@ -130,16 +180,101 @@ def parse_campaign(text: str, source: str) -> Campaign:
         raise CampaignError(f"{source}: needs at least one [[items]] table")
     if len(raw_items) > ITEMS_PER_CAMPAIGN_MAX:
         raise CampaignError(f"{source}: {len(raw_items)} items; at most {ITEMS_PER_CAMPAIGN_MAX}")
-    extra = set(document) - {"campaign", "items"}
+    extra = set(document) - {"campaign", "items", "issuers"}
     if extra:
         raise CampaignError(f"{source}: unknown top-level key(s) {sorted(extra)}")
+    issuers = _parse_issuers(source, document.get("issuers", {}))
     items = tuple(_parse_item(source, index, raw, starts_at) for index, raw in enumerate(raw_items))
+    declared = {s.name for s in issuers}
+    for index, item in enumerate(items):
+        if item.issuer != LEDGER_ISSUER and item.issuer not in declared:
+            raise CampaignError(
+                f"{source}: items[{index}].issuer {item.issuer!r} is not declared; declare [issuers.{item.issuer}] "
+                f"or use {LEDGER_ISSUER!r} (declared: {sorted(declared) or 'none'})"
+            )
     seen: set[str] = set()
     for index, item in enumerate(items):
         if item.sku in seen:
             raise CampaignError(f"{source}: items[{index}].sku {item.sku!r} is a duplicate sku")
         seen.add(item.sku)
-    return Campaign(campaign_id, name, time_zone, starts_at, items, source)
+    return Campaign(campaign_id, name, time_zone, starts_at, items, source, issuers)
+
+
+_ISSUER_KEYS = {
+    "kind",
+    "url",
+    "factory",
+    "requests_per_s",
+    "concurrency",
+    "batch_size",
+    "timeout_s",
+    "max_attempts",
+    "breaker_failures",
+    "breaker_cooldown_s",
+    "backoff_base_s",
+    "backoff_cap_s",
+}
+
+
+def _parse_issuers(source: str, raw: object) -> tuple[IssuerSpec, ...]:
+    if not isinstance(raw, dict):
+        raise CampaignError(f"{source}: issuers must be tables such as [issuers.shop]")
+    if len(raw) > ISSUERS_PER_CAMPAIGN_MAX:
+        raise CampaignError(f"{source}: {len(raw)} issuers; at most {ISSUERS_PER_CAMPAIGN_MAX}")
+    return tuple(_parse_issuer(source, name, table) for name, table in raw.items())
+
+
+def _parse_issuer(source: str, name: str, table: object) -> IssuerSpec:
+    where = f"issuers.{name}"
+    if not _ID_PATTERN.match(name):
+        raise CampaignError(f"{source}: issuer name {name!r} must be 1-63 lowercase letters, digits, '-' or '_'")
+    if name == LEDGER_ISSUER:
+        raise CampaignError(f"{source}: {where}: {LEDGER_ISSUER!r} is the built-in issuer and cannot be declared")
+    if not isinstance(table, dict):
+        raise CampaignError(f"{source}: {where} must be a table")
+    _reject_unknown(source, where, table, _ISSUER_KEYS)
+    kind = _required_str(source, f"{where}.kind", table.get("kind"))
+    if kind not in ISSUER_KINDS:
+        raise CampaignError(f"{source}: {where}.kind {kind!r} is unknown; use one of {', '.join(ISSUER_KINDS)}")
+    url = table.get("url")
+    factory = table.get("factory")
+    if kind == "http":
+        url = _required_str(source, f"{where}.url", url)
+        if not re.match(r"^https?://[^\s/]+", url):
+            raise CampaignError(f"{source}: {where}.url {url!r} must be an http:// or https:// URL")
+        url = url.rstrip("/")
+        if factory is not None:
+            raise CampaignError(f"{source}: {where}.factory is only for kind = \"python\"")
+    else:
+        factory = _required_str(source, f"{where}.factory", factory)
+        if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", factory):
+            raise CampaignError(f"{source}: {where}.factory {factory!r} must look like 'package.module:callable'")
+        if url is not None:
+            url = _required_str(source, f"{where}.url", url)
+
+    def number(key: str, default: float, low: float, high: float, whole: bool) -> Any:
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or (whole and not isinstance(value, int)):
+            raise CampaignError(f"{source}: {where}.{key} must be a {'whole ' if whole else ''}number, got {value!r}")
+        if not low <= value <= high:
+            raise CampaignError(f"{source}: {where}.{key} {value} must be between {low:g} and {high:g}")
+        return value
+
+    return IssuerSpec(
+        name=name,
+        kind=kind,
+        url=url,
+        factory=factory,
+        requests_per_s=float(number("requests_per_s", 50.0, 0.01, ISSUER_REQUESTS_PER_S_MAX, False)),
+        concurrency=number("concurrency", 4, 1, ISSUER_CONCURRENCY_MAX, True),
+        batch_size=number("batch_size", 1_000, 1, ISSUER_BATCH_SIZE_MAX, True),
+        timeout_s=float(number("timeout_s", 10.0, 0.01, ISSUER_TIMEOUT_S_MAX, False)),
+        max_attempts=number("max_attempts", 8, 1, ISSUER_ATTEMPTS_MAX, True),
+        breaker_failures=number("breaker_failures", 5, 1, ISSUER_BREAKER_FAILURES_MAX, True),
+        breaker_cooldown_s=float(number("breaker_cooldown_s", 30.0, 0.0, ISSUER_COOLDOWN_S_MAX, False)),
+        backoff_base_s=float(number("backoff_base_s", 0.2, 0.0, 60.0, False)),
+        backoff_cap_s=float(number("backoff_cap_s", 30.0, 0.0, 3_600.0, False)),
+    )
 
 
 def _parse_start(source: str, value: object, zone: ZoneInfo) -> dt.datetime:
@@ -166,7 +301,10 @@ def _parse_item(source: str, index: int, raw: object, starts_at: dt.datetime) ->
     where = f"items[{index}]"
     if not isinstance(raw, dict):
         raise CampaignError(f"{source}: {where} must be a table")
-    _reject_unknown(source, where, raw, {"sku", "kind", "amount_krw", "validity"})
+    _reject_unknown(source, where, raw, {"sku", "kind", "amount_krw", "validity", "issuer"})
+    issuer = raw.get("issuer", LEDGER_ISSUER)
+    if not isinstance(issuer, str) or not issuer:
+        raise CampaignError(f"{source}: {where}.issuer must be {LEDGER_ISSUER!r} or the name of a declared issuer")
     sku = _required_str(source, f"{where}.sku", raw.get("sku"))
     if not _ID_PATTERN.match(sku):
         raise CampaignError(f"{source}: {where}.sku {sku!r} must be 1-63 lowercase letters, digits, '-' or '_'")
@@ -196,7 +334,9 @@ def _parse_item(source: str, index: int, raw: object, starts_at: dt.datetime) ->
             raise CampaignError(f"{source}: {where}.validity {validity!r} must be between 1d and {VALIDITY_DAYS_MAX}d")
     # Calendar days in the campaign's zone, anchored at the start: never the clock.
     valid_until = None if validity_days is None else starts_at + dt.timedelta(days=validity_days)
-    return Item(sku, kind, amount if kind in KINDS_WITH_AMOUNT else None, validity_days, starts_at, valid_until)
+    return Item(
+        sku, kind, amount if kind in KINDS_WITH_AMOUNT else None, validity_days, starts_at, valid_until, issuer
+    )
 
 
 def _required_str(source: str, field: str, value: object) -> str:

@@ -15,6 +15,7 @@ settings as arguments.
 | ENTITLE_S3_ENDPOINT_URL     | AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS's endpoint |
 | AWS_REGION                  | AWS_DEFAULT_REGION, else the AWS SDK's |
 | AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN | the AWS SDK's default chain (~/.aws, instance role) |
+| ENTITLE_ISSUER_<NAME>_URL   | the url of [issuers.<name>] in the campaign file (NAME upper-cased, '-' as '_') |
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pipeline.storage import Location, ObjectStoreOptions
 
 RECONCILE_WORKERS_DEFAULT = max(1, min(2, os.cpu_count() or 1))  # reader processes; more than cores only queues
 RECONCILE_WORKERS_MAX = 32
+ISSUER_URL_PREFIX, ISSUER_URL_SUFFIX = "ENTITLE_ISSUER_", "_URL"
 S3_ENDPOINT_VARIABLES = ("ENTITLE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # first set wins
 
 
@@ -55,6 +57,8 @@ class Settings:
     clock: Callable[[], dt.datetime] = field(default=utc_now, compare=False)
     data_uri: str | None = None  # where snapshots and partitions go; None = under home
     object_store: ObjectStoreOptions = field(default_factory=ObjectStoreOptions)
+    # ENTITLE_ISSUER_<NAME>_URL, keyed by the variable's NAME part (upper case, '_' for '-').
+    issuer_urls: dict[str, str] = field(default_factory=dict)
 
     @property
     def data_root(self) -> Location:
@@ -66,8 +70,14 @@ class Settings:
         return storage.location(value, self.object_store)
 
     def campaign(self) -> Campaign:
-        """Load and validate the configured campaign."""
-        return load_campaign(self.campaign_file)
+        """Load and validate the configured campaign, with this deployment's issuer URLs."""
+        campaign = load_campaign(self.campaign_file)
+        overrides = {
+            spec.name: self.issuer_urls[issuer_env_name(spec.name)]
+            for spec in campaign.issuers
+            if issuer_env_name(spec.name) in self.issuer_urls
+        }
+        return campaign.with_issuer_urls(overrides)
 
     def describe_ledger(self) -> str:
         """The ledger URL with any password hidden."""
@@ -93,6 +103,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"ENTITLE_RECONCILE_WORKERS={workers} must be between 1 and {RECONCILE_WORKERS_MAX}")
     object_store = _object_store(env)
     data_uri = _data_uri(env, object_store)
+    issuer_urls = _issuer_urls(env)
     return Settings(
         home,
         ledger_url,
@@ -102,7 +113,27 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         workers,
         data_uri=data_uri,
         object_store=object_store,
+        issuer_urls=issuer_urls,
     )
+
+
+def issuer_env_name(issuer: str) -> str:
+    """The NAME of ENTITLE_ISSUER_<NAME>_URL for an issuer called ``issuer``."""
+    return issuer.upper().replace("-", "_")
+
+
+def _issuer_urls(env: Mapping[str, str]) -> dict[str, str]:
+    urls: dict[str, str] = {}
+    for variable, value in env.items():
+        if not (variable.startswith(ISSUER_URL_PREFIX) and variable.endswith(ISSUER_URL_SUFFIX)) or not value:
+            continue
+        name = variable[len(ISSUER_URL_PREFIX) : -len(ISSUER_URL_SUFFIX)]
+        if not name:
+            continue
+        if not value.startswith(("http://", "https://")):
+            raise ConfigError(f"{variable}={value!r} must be an http:// or https:// URL")
+        urls[name] = value.rstrip("/")
+    return urls
 
 
 def _object_store(env: Mapping[str, str]) -> ObjectStoreOptions:

@@ -29,7 +29,8 @@ from pipeline.campaign import ITEM_KINDS, Campaign, Item
 from pipeline.errors import ConfigError, LedgerError, TermsChangedError, invariant
 from pipeline.partitioning import BUCKET_MODULUS, BUCKET_MULTIPLIER
 
-SCHEMA_VERSION = 3  # 2: issue_no, reconciliation tables; 3: grants partitioned (PostgreSQL). pipeline/migrations
+# 2: issue_no, reconciliation tables; 3: grants partitioned (PostgreSQL); 4: delivery tables. pipeline/migrations
+SCHEMA_VERSION = 4
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The views of sql/<dialect>/views.sql; migrations drop them and create_schema re-applies the file.
 LEDGER_VIEWS = (
@@ -305,6 +306,73 @@ recon_breaks = sa.Table(
     ),
     sa.CheckConstraint("status IN ('open', 'resolved')", name="ck_recon_break_status"),
     sa.Index("ix_recon_breaks_open", "campaign_key", "status", "user_bucket"),
+)
+
+
+# Delivery to issuers (pipeline/delivery.py). grants stays append-only; what an issuer answered
+# lives here. delivery_batches is the outbox: a batch's row commits before its request is sent.
+DELIVERY_OUTCOMES = ("created", "exists", "conflict", "failed")
+FINAL_OUTCOMES = ("created", "exists", "conflict")  # never sent again, never overwritten
+
+delivery_batches = sa.Table(
+    "delivery_batches",
+    metadata,
+    sa.Column("batch_key", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), nullable=False),
+    sa.Column("issuer", sa.String(63), nullable=False),
+    sa.Column("partition_id", sa.Integer, nullable=False),
+    sa.Column("grant_count", sa.Integer, nullable=False),
+    # The batch's first and last grant in ledger key order (its grants lie between them).
+    sa.Column("first_user_bucket", sa.BigInteger, nullable=False),
+    sa.Column("first_user_id", sa.BigInteger, nullable=False),
+    sa.Column("last_user_bucket", sa.BigInteger, nullable=False),
+    sa.Column("last_user_id", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("started_at", Instant, nullable=False),
+    sa.Column("finished_at", Instant, nullable=True),
+    sa.CheckConstraint("status IN ('in_flight', 'answered', 'failed')", name="ck_delivery_batch_status"),
+    sa.Index("ix_delivery_batches_partition", "campaign_key", "issuer", "partition_id", "batch_key"),
+)
+
+delivery_answers = sa.Table(
+    "delivery_answers",
+    metadata,
+    # The grant's ledger key: "what is left to deliver in partition P" is one range scan of
+    # grants merged with one range scan of this table.
+    sa.Column("campaign_key", sa.Integer, primary_key=True),
+    sa.Column("user_bucket", sa.BigInteger, primary_key=True),
+    sa.Column("user_id", sa.BigInteger, primary_key=True),
+    sa.Column("item_key", sa.Integer, primary_key=True),
+    sa.Column("issue_no", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.Column("batch_key", sa.Integer, nullable=False),
+    sa.Column("answered_at", Instant, nullable=False),
+    sa.CheckConstraint(
+        "outcome IN (" + ", ".join(f"'{o}'" for o in DELIVERY_OUTCOMES) + ")", name="ck_delivery_outcome"
+    ),
+    sqlite_with_rowid=False,
+)
+
+delivery_partitions = sa.Table(
+    "delivery_partitions",
+    metadata,
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), primary_key=True),
+    sa.Column("issuer", sa.String(63), primary_key=True),
+    sa.Column("partition_id", sa.Integer, primary_key=True),
+    sa.Column("snapshot_id", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    *(
+        sa.Column(name, sa.BigInteger, nullable=True)
+        for name in ("planned", "created", "existed", "conflicts", "failed", "not_attempted", "sent")
+    ),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("duration_s", sa.Float, nullable=True),
+    sa.Column("started_at", Instant, nullable=False),
+    sa.Column("finished_at", Instant, nullable=True),
+    sa.CheckConstraint("status IN ('running', 'done', 'failed')", name="ck_delivery_partition_status"),
 )
 
 

@@ -12,6 +12,20 @@ CREATE TABLE campaigns (
 	UNIQUE (campaign_id)
 );
 
+CREATE TABLE delivery_answers (
+	campaign_key INTEGER NOT NULL, 
+	user_bucket BIGINT NOT NULL, 
+	user_id BIGINT NOT NULL, 
+	item_key INTEGER NOT NULL, 
+	issue_no SMALLINT NOT NULL, 
+	outcome VARCHAR(16) NOT NULL, 
+	detail TEXT, 
+	batch_key INTEGER NOT NULL, 
+	answered_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	PRIMARY KEY (campaign_key, user_bucket, user_id, item_key, issue_no), 
+	CONSTRAINT ck_delivery_outcome CHECK (outcome IN ('created', 'exists', 'conflict', 'failed'))
+);
+
 CREATE TABLE grant_voids (
 	campaign_key INTEGER NOT NULL, 
 	user_bucket BIGINT NOT NULL, 
@@ -63,6 +77,50 @@ CREATE TABLE campaign_items (
 	CONSTRAINT uq_campaign_items_sku UNIQUE (campaign_key, item_sku), 
 	CONSTRAINT ck_item_kind CHECK (item_kind IN ('emoticon', 'coupon', 'pass', 'cash')), 
 	CONSTRAINT ck_item_amount_positive CHECK (amount_krw IS NULL OR amount_krw > 0), 
+	FOREIGN KEY(campaign_key) REFERENCES campaigns (campaign_key)
+);
+
+CREATE TABLE delivery_batches (
+	batch_key SERIAL NOT NULL, 
+	campaign_key INTEGER NOT NULL, 
+	issuer VARCHAR(63) NOT NULL, 
+	partition_id INTEGER NOT NULL, 
+	grant_count INTEGER NOT NULL, 
+	first_user_bucket BIGINT NOT NULL, 
+	first_user_id BIGINT NOT NULL, 
+	last_user_bucket BIGINT NOT NULL, 
+	last_user_id BIGINT NOT NULL, 
+	status VARCHAR(16) NOT NULL, 
+	attempts INTEGER NOT NULL, 
+	error TEXT, 
+	started_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	finished_at TIMESTAMP WITH TIME ZONE, 
+	PRIMARY KEY (batch_key), 
+	CONSTRAINT ck_delivery_batch_status CHECK (status IN ('in_flight', 'answered', 'failed')), 
+	FOREIGN KEY(campaign_key) REFERENCES campaigns (campaign_key)
+);
+
+CREATE INDEX ix_delivery_batches_partition ON delivery_batches (campaign_key, issuer, partition_id, batch_key);
+
+CREATE TABLE delivery_partitions (
+	campaign_key INTEGER NOT NULL, 
+	issuer VARCHAR(63) NOT NULL, 
+	partition_id INTEGER NOT NULL, 
+	snapshot_id VARCHAR(16) NOT NULL, 
+	status VARCHAR(16) NOT NULL, 
+	planned BIGINT, 
+	created BIGINT, 
+	existed BIGINT, 
+	conflicts BIGINT, 
+	failed BIGINT, 
+	not_attempted BIGINT, 
+	sent BIGINT, 
+	error TEXT, 
+	duration_s FLOAT, 
+	started_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	finished_at TIMESTAMP WITH TIME ZONE, 
+	PRIMARY KEY (campaign_key, issuer, partition_id), 
+	CONSTRAINT ck_delivery_partition_status CHECK (status IN ('running', 'done', 'failed')), 
 	FOREIGN KEY(campaign_key) REFERENCES campaigns (campaign_key)
 );
 
