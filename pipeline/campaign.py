@@ -244,7 +244,7 @@ def _parse_issuer(source: str, name: str, table: object) -> IssuerSpec:
             raise CampaignError(f"{source}: {where}.url {url!r} must be an http:// or https:// URL")
         url = url.rstrip("/")
         if factory is not None:
-            raise CampaignError(f"{source}: {where}.factory is only for kind = \"python\"")
+            raise CampaignError(f'{source}: {where}.factory is only for kind = "python"')
     else:
         factory = _required_str(source, f"{where}.factory", factory)
         if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", factory):
@@ -334,9 +334,7 @@ def _parse_item(source: str, index: int, raw: object, starts_at: dt.datetime) ->
             raise CampaignError(f"{source}: {where}.validity {validity!r} must be between 1d and {VALIDITY_DAYS_MAX}d")
     # Calendar days in the campaign's zone, anchored at the start: never the clock.
     valid_until = None if validity_days is None else starts_at + dt.timedelta(days=validity_days)
-    return Item(
-        sku, kind, amount if kind in KINDS_WITH_AMOUNT else None, validity_days, starts_at, valid_until, issuer
-    )
+    return Item(sku, kind, amount if kind in KINDS_WITH_AMOUNT else None, validity_days, starts_at, valid_until, issuer)
 
 
 def _required_str(source: str, field: str, value: object) -> str:
