@@ -1,11 +1,12 @@
-"""The ``entitle`` command line: demo users, plan, run, grant, status, summary, reconcile, repair, void,
-report, query.
+"""The ``entitle`` command line: demo users, plan, run, grant, deliver, status, summary, reconcile, repair,
+void, report, query.
 
 Exit codes: 0 success; 2 usage or configuration; 3 bad input (campaign or user
 file); 4 partition files; 5 ledger refused (including a refused void or
 repair); 6 campaign not started; 7 some partitions failed (the others
-finished); 8 reconciliation found breaks; 9 reconciliation incomplete; 70
-internal error (a bug: please report).
+finished; for deliver: grants failed or not attempted); 8 reconciliation found
+breaks; 9 reconciliation incomplete; 10 deliver: an issuer answered conflict;
+70 internal error (a bug: please report).
 """
 
 from __future__ import annotations
@@ -22,10 +23,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipeline import __version__, corrections, jobs, queries, reconciliation, schemas, snapshot
+from pipeline import __version__, corrections, delivery, jobs, ledger, queries, reconciliation, schemas, snapshot
 from pipeline.config import Settings, load_settings
 from pipeline.demo_users import write_demo_users
-from pipeline.errors import CorrectionError, EntitleError, QueryError
+from pipeline.errors import (
+    CorrectionError,
+    DeliveryConflictError,
+    DeliveryFailedError,
+    EntitleError,
+    QueryError,
+)
 from pipeline.granting import PartitionOutcome
 from pipeline.progress import Progress
 
@@ -76,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings come from ENTITLE_HOME, ENTITLE_LEDGER_URL, ENTITLE_CAMPAIGN, ENTITLE_PARTITIONS, "
         "ENTITLE_REJECTED_SHARE_MAX and, for partitions on S3, ENTITLE_DATA_URI (see README). Exit codes: 0 ok, "
         "2 usage/config (also an unreachable object store), 3 bad input, 4 partition files, 5 ledger refused, "
-        "6 campaign not started, 7 partitions failed, 8 reconciliation breaks, 9 reconciliation incomplete, "
-        "70 internal error.",
+        "6 campaign not started, 7 partitions failed (deliver: grants failed or not attempted), 8 reconciliation "
+        "breaks, 9 reconciliation incomplete, 10 deliver: an issuer answered conflict, 70 internal error. "
+        "ENTITLE_ISSUER_<NAME>_URL overrides the url of [issuers.<name>].",
     )
     parser.add_argument("--version", action="version", version=f"entitle {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -108,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot", help="snapshot id (default: the campaign's current snapshot)")
     _grant_args(p)
     p.set_defaults(handler=cmd_grant)
+
+    p = command(
+        "deliver",
+        "send the ledger's grants to their issuers (items with issuer = NAME); exit 0 all delivered, "
+        "7 some grants failed or not attempted (rerun), 10 an issuer answered conflict",
+    )
+    p.add_argument("--partitions", type=_partition_list, help="comma-separated partition ids, e.g. 3,17")
+    p.add_argument(
+        "--only-failed", action="store_true", help="only partitions whose last delivery failed or was interrupted"
+    )
+    p.add_argument("--issuer", action="append", help="only this issuer (repeatable; default: every declared one)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+    p.set_defaults(handler=cmd_deliver)
 
     p = command("status", "per partition of the current snapshot: done, failed (with the error), pending")
     p.add_argument("--snapshot", help="snapshot id (default: the campaign's current snapshot)")
@@ -256,13 +277,131 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
         "total_face_value_krw": sum(i.face_value_krw for i in items),
         "written": False,
     }
+    deliveries = _delivery_plan(campaign, report.eligible_users)
+    document["issuers"] = deliveries
     lines = [
         f"plan for campaign {campaign.campaign_id} (dry run: nothing written)",
         *_snapshot_lines(report),
         *_item_lines(items),
+        *_delivery_plan_lines(deliveries),
     ]
     _emit(args, document, lines)
     return 0
+
+
+ASSUMED_ISSUER_LATENCY_S = 0.25  # one batch request's round trip, for plan's estimate only
+
+
+def _delivery_plan(campaign: Any, users: int) -> list[dict[str, Any]]:
+    """Per declared issuer: grants to deliver, requests, and the time its rate budget allows."""
+    plans = []
+    for spec in campaign.issuers:
+        grants = users * len(campaign.items_of(spec.name))
+        requests = -(-grants // spec.batch_size)
+        # The budget allows requests_per_s; concurrency allows concurrency / latency per second.
+        rate = min(spec.requests_per_s, spec.concurrency / ASSUMED_ISSUER_LATENCY_S)
+        plans.append(
+            {
+                "issuer": spec.name,
+                "url": spec.url,
+                "items": [i.sku for i in campaign.items_of(spec.name)],
+                "grants": grants,
+                "requests": requests,
+                "requests_per_s": spec.requests_per_s,
+                "concurrency": spec.concurrency,
+                "batch_size": spec.batch_size,
+                "estimated_s": requests / rate,
+                "assumed_latency_s": ASSUMED_ISSUER_LATENCY_S,
+            }
+        )
+    return plans
+
+
+def _delivery_plan_lines(plans: list[dict[str, Any]]) -> list[str]:
+    if not plans:
+        return ["  delivery: every item's issuer is the ledger; nothing to deliver"]
+    lines = [f"  {'issuer':<12} {'grants':>14} {'requests':>10}  estimated delivery time"]
+    for plan in plans:
+        lines.append(
+            f"  {plan['issuer']:<12} {plan['grants']:>14,} {plan['requests']:>10,}  {_duration(plan['estimated_s'])} "
+            f"({plan['requests_per_s']:g} req/s × {plan['batch_size']:,} grants, {plan['concurrency']} in flight at "
+            f"an assumed {plan['assumed_latency_s']:g} s per request)"
+        )
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7_200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3_600:.1f} h"
+
+
+def cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
+    """Deliver grants to issuers."""
+    pipeline = jobs.open_pipeline(settings)
+    context, entries = jobs.delivery_selection(pipeline, args.partitions, args.only_failed)
+    runtimes = delivery.open_issuers(pipeline.campaign, args.issuer)
+    if not runtimes or not entries:
+        reason = "no partition selected" if runtimes else "every item's issuer is the ledger (nothing to send)"
+        _emit(args, {"snapshot_id": context.snapshot_id, "partitions": 0, "reports": []}, [f"nothing to do: {reason}"])
+        return 0
+    total = sum(e.rows * len(pipeline.campaign.items_of(name)) for e in entries for name in runtimes)
+    bar = Progress("deliver", total, enabled=not args.no_progress)
+    try:
+        reports = delivery.deliver(context, runtimes, entries, on_report=lambda r: bar.advance(r.planned))
+    finally:
+        bar.close()
+        for runtime in runtimes.values():
+            runtime.close()
+    budgets = {
+        name: {
+            "requests": len(r.budget.starts),
+            "requests_per_s": r.budget.achieved_requests_per_s(),
+            "budget_requests_per_s": r.spec.requests_per_s,
+        }
+        for name, r in runtimes.items()
+    }
+    unfinished = [r for r in reports if r.status != "done"]
+    conflicts = sum(r.conflict for r in reports)
+    t = {c: sum(getattr(r, c) for r in reports) for c in ("planned", *delivery.OUTCOME_COUNTS, "sent")}
+    document = {
+        "snapshot_id": context.snapshot_id,
+        "ledger": settings.describe_ledger(),
+        "partitions": len(entries),
+        "reports": [r.as_dict() for r in reports],
+        "totals": t,
+        "budgets": budgets,
+        "unfinished": len(unfinished),
+    }
+    lines = [
+        f"deliver snapshot {context.snapshot_id}: {len(reports) - len(unfinished)}/{len(reports)} partition "
+        f"deliveries done; planned {t['planned']:,} = created {t['created']:,} + exists {t['exists']:,} + conflict "
+        f"{t['conflict']:,} + failed {t['failed']:,} + not attempted {t['not_attempted']:,}; sent {t['sent']:,} now",
+    ]
+    for name, budget in budgets.items():
+        rate = budget["requests_per_s"]
+        lines.append(
+            f"  {name}: {budget['requests']:,} requests"
+            + (f" at {rate:.1f} req/s (budget {budget['budget_requests_per_s']:g})" if rate else "")
+        )
+    for report in unfinished[:20]:
+        lines.append(
+            f"  UNFINISHED part-{report.partition_id:04d} → {report.issuer}: {report.failed:,} failed, "
+            f"{report.not_attempted:,} not attempted: {report.error}"
+        )
+    if unfinished:
+        lines.append("fix the cause (is the issuer up?), then: entitle deliver --only-failed")
+    if conflicts:
+        lines.append(
+            f"  {conflicts:,} CONFLICT(S): the issuer holds a different payload under the grant id; nothing was "
+            "overwritten. List them: entitle query delivery_conflicts"
+        )
+    _emit(args, document, lines)
+    if unfinished:
+        return DeliveryFailedError.exit_code
+    return DeliveryConflictError.exit_code if conflicts else 0
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -347,7 +486,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         if args.all or part["status"] != "done":
             error = f"  error: {part['error']}" if part["error"] else ""
             lines.append(f"  part-{part['partition_id']:04d}  {part['status']:<8} run {part['run_id']}{error}")
-    _emit(args, report.as_dict(), lines)
+    document = report.as_dict()
+    document["delivery"] = delivery.issuer_totals(pipeline.engine, pipeline.keys.campaign_key, report.snapshot_id)
+    lines += _delivery_lines(pipeline.campaign, document["delivery"])
+    _emit(args, document, lines)
     return 0
 
 
@@ -355,7 +497,7 @@ def cmd_summary(args: argparse.Namespace, settings: Settings) -> int:
     """Ledger totals."""
     pipeline = jobs.open_pipeline(settings)
     totals = jobs.ledger_totals(pipeline)
-    document = {
+    document: dict[str, Any] = {
         "campaign_id": pipeline.campaign.campaign_id,
         "ledger": settings.describe_ledger(),
         "items": [vars(t) for t in totals],
@@ -363,7 +505,35 @@ def cmd_summary(args: argparse.Namespace, settings: Settings) -> int:
         "total_face_value_krw": sum(t.face_value_krw for t in totals),
     }
     lines = [f"campaign {pipeline.campaign.campaign_id}, ledger {settings.describe_ledger()}", *_item_lines(totals)]
+    current = ledger.current_snapshot(pipeline.engine, pipeline.keys.campaign_key)
+    if current is not None:
+        document["delivery"] = delivery.issuer_totals(
+            pipeline.engine, pipeline.keys.campaign_key, str(current["snapshot_id"])
+        )
+        lines += _delivery_lines(pipeline.campaign, document["delivery"])
     _emit(args, document, lines)
+    return 0
+
+
+def _delivery_lines(campaign: Any, totals: dict[str, dict[str, int]]) -> list[str]:
+    """Delivery counts per issuer (sums of each partition's latest delivery report)."""
+    if not campaign.issuers:
+        return []
+    lines = [
+        f"  delivery  {'issuer':<12} {'planned':>12} {'created':>12} {'exists':>10} {'conflict':>9} {'failed':>9} "
+        f"{'not sent':>10}  partitions done/unfinished"
+    ]
+    for spec in campaign.issuers:
+        t = totals.get(spec.name)
+        if t is None:
+            lines.append(f"  delivery  {spec.name:<12} not delivered yet: entitle deliver")
+            continue
+        lines.append(
+            f"  delivery  {spec.name:<12} {t['planned']:>12,} {t['created']:>12,} {t['exists']:>10,} "
+            f"{t['conflict']:>9,} {t['failed']:>9,} {t['not_attempted']:>10,}  "
+            f"{t['partitions_done']}/{t['partitions_failed']}"
+        )
+    return lines
     return 0
 
 
@@ -539,8 +709,6 @@ def cmd_void(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     """Ledger administration."""
-    from pipeline import ledger
-
     engine = ledger.create_ledger_engine(settings.ledger_url)
     where = settings.describe_ledger()
     try:

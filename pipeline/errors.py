@@ -75,6 +75,18 @@ class GrantFailedError(EntitleError):
     exit_code = 7
 
 
+class DeliveryFailedError(GrantFailedError):
+    """Some partitions' grants were not delivered to their issuer (failed or not attempted); rerun delivers them."""
+
+    exit_code = 7
+
+
+class DeliveryConflictError(EntitleError):
+    """An issuer holds a different payload under some grant ids (answer ``conflict``): a person decides."""
+
+    exit_code = 10
+
+
 class CorrectionError(LedgerError):
     """A void or repair was refused (nothing to void, already voided, no reconciliation); nothing was written."""
 

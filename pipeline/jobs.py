@@ -18,9 +18,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from pipeline import ledger, snapshot
+from pipeline import delivery, ledger, snapshot
 from pipeline.campaign import Campaign
 from pipeline.config import Settings
+from pipeline.delivery import DeliveryContext
 from pipeline.errors import GrantFailedError, SnapshotError
 from pipeline.granting import GrantContext, PartitionOutcome, grant_partition
 from pipeline.ledger import CampaignKeys
@@ -383,3 +384,32 @@ def require_all_done(outcomes: list[PartitionOutcome]) -> None:
         raise GrantFailedError(
             f"{len(failed)} partition(s) failed: {listed}. Fix the cause, then `entitle grant --only-failed`."
         )
+
+
+def delivery_selection(
+    pipeline: Pipeline, partition_ids: Iterable[int] | None = None, only_failed: bool = False
+) -> tuple[DeliveryContext, list[PartitionEntry]]:
+    """The current snapshot's partitions to deliver: all, ``partition_ids``, or those not finished last time."""
+    row = snapshot_row(pipeline, None)
+    count = int(row["partition_count"])
+    entries = load_manifest(partitions_dir(pipeline.settings.location(row["snapshot_dir"]), count))
+    if partition_ids is not None:
+        wanted = set(partition_ids)
+        unknown = sorted(wanted - {e.partition_id for e in entries})
+        if unknown:
+            raise SnapshotError(
+                f"partition id(s) {unknown} do not exist; snapshot {row['snapshot_id']} has partitions 0..{count - 1}"
+            )
+        entries = [e for e in entries if e.partition_id in wanted]
+    if only_failed:
+        states = delivery.partition_states(pipeline.engine, pipeline.keys.campaign_key)
+        unfinished = {
+            partition_id
+            for (_issuer, partition_id), state in states.items()
+            if state["snapshot_id"] == row["snapshot_id"] and state["status"] in ("failed", "running")
+        }
+        entries = [e for e in entries if e.partition_id in unfinished]
+    context = DeliveryContext(
+        pipeline.engine, pipeline.campaign, pipeline.keys, str(row["snapshot_id"]), pipeline.settings.clock
+    )
+    return context, entries

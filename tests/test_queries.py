@@ -36,6 +36,7 @@ def test_every_query_file_is_listed_and_parsed() -> None:
     assert names == [
         "breaks_by_class",
         "coverage",
+        "delivery_conflicts",
         "face_value_per_item",
         "grants_per_day",
         "open_breaks",

@@ -1,0 +1,655 @@
+"""Delivery of ledger grants to their issuers, with an exactly-once effect at the issuer.
+
+Why no grant is issued twice, and none is lost:
+
+- Every grant has a deterministic id, ``{campaign_id}:{user_id}:{item_sku}:{issue_no}``,
+  which the issuer uses as its idempotency key: sending it again cannot grant again.
+- Outbox: before a batch is sent, its row in ``delivery_batches`` (status ``in_flight``,
+  its first and last grant key) commits; after the issuer answers, every grant's
+  answer commits in ``delivery_answers`` with the batch's new status, in one
+  transaction. A crash between the two leaves grants without a final answer.
+- A run sends exactly the live grants of the partition with no final answer
+  (``created``, ``exists`` or ``conflict``): never-sent, failed and in-flight ones,
+  again with the same ids. One the issuer had committed answers ``exists``.
+- A final answer is never overwritten (the upsert only replaces ``failed``); a
+  ``conflict`` (the issuer holds a different payload under the id) is surfaced
+  for a person to decide and never sent again.
+
+Per issuer and process there is one rate budget (a token bucket of
+``requests_per_s`` with a burst of one request, plus ``concurrency`` requests in
+flight) and one circuit breaker, shared by every partition the process delivers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import Connection, Engine
+
+from pipeline import ledger
+from pipeline.campaign import Campaign, IssuerSpec
+from pipeline.errors import DeliveryConflictError, DeliveryFailedError, invariant
+from pipeline.issuers import Answer, GrantPayload, Issuer, IssuerRejected, IssuerUnavailable, build_issuer
+from pipeline.ledger import CampaignKeys, delivery_answers, delivery_batches, delivery_partitions, write_transaction
+from pipeline.partitioning import PartitionEntry
+
+ERROR_TEXT_CHARS_MAX = 2_000
+CIRCUIT_OPEN = "circuit open"
+OUTCOME_COUNTS = ("created", "exists", "conflict", "failed", "not_attempted")
+_REPORT_COLUMNS = {
+    "created": "created",
+    "exists": "existed",
+    "conflict": "conflicts",
+    "failed": "failed",
+    "not_attempted": "not_attempted",
+}
+
+
+def grant_id(campaign_id: str, user_id: int, item_sku: str, issue_no: int) -> str:
+    """The grant's idempotency key at every issuer: the same grant always has the same id."""
+    return f"{campaign_id}:{user_id}:{item_sku}:{issue_no}"
+
+
+# --------------------------------------------------------------------------- budget and breaker
+
+
+class RateBudget:
+    """A token bucket (``requests_per_s``, burst of one) and a bound on requests in flight; thread-safe."""
+
+    def __init__(self, requests_per_s: float, concurrency: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = 1.0 / requests_per_s
+        self.in_flight = threading.BoundedSemaphore(concurrency)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._next_at = 0.0
+        self.starts: list[float] = []  # the instant each request was let through
+
+    def hold(self, seconds: float) -> None:
+        """Let no request through for ``seconds`` (an issuer's Retry-After)."""
+        with self._lock:
+            self._next_at = max(self._next_at, self._clock() + seconds)
+
+    def acquire(self) -> None:
+        """Wait for this request's turn."""
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._next_at)
+            self._next_at = start + self.interval_s
+            self.starts.append(start)
+        if start > now:
+            time.sleep(start - now)
+
+    def achieved_requests_per_s(self) -> float | None:
+        """Requests per second between the first and the last request let through."""
+        if len(self.starts) < 2:
+            return None
+        return (len(self.starts) - 1) / (self.starts[-1] - self.starts[0])
+
+
+class CircuitBreaker:
+    """Opens after ``failures_max`` consecutive failed calls; lets one trial call through after the cooldown."""
+
+    def __init__(self, failures_max: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.failures_max = failures_max
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._trial = False
+
+    @property
+    def is_open(self) -> bool:
+        """True while calls are refused (open and cooling down)."""
+        with self._lock:
+            return self._opened_at is not None and self._clock() - self._opened_at < self.cooldown_s
+
+    def allow(self) -> bool:
+        """May a call go out now? After the cooldown one trial call goes (half-open)."""
+        with self._lock:
+            if self._opened_at is None:
+                return True
+            if self._clock() - self._opened_at < self.cooldown_s or self._trial:
+                return False
+            self._trial = True
+            return True
+
+    def succeeded(self) -> None:
+        """A call got an answer: close."""
+        with self._lock:
+            self._failures, self._opened_at, self._trial = 0, None, False
+
+    def failed(self) -> None:
+        """A call failed (network, timeout, 5xx): count it; open at the threshold (or when a trial fails)."""
+        with self._lock:
+            self._failures += 1
+            if self._trial or self._failures >= self.failures_max:
+                self._opened_at, self._trial = self._clock(), False
+
+
+@dataclass
+class IssuerRuntime:
+    """One issuer in this process: the client, its rate budget, its breaker and its sender threads."""
+
+    spec: IssuerSpec
+    issuer: Issuer
+    budget: RateBudget
+    breaker: CircuitBreaker
+    pool: ThreadPoolExecutor
+    sleep: Callable[[float], None] = time.sleep
+    jitter: random.Random = field(default_factory=random.Random)
+
+    def close(self) -> None:
+        """Stop the sender threads and close the client."""
+        self.pool.shutdown(wait=True)
+        self.issuer.close()
+
+
+def open_issuers(campaign: Campaign, only: Iterable[str] | None = None) -> dict[str, IssuerRuntime]:
+    """A runtime per declared issuer that has items (``only``: these names)."""
+    wanted = None if only is None else set(only)
+    runtimes = {}
+    for spec in campaign.issuers:
+        if not campaign.items_of(spec.name) or (wanted is not None and spec.name not in wanted):
+            continue
+        runtimes[spec.name] = IssuerRuntime(
+            spec,
+            build_issuer(spec),
+            RateBudget(spec.requests_per_s, spec.concurrency),
+            CircuitBreaker(spec.breaker_failures, spec.breaker_cooldown_s),
+            ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix=f"issuer-{spec.name}"),
+        )
+    return runtimes
+
+
+# --------------------------------------------------------------------------- one batch
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What sending one batch came to: answers, or the error that failed it."""
+
+    answers: list[Answer] | None
+    error: str | None
+    attempts: int
+    circuit_open: bool = False
+
+
+def send_batch(runtime: IssuerRuntime, batch: Sequence[GrantPayload]) -> BatchResult:
+    """Send one batch with retries: the same keys every time; backoff with full jitter; Retry-After honoured."""
+    spec = runtime.spec
+    error = "not sent"
+    for attempt in range(1, spec.max_attempts + 1):
+        if not runtime.breaker.allow():
+            return BatchResult(
+                None, f"{CIRCUIT_OPEN} after {spec.breaker_failures} failures ({error})", attempt - 1, True
+            )
+        runtime.budget.acquire()
+        try:
+            with runtime.budget.in_flight:
+                answers = runtime.issuer.deliver(batch)
+        except IssuerUnavailable as exc:
+            error = str(exc)
+            if exc.throttled:
+                wait_s = exc.retry_after_s if exc.retry_after_s is not None else _backoff_s(runtime, attempt)
+                runtime.budget.hold(wait_s)  # every request to this issuer waits, not only this one
+                runtime.sleep(wait_s)
+                continue
+            runtime.breaker.failed()
+            if attempt < spec.max_attempts:
+                runtime.sleep(_backoff_s(runtime, attempt))
+            continue
+        except IssuerRejected as exc:
+            runtime.breaker.succeeded()  # the issuer is up; this batch is refused
+            return BatchResult(None, f"refused: {exc}", attempt)
+        runtime.breaker.succeeded()
+        return BatchResult(answers, None, attempt)
+    return BatchResult(None, f"gave up after {spec.max_attempts} attempts: {error}", spec.max_attempts)
+
+
+def _backoff_s(runtime: IssuerRuntime, attempt: int) -> float:
+    """Full jitter: uniform in [0, min(cap, base × 2^(attempt-1))]."""
+    spec = runtime.spec
+    return runtime.jitter.uniform(0.0, min(spec.backoff_cap_s, spec.backoff_base_s * 2 ** (attempt - 1)))
+
+
+# --------------------------------------------------------------------------- one partition
+
+
+@dataclass(frozen=True)
+class DeliveryContext:
+    """Everything a partition's delivery needs besides the partition and the issuer."""
+
+    engine: Engine
+    campaign: Campaign
+    keys: CampaignKeys
+    snapshot_id: str
+    clock: Callable[[], dt.datetime]
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    """One partition's delivery to one issuer: the state of its planned grants after this run."""
+
+    partition_id: int
+    issuer: str
+    status: str  # done | failed
+    planned: int
+    created: int
+    exists: int
+    conflict: int
+    failed: int
+    not_attempted: int
+    sent: int  # grants sent by this run (each counted once, however many attempts)
+    duration_s: float
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for JSON and XCom."""
+        return asdict(self)
+
+
+@dataclass
+class _Key:
+    user_bucket: int
+    user_id: int
+    item_key: int
+    issue_no: int
+
+
+def deliver_partition(
+    context: DeliveryContext,
+    runtime: IssuerRuntime,
+    entry: PartitionEntry,
+    on_batch: Callable[[int], None] | None = None,
+) -> DeliveryReport:
+    """Deliver the partition's grants of this issuer that have no final answer; record everything."""
+    started = time.monotonic()
+    spec = runtime.spec
+    items = context.campaign.items_of(spec.name)
+    item_keys = {context.keys.item_keys[i.sku]: i.sku for i in items}
+    _record_partition_start(context, spec.name, entry)
+    sent = 0
+    stop_error: str | None = None
+    window: list[tuple[Future[BatchResult], int, list[_Key]]] = []
+
+    def settle(oldest: tuple[Future[BatchResult], int, list[_Key]]) -> None:
+        nonlocal stop_error
+        future, batch_key, keys = oldest
+        result = future.result()
+        _record_answers(context, batch_key, keys, result)
+        if result.answers is None and stop_error is None and result.circuit_open:
+            stop_error = result.error
+        if on_batch is not None:
+            on_batch(len(keys))
+
+    if runtime.breaker.is_open:
+        stop_error = f"{CIRCUIT_OPEN}: issuer {spec.name!r} failed {spec.breaker_failures} times in a row"
+    else:
+        for keys, payloads in _pending_batches(context, entry, item_keys, spec.batch_size):
+            if stop_error is not None:
+                break
+            batch_key = _record_intent(context, spec.name, entry.partition_id, keys)
+            window.append((runtime.pool.submit(send_batch, runtime, payloads), batch_key, keys))
+            sent += len(keys)
+            while len(window) >= spec.concurrency:
+                settle(window.pop(0))
+        while window:
+            settle(window.pop(0))
+    counts = count_outcomes(context, entry, list(item_keys))
+    planned = entry.rows * len(items)
+    live = sum(counts.values())
+    # Grants the ledger does not hold yet (the partition is not granted) cannot be delivered yet.
+    counts["not_attempted"] += max(planned - live, 0)
+    planned = max(planned, live)
+    invariant(
+        sum(counts[c] for c in OUTCOME_COUNTS) == planned,
+        f"delivery counts {counts} of part-{entry.partition_id:04d} do not add up to {planned} planned",
+    )
+    pending = counts["failed"] + counts["not_attempted"]
+    error = stop_error if pending else None
+    if pending and error is None:
+        error = _last_batch_error(context, spec.name, entry.partition_id) or (
+            f"{pending:,} grant(s) not delivered yet (not granted in the ledger, or failed)"
+        )
+    report = DeliveryReport(
+        entry.partition_id,
+        spec.name,
+        "failed" if pending else "done",
+        planned,
+        counts["created"],
+        counts["exists"],
+        counts["conflict"],
+        counts["failed"],
+        counts["not_attempted"],
+        sent,
+        time.monotonic() - started,
+        None if error is None else error[:ERROR_TEXT_CHARS_MAX],
+    )
+    _record_partition_end(context, report)
+    return report
+
+
+def _pending_batches(
+    context: DeliveryContext, entry: PartitionEntry, item_keys: dict[int, str], batch_size: int
+) -> Iterator[tuple[list[_Key], list[GrantPayload]]]:
+    """The partition's live grants for these items without a final answer, in ledger key order, in batches."""
+    campaign = context.campaign
+    zone = ZoneInfo(campaign.time_zone)
+    instants: dict[dt.datetime, str] = {}
+
+    def iso(value: dt.datetime | None) -> str | None:
+        if value is None:
+            return None
+        text = instants.get(value)
+        if text is None:
+            text = instants[value] = value.astimezone(zone).isoformat()
+        return text
+
+    statement = (
+        sa.text(
+            "SELECT g.user_bucket, g.user_id, g.item_key, g.issue_no, g.amount_krw, g.valid_from, g.valid_until "
+            "FROM grants AS g LEFT JOIN delivery_answers AS a ON a.campaign_key = g.campaign_key "
+            "AND a.user_bucket = g.user_bucket AND a.user_id = g.user_id AND a.item_key = g.item_key "
+            "AND a.issue_no = g.issue_no "
+            "WHERE g.campaign_key = :campaign_key AND g.user_bucket BETWEEN :lo AND :hi "
+            "AND g.item_key IN :item_keys AND (a.outcome IS NULL OR a.outcome = 'failed') "
+            + _NOT_VOIDED
+            + "ORDER BY g.user_bucket, g.user_id, g.item_key, g.issue_no"
+        )
+        .bindparams(sa.bindparam("item_keys", expanding=True))
+        .columns(
+            sa.column("user_bucket", sa.BigInteger),
+            sa.column("user_id", sa.BigInteger),
+            sa.column("item_key", sa.Integer),
+            sa.column("issue_no", sa.Integer),
+            sa.column("amount_krw", sa.BigInteger),
+            sa.column("valid_from", ledger.Instant()),
+            sa.column("valid_until", ledger.Instant()),
+        )
+    )
+    params = {
+        "campaign_key": context.keys.campaign_key,
+        "lo": entry.bucket_lo,
+        "hi": entry.bucket_hi,
+        "item_keys": sorted(item_keys),
+    }
+    # One streamed read per partition: what is left is read once, at the start.
+    with context.engine.connect() as connection:
+        result = connection.execution_options(stream_results=True, yield_per=batch_size).execute(statement, params)
+        while True:
+            rows = result.fetchmany(batch_size)
+            if not rows:
+                return
+            keys = [_Key(int(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
+            payloads = [
+                GrantPayload(
+                    grant_id(campaign.campaign_id, int(r[1]), item_keys[int(r[2])], int(r[3])),
+                    campaign.campaign_id,
+                    int(r[1]),
+                    item_keys[int(r[2])],
+                    int(r[3]),
+                    None if r[4] is None else int(r[4]),
+                    iso(r[5]) or "",
+                    iso(r[6]),
+                )
+                for r in rows
+            ]
+            yield keys, payloads
+
+
+_NOT_VOIDED = (
+    "AND NOT EXISTS (SELECT 1 FROM grant_voids AS v WHERE v.campaign_key = g.campaign_key "
+    "AND v.user_bucket = g.user_bucket AND v.user_id = g.user_id AND v.item_key = g.item_key "
+    "AND v.issue_no = g.issue_no) "
+)
+
+
+def count_outcomes(context: DeliveryContext, entry: PartitionEntry, item_keys: Sequence[int]) -> dict[str, int]:
+    """Live grants of the partition for these items by their delivery state (one range scan)."""
+    statement = sa.text(
+        "SELECT COALESCE(a.outcome, 'not_attempted') AS outcome, count(*) AS n "
+        "FROM grants AS g LEFT JOIN delivery_answers AS a ON a.campaign_key = g.campaign_key "
+        "AND a.user_bucket = g.user_bucket AND a.user_id = g.user_id AND a.item_key = g.item_key "
+        "AND a.issue_no = g.issue_no "
+        "WHERE g.campaign_key = :campaign_key AND g.user_bucket BETWEEN :lo AND :hi AND g.item_key IN :item_keys "
+        + _NOT_VOIDED
+        + "GROUP BY COALESCE(a.outcome, 'not_attempted')"
+    ).bindparams(sa.bindparam("item_keys", expanding=True))
+    counts = dict.fromkeys(OUTCOME_COUNTS, 0)
+    with context.engine.connect() as connection:
+        for outcome, n in connection.execute(
+            statement,
+            {
+                "campaign_key": context.keys.campaign_key,
+                "lo": entry.bucket_lo,
+                "hi": entry.bucket_hi,
+                "item_keys": list(item_keys),
+            },
+        ):
+            counts[str(outcome)] += int(n)
+    return counts
+
+
+def _record_intent(context: DeliveryContext, issuer: str, partition_id: int, keys: list[_Key]) -> int:
+    """The outbox row: committed before the batch is sent."""
+    with write_transaction(context.engine) as connection:
+        result = connection.execute(
+            delivery_batches.insert().values(
+                campaign_key=context.keys.campaign_key,
+                issuer=issuer,
+                partition_id=partition_id,
+                grant_count=len(keys),
+                first_user_bucket=keys[0].user_bucket,
+                first_user_id=keys[0].user_id,
+                last_user_bucket=keys[-1].user_bucket,
+                last_user_id=keys[-1].user_id,
+                status="in_flight",
+                attempts=0,
+                started_at=context.clock(),
+            )
+        )
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+
+def _record_answers(context: DeliveryContext, batch_key: int, keys: list[_Key], result: BatchResult) -> None:
+    """Every grant's answer (or the batch's failure) and the batch's status, in one transaction."""
+    now = context.clock()
+    campaign_key = context.keys.campaign_key
+    if result.answers is not None:
+        invariant(len(result.answers) == len(keys), "the issuer client checks one answer per grant")
+        rows = [
+            {
+                "campaign_key": campaign_key,
+                "user_bucket": k.user_bucket,
+                "user_id": k.user_id,
+                "item_key": k.item_key,
+                "issue_no": k.issue_no,
+                "outcome": a.status,
+                "detail": None if a.detail is None else a.detail[:ERROR_TEXT_CHARS_MAX],
+                "batch_key": batch_key,
+                "answered_at": now,
+            }
+            for k, a in zip(keys, result.answers, strict=True)
+        ]
+    else:
+        rows = [
+            {
+                "campaign_key": campaign_key,
+                "user_bucket": k.user_bucket,
+                "user_id": k.user_id,
+                "item_key": k.item_key,
+                "issue_no": k.issue_no,
+                "outcome": "failed",
+                "detail": (result.error or "")[:ERROR_TEXT_CHARS_MAX],
+                "batch_key": batch_key,
+                "answered_at": now,
+            }
+            for k in keys
+        ]
+    with write_transaction(context.engine) as connection:
+        connection.execute(_upsert_answers(connection), rows)
+        connection.execute(
+            delivery_batches.update()
+            .where(delivery_batches.c.batch_key == batch_key)
+            .values(
+                status="answered" if result.answers is not None else "failed",
+                attempts=result.attempts,
+                error=None if result.error is None else result.error[:ERROR_TEXT_CHARS_MAX],
+                finished_at=now,
+            )
+        )
+
+
+def _upsert_answers(connection: Connection) -> Any:
+    """INSERT … ON CONFLICT DO UPDATE that replaces only a ``failed`` answer: final answers stay."""
+    table = delivery_answers
+    insert = (pg_dialect.insert if connection.dialect.name == "postgresql" else sqlite_dialect.insert)(table)
+    return insert.on_conflict_do_update(
+        index_elements=[c.name for c in table.primary_key.columns],
+        set_={
+            "outcome": insert.excluded.outcome,
+            "detail": insert.excluded.detail,
+            "batch_key": insert.excluded.batch_key,
+            "answered_at": insert.excluded.answered_at,
+        },
+        where=table.c.outcome == "failed",
+    )
+
+
+def _last_batch_error(context: DeliveryContext, issuer: str, partition_id: int) -> str | None:
+    b = delivery_batches
+    with context.engine.connect() as connection:
+        value = connection.execute(
+            sa.select(b.c.error)
+            .where(
+                b.c.campaign_key == context.keys.campaign_key,
+                b.c.issuer == issuer,
+                b.c.partition_id == partition_id,
+                b.c.error.is_not(None),
+            )
+            .order_by(b.c.batch_key.desc())
+            .limit(1)
+        ).scalar()
+    return None if value is None else str(value)
+
+
+def _record_partition_start(context: DeliveryContext, issuer: str, entry: PartitionEntry) -> None:
+    p = delivery_partitions
+    key = (p.c.campaign_key == context.keys.campaign_key) & (p.c.issuer == issuer)
+    key = key & (p.c.partition_id == entry.partition_id)
+    with write_transaction(context.engine) as connection:
+        connection.execute(p.delete().where(key))
+        connection.execute(
+            p.insert().values(
+                campaign_key=context.keys.campaign_key,
+                issuer=issuer,
+                partition_id=entry.partition_id,
+                snapshot_id=context.snapshot_id,
+                status="running",
+                started_at=context.clock(),
+            )
+        )
+
+
+def _record_partition_end(context: DeliveryContext, report: DeliveryReport) -> None:
+    p = delivery_partitions
+    with write_transaction(context.engine) as connection:
+        connection.execute(
+            p.update()
+            .where(
+                p.c.campaign_key == context.keys.campaign_key,
+                p.c.issuer == report.issuer,
+                p.c.partition_id == report.partition_id,
+            )
+            .values(
+                status=report.status,
+                planned=report.planned,
+                sent=report.sent,
+                error=report.error,
+                duration_s=report.duration_s,
+                finished_at=context.clock(),
+                **{_REPORT_COLUMNS[c]: getattr(report, c) for c in OUTCOME_COUNTS},
+            )
+        )
+
+
+# --------------------------------------------------------------------------- many partitions
+
+
+def deliver(
+    context: DeliveryContext,
+    runtimes: dict[str, IssuerRuntime],
+    entries: Iterable[PartitionEntry],
+    on_batch: Callable[[int], None] | None = None,
+    on_report: Callable[[DeliveryReport], None] | None = None,
+) -> list[DeliveryReport]:
+    """Deliver the partitions to every issuer in ``runtimes``; a failed partition does not stop the others."""
+    reports = []
+    for entry in entries:
+        for runtime in runtimes.values():
+            report = deliver_partition(context, runtime, entry, on_batch)
+            reports.append(report)
+            if on_report is not None:
+                on_report(report)
+    return reports
+
+
+def partition_states(engine: Engine, campaign_key: int) -> dict[tuple[str, int], dict[str, Any]]:
+    """The latest delivery report per (issuer, partition id)."""
+    p = delivery_partitions
+    with engine.connect() as connection:
+        rows = connection.execute(sa.select(p).where(p.c.campaign_key == campaign_key)).all()
+    return {(str(r.issuer), int(r.partition_id)): dict(r._mapping) for r in rows}
+
+
+def issuer_totals(engine: Engine, campaign_key: int, snapshot_id: str) -> dict[str, dict[str, int]]:
+    """Per issuer, the sums of its partitions' latest reports for a snapshot (and partitions by status)."""
+    totals: dict[str, dict[str, int]] = {}
+    for (issuer, _partition), row in partition_states(engine, campaign_key).items():
+        if row["snapshot_id"] != snapshot_id:
+            continue
+        total = totals.setdefault(
+            issuer, {"planned": 0, **dict.fromkeys(OUTCOME_COUNTS, 0), "partitions_done": 0, "partitions_failed": 0}
+        )
+        total["planned"] += int(row["planned"] or 0)
+        for count, column in _REPORT_COLUMNS.items():
+            total[count] += int(row[column] or 0)
+        if row["status"] == "done":
+            total["partitions_done"] += 1
+        else:
+            total["partitions_failed"] += 1
+    return totals
+
+
+def require_delivered(reports: Sequence[DeliveryReport]) -> None:
+    """Raise for partitions left undelivered (exit 7), else for conflicts (exit 10)."""
+    failed = [r for r in reports if r.status != "done"]
+    if failed:
+        listed = "; ".join(
+            f"part-{r.partition_id:04d} → {r.issuer}: {r.failed + r.not_attempted:,} left ({r.error})"
+            for r in failed[:10]
+        )
+        raise DeliveryFailedError(
+            f"{len(failed)} partition delivery(ies) unfinished: {listed}. Fix the cause (is the issuer up?), "
+            "then `entitle deliver --only-failed`."
+        )
+    conflicts = [r for r in reports if r.conflict]
+    if conflicts:
+        total = sum(r.conflict for r in conflicts)
+        raise DeliveryConflictError(
+            f"{total:,} grant(s) in {len(conflicts)} partition(s) answered conflict: the issuer holds a different "
+            "payload under the same grant id. Nothing was overwritten; list them with "
+            "`entitle query delivery_conflicts` and decide with the issuer's owners."
+        )
