@@ -3,7 +3,9 @@
 
 Freezes the user file into a snapshot, partitions it, grants each partition in
 its own mapped task instance (label `part-0042`), checks the ledger and prints
-a summary. Every task body is one call into `pipeline.dag_tasks`; only
+a summary. After the grants, `deliver` (one mapped task per partition, one at a
+time) sends the grants of items whose issuer is a downstream service; with only
+the built-in `ledger` issuer it returns at once. Every task body is one call into `pipeline.dag_tasks`; only
 references (paths, ids, counts) pass between tasks.
 
 **Nightly** at 02:00 Asia/Seoul. A night with nothing new writes nothing;
@@ -89,6 +91,16 @@ def entitlement_grant() -> None:
         context["partition_label"] = partition["label"]  # type: ignore[typeddict-unknown-key]
         return dag_tasks.grant_one(context["run_id"], partition, params or {})
 
+    # One delivery task at a time per run: the issuer's rate budget is per process, so it holds
+    # for the run only if its deliveries do not overlap.
+    @task(max_active_tis_per_dagrun=1, map_index_template="{{ partition_label }}")
+    def deliver(outcome: dict[str, Any]) -> dict[str, Any]:
+        from pipeline import dag_tasks
+
+        context = get_current_context()
+        context["partition_label"] = f"part-{int(outcome['partition_id']):04d}"  # type: ignore[typeddict-unknown-key]
+        return dag_tasks.deliver_one(outcome)
+
     @task
     def reconcile(prepared: dict[str, Any], outcomes: list[dict[str, Any]]) -> dict[str, Any]:
         from pipeline import dag_tasks
@@ -106,6 +118,7 @@ def entitlement_grant() -> None:
 
     prepared = freeze_snapshot()
     outcomes = grant.expand(partition=plan_partitions(prepared))
+    deliver.expand(outcome=outcomes)
     summary(prepared, outcomes, reconcile(prepared, outcomes))
 
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline import jobs, reconciliation, snapshot, storage
+from pipeline import delivery, jobs, reconciliation, snapshot, storage
 from pipeline.config import Settings, load_settings
 from pipeline.errors import (
     GrantFailedError,
@@ -102,6 +102,25 @@ def grant_one(run_id: str, partition: Mapping[str, Any], params: Mapping[str, An
     if outcome.status != "done":
         raise GrantFailedError(f"{entry.label} failed: {outcome.error}")
     return {**outcome.as_dict(), "task_body_s": time.perf_counter() - started}
+
+
+def deliver_one(outcome: Mapping[str, Any]) -> dict[str, Any]:
+    """Deliver one granted partition to the campaign's issuers; a no-op (no ledger access) without any."""
+    settings = load_settings()
+    campaign = settings.campaign()
+    if outcome.get("status") == "dry_run" or not any(campaign.items_of(s.name) for s in campaign.issuers):
+        return {"partition_id": outcome["partition_id"], "reports": [], "skipped": True}
+    pipeline = jobs.open_pipeline(settings)
+    runtimes = delivery.open_issuers(pipeline.campaign)
+    try:
+        context, entries = jobs.delivery_selection(pipeline, [int(outcome["partition_id"])])
+        reports = delivery.deliver(context, runtimes, entries)
+    finally:
+        for runtime in runtimes.values():
+            runtime.close()
+        pipeline.engine.dispose()
+    delivery.require_delivered(reports)  # failed or not attempted: the task fails and Airflow retries it
+    return {"partition_id": outcome["partition_id"], "reports": [r.as_dict() for r in reports], "skipped": False}
 
 
 def check(prepared: Mapping[str, Any]) -> dict[str, Any]:

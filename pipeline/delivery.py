@@ -23,25 +23,25 @@ flight) and one circuit breaker, shared by every partition the process delivers.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine
 
 from pipeline import ledger
 from pipeline.campaign import Campaign, IssuerSpec
 from pipeline.errors import DeliveryConflictError, DeliveryFailedError, invariant
 from pipeline.issuers import Answer, GrantPayload, Issuer, IssuerRejected, IssuerUnavailable, build_issuer
-from pipeline.ledger import CampaignKeys, delivery_answers, delivery_batches, delivery_partitions, write_transaction
+from pipeline.ledger import CampaignKeys, delivery_batches, delivery_partitions, write_transaction
 from pipeline.partitioning import PartitionEntry
 
 ERROR_TEXT_CHARS_MAX = 2_000
@@ -282,31 +282,42 @@ def deliver_partition(
     _record_partition_start(context, spec.name, entry)
     sent = 0
     stop_error: str | None = None
-    window: list[tuple[Future[BatchResult], int, list[_Key]]] = []
-
-    def settle(oldest: tuple[Future[BatchResult], int, list[_Key]]) -> None:
-        nonlocal stop_error
-        future, batch_key, keys = oldest
-        result = future.result()
-        _record_answers(context, batch_key, keys, result)
-        if result.answers is None and stop_error is None and result.circuit_open:
-            stop_error = result.error
-        if on_batch is not None:
-            on_batch(len(keys))
-
-    if runtime.breaker.is_open:
+    window: dict[Future[BatchResult], tuple[int, list[_Key]]] = {}
+    finished: list[tuple[int, list[_Key], BatchResult]] = []
+    pending = _pending_batches(context, entry, item_keys, spec.batch_size)
+    exhausted = runtime.breaker.is_open
+    if exhausted:
         stop_error = f"{CIRCUIT_OPEN}: issuer {spec.name!r} failed {spec.breaker_failures} times in a row"
-    else:
-        for keys, payloads in _pending_batches(context, entry, item_keys, spec.batch_size):
-            if stop_error is not None:
-                break
-            batch_key = _record_intent(context, spec.name, entry.partition_id, keys)
-            window.append((runtime.pool.submit(send_batch, runtime, payloads), batch_key, keys))
+    while True:
+        upcoming: list[tuple[list[_Key], list[GrantPayload]]] = []
+        while stop_error is None and not exhausted and len(window) + len(upcoming) < spec.concurrency:
+            batch = next(pending, None)
+            if batch is None:
+                exhausted = True
+            else:
+                upcoming.append(batch)
+        if not upcoming and not finished and not window:
+            break
+        # One transaction records the answers of the batches that came back and the intents of
+        # the next ones: each intent still commits before its batch is sent.
+        batch_keys = _record(context, spec.name, entry.partition_id, finished, [keys for keys, _ in upcoming])
+        if on_batch is not None:
+            for _batch_key, keys, _result in finished:
+                on_batch(len(keys))
+        finished = []
+        for (keys, payloads), batch_key in zip(upcoming, batch_keys, strict=True):
+            window[runtime.pool.submit(send_batch, runtime, payloads)] = (batch_key, keys)
             sent += len(keys)
-            while len(window) >= spec.concurrency:
-                settle(window.pop(0))
-        while window:
-            settle(window.pop(0))
+        if not window:
+            continue
+        done, _running = wait(window, return_when=FIRST_COMPLETED)
+        for future in done:
+            batch_key, keys = window.pop(future)
+            result = future.result()
+            finished.append((batch_key, keys, result))
+            if result.circuit_open and stop_error is None:
+                stop_error = result.error
+    pending.close()
     counts = count_outcomes(context, entry, list(item_keys))
     planned = entry.rows * len(items)
     live = sum(counts.values())
@@ -317,16 +328,16 @@ def deliver_partition(
         sum(counts[c] for c in OUTCOME_COUNTS) == planned,
         f"delivery counts {counts} of part-{entry.partition_id:04d} do not add up to {planned} planned",
     )
-    pending = counts["failed"] + counts["not_attempted"]
-    error = stop_error if pending else None
-    if pending and error is None:
+    left = counts["failed"] + counts["not_attempted"]
+    error = stop_error if left else None
+    if left and error is None:
         error = _last_batch_error(context, spec.name, entry.partition_id) or (
-            f"{pending:,} grant(s) not delivered yet (not granted in the ledger, or failed)"
+            f"{left:,} grant(s) not delivered yet (not granted in the ledger, or failed)"
         )
     report = DeliveryReport(
         entry.partition_id,
         spec.name,
-        "failed" if pending else "done",
+        "failed" if left else "done",
         planned,
         counts["created"],
         counts["exists"],
@@ -343,64 +354,53 @@ def deliver_partition(
 
 def _pending_batches(
     context: DeliveryContext, entry: PartitionEntry, item_keys: dict[int, str], batch_size: int
-) -> Iterator[tuple[list[_Key], list[GrantPayload]]]:
+) -> Generator[tuple[list[_Key], list[GrantPayload]], None, None]:
     """The partition's live grants for these items without a final answer, in ledger key order, in batches."""
     campaign = context.campaign
     zone = ZoneInfo(campaign.time_zone)
-    instants: dict[dt.datetime, str] = {}
+    instants: dict[Any, str] = {}
 
-    def iso(value: dt.datetime | None) -> str | None:
+    def iso(value: Any) -> str | None:
+        # Raw driver values: epoch microseconds on SQLite, datetime on PostgreSQL; a campaign has a handful.
         if value is None:
             return None
         text = instants.get(value)
         if text is None:
-            text = instants[value] = value.astimezone(zone).isoformat()
+            instant = value if isinstance(value, dt.datetime) else ledger.from_epoch_us(int(value))
+            text = instants[value] = instant.astimezone(zone).isoformat()
         return text
 
-    statement = (
-        sa.text(
+    with context.engine.connect() as connection:
+        mark = "%s" if connection.dialect.name == "postgresql" else "?"
+        statement = (
             "SELECT g.user_bucket, g.user_id, g.item_key, g.issue_no, g.amount_krw, g.valid_from, g.valid_until "
             "FROM grants AS g LEFT JOIN delivery_answers AS a ON a.campaign_key = g.campaign_key "
             "AND a.user_bucket = g.user_bucket AND a.user_id = g.user_id AND a.item_key = g.item_key "
             "AND a.issue_no = g.issue_no "
-            "WHERE g.campaign_key = :campaign_key AND g.user_bucket BETWEEN :lo AND :hi "
-            "AND g.item_key IN :item_keys AND (a.outcome IS NULL OR a.outcome = 'failed') "
+            f"WHERE g.campaign_key = {mark} AND g.user_bucket BETWEEN {mark} AND {mark} "
+            f"AND g.item_key IN ({', '.join(str(int(k)) for k in sorted(item_keys))}) "
+            "AND (a.outcome IS NULL OR a.outcome = 'failed') "
             + _NOT_VOIDED
             + "ORDER BY g.user_bucket, g.user_id, g.item_key, g.issue_no"
         )
-        .bindparams(sa.bindparam("item_keys", expanding=True))
-        .columns(
-            sa.column("user_bucket", sa.BigInteger),
-            sa.column("user_id", sa.BigInteger),
-            sa.column("item_key", sa.Integer),
-            sa.column("issue_no", sa.Integer),
-            sa.column("amount_krw", sa.BigInteger),
-            sa.column("valid_from", ledger.Instant()),
-            sa.column("valid_until", ledger.Instant()),
+        # One streamed read per partition: what is left is read once, at the start.
+        result = connection.execution_options(stream_results=True).exec_driver_sql(
+            statement, (context.keys.campaign_key, entry.bucket_lo, entry.bucket_hi)
         )
-    )
-    params = {
-        "campaign_key": context.keys.campaign_key,
-        "lo": entry.bucket_lo,
-        "hi": entry.bucket_hi,
-        "item_keys": sorted(item_keys),
-    }
-    # One streamed read per partition: what is left is read once, at the start.
-    with context.engine.connect() as connection:
-        result = connection.execution_options(stream_results=True, yield_per=batch_size).execute(statement, params)
+        campaign_id = campaign.campaign_id
         while True:
             rows = result.fetchmany(batch_size)
             if not rows:
                 return
-            keys = [_Key(int(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
+            keys = [_Key(r[0], r[1], r[2], r[3]) for r in rows]
             payloads = [
                 GrantPayload(
-                    grant_id(campaign.campaign_id, int(r[1]), item_keys[int(r[2])], int(r[3])),
-                    campaign.campaign_id,
-                    int(r[1]),
-                    item_keys[int(r[2])],
-                    int(r[3]),
-                    None if r[4] is None else int(r[4]),
+                    f"{campaign_id}:{r[1]}:{item_keys[r[2]]}:{r[3]}",
+                    campaign_id,
+                    r[1],
+                    item_keys[r[2]],
+                    r[3],
+                    r[4],
                     iso(r[5]) or "",
                     iso(r[6]),
                 )
@@ -442,90 +442,124 @@ def count_outcomes(context: DeliveryContext, entry: PartitionEntry, item_keys: S
     return counts
 
 
-def _record_intent(context: DeliveryContext, issuer: str, partition_id: int, keys: list[_Key]) -> int:
-    """The outbox row: committed before the batch is sent."""
-    with write_transaction(context.engine) as connection:
-        result = connection.execute(
-            delivery_batches.insert().values(
-                campaign_key=context.keys.campaign_key,
-                issuer=issuer,
-                partition_id=partition_id,
-                grant_count=len(keys),
-                first_user_bucket=keys[0].user_bucket,
-                first_user_id=keys[0].user_id,
-                last_user_bucket=keys[-1].user_bucket,
-                last_user_id=keys[-1].user_id,
-                status="in_flight",
-                attempts=0,
-                started_at=context.clock(),
-            )
-        )
-        return int(result.inserted_primary_key[0])  # type: ignore[index]
+# SQLite takes a whole batch's answers as one JSON parameter (json_each): one statement instead
+# of a thousand executions; "WHERE true" keeps SQLite's parser from reading ON CONFLICT as a join.
+_UPSERT_ANSWERS_SQLITE = (
+    "INSERT INTO delivery_answers (campaign_key, user_bucket, user_id, item_key, issue_no, outcome, detail, "
+    "batch_key, answered_at) SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+    "json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]'), "
+    "json_extract(value, '$[5]'), json_extract(value, '$[6]'), json_extract(value, '$[7]'), "
+    "json_extract(value, '$[8]') FROM json_each(?) WHERE true "
+    "ON CONFLICT (campaign_key, user_bucket, user_id, item_key, issue_no) "
+    "DO UPDATE SET outcome = excluded.outcome, detail = excluded.detail, batch_key = excluded.batch_key, "
+    "answered_at = excluded.answered_at WHERE delivery_answers.outcome = 'failed'"
+)
+_UPSERT_ANSWERS = (
+    "INSERT INTO delivery_answers (campaign_key, user_bucket, user_id, item_key, issue_no, outcome, detail, "
+    "batch_key, answered_at) VALUES ({marks}) ON CONFLICT (campaign_key, user_bucket, user_id, item_key, issue_no) "
+    "DO UPDATE SET outcome = excluded.outcome, detail = excluded.detail, batch_key = excluded.batch_key, "
+    "answered_at = excluded.answered_at WHERE delivery_answers.outcome = 'failed'"
+)
 
 
-def _record_answers(context: DeliveryContext, batch_key: int, keys: list[_Key], result: BatchResult) -> None:
-    """Every grant's answer (or the batch's failure) and the batch's status, in one transaction."""
+def _record(
+    context: DeliveryContext,
+    issuer: str,
+    partition_id: int,
+    finished: list[tuple[int, list[_Key], BatchResult]],
+    upcoming: list[list[_Key]],
+) -> list[int]:
+    """In one transaction: the answers of finished batches, then the outbox rows of the next ones (their keys)."""
     now = context.clock()
     campaign_key = context.keys.campaign_key
-    if result.answers is not None:
-        invariant(len(result.answers) == len(keys), "the issuer client checks one answer per grant")
-        rows = [
-            {
-                "campaign_key": campaign_key,
-                "user_bucket": k.user_bucket,
-                "user_id": k.user_id,
-                "item_key": k.item_key,
-                "issue_no": k.issue_no,
-                "outcome": a.status,
-                "detail": None if a.detail is None else a.detail[:ERROR_TEXT_CHARS_MAX],
-                "batch_key": batch_key,
-                "answered_at": now,
-            }
-            for k, a in zip(keys, result.answers, strict=True)
-        ]
-    else:
-        rows = [
-            {
-                "campaign_key": campaign_key,
-                "user_bucket": k.user_bucket,
-                "user_id": k.user_id,
-                "item_key": k.item_key,
-                "issue_no": k.issue_no,
-                "outcome": "failed",
-                "detail": (result.error or "")[:ERROR_TEXT_CHARS_MAX],
-                "batch_key": batch_key,
-                "answered_at": now,
-            }
-            for k in keys
-        ]
-    with write_transaction(context.engine) as connection:
-        connection.execute(_upsert_answers(connection), rows)
-        connection.execute(
-            delivery_batches.update()
-            .where(delivery_batches.c.batch_key == batch_key)
-            .values(
-                status="answered" if result.answers is not None else "failed",
-                attempts=result.attempts,
-                error=None if result.error is None else result.error[:ERROR_TEXT_CHARS_MAX],
-                finished_at=now,
+    with _delivery_transaction(context.engine) as connection:
+        if finished:
+            mark = "%s" if connection.dialect.name == "postgresql" else "?"
+            answered_at = ledger.Instant().process_bind_param(now, connection.dialect)
+            rows: list[tuple[Any, ...]] = []
+            for batch_key, keys, result in finished:
+                if result.answers is not None:
+                    invariant(len(result.answers) == len(keys), "the issuer client checks one answer per grant")
+                    rows.extend(
+                        (
+                            campaign_key,
+                            k.user_bucket,
+                            k.user_id,
+                            k.item_key,
+                            k.issue_no,
+                            a.status,
+                            None if a.detail is None else a.detail[:ERROR_TEXT_CHARS_MAX],
+                            batch_key,
+                            answered_at,
+                        )
+                        for k, a in zip(keys, result.answers, strict=True)
+                    )
+                else:
+                    error = (result.error or "")[:ERROR_TEXT_CHARS_MAX]
+                    rows.extend(
+                        (campaign_key, k.user_bucket, k.user_id, k.item_key, k.issue_no, "failed", error, batch_key)
+                        + (answered_at,)
+                        for k in keys
+                    )
+            # A final answer (created, exists, conflict) is never replaced; only a failed one is.
+            if connection.dialect.name == "sqlite":
+                connection.exec_driver_sql(_UPSERT_ANSWERS_SQLITE, (json.dumps(rows, separators=(",", ":")),))
+            else:
+                connection.exec_driver_sql(_UPSERT_ANSWERS.format(marks=", ".join([mark] * 9)), rows)
+            for batch_key, _keys, result in finished:
+                connection.execute(
+                    delivery_batches.update()
+                    .where(delivery_batches.c.batch_key == batch_key)
+                    .values(
+                        status="answered" if result.answers is not None else "failed",
+                        attempts=result.attempts,
+                        error=None if result.error is None else result.error[:ERROR_TEXT_CHARS_MAX],
+                        finished_at=now,
+                    )
+                )
+        batch_keys = []
+        for keys in upcoming:
+            inserted = connection.execute(
+                delivery_batches.insert().values(
+                    campaign_key=campaign_key,
+                    issuer=issuer,
+                    partition_id=partition_id,
+                    grant_count=len(keys),
+                    first_user_bucket=keys[0].user_bucket,
+                    first_user_id=keys[0].user_id,
+                    last_user_bucket=keys[-1].user_bucket,
+                    last_user_id=keys[-1].user_id,
+                    status="in_flight",
+                    attempts=0,
+                    started_at=now,
+                )
             )
-        )
+            batch_keys.append(int(inserted.inserted_primary_key[0]))  # type: ignore[index]
+    return batch_keys
 
 
-def _upsert_answers(connection: Connection) -> Any:
-    """INSERT … ON CONFLICT DO UPDATE that replaces only a ``failed`` answer: final answers stay."""
-    table = delivery_answers
-    insert = (pg_dialect.insert if connection.dialect.name == "postgresql" else sqlite_dialect.insert)(table)
-    return insert.on_conflict_do_update(
-        index_elements=[c.name for c in table.primary_key.columns],
-        set_={
-            "outcome": insert.excluded.outcome,
-            "detail": insert.excluded.detail,
-            "batch_key": insert.excluded.batch_key,
-            "answered_at": insert.excluded.answered_at,
-        },
-        where=table.c.outcome == "failed",
-    )
+@contextmanager
+def _delivery_transaction(engine: Engine) -> Iterator[Connection]:
+    """A write transaction; on SQLite with synchronous=NORMAL instead of the ledger's FULL.
+
+    In WAL mode NORMAL still commits atomically and survives a crash of this process; only a
+    power loss can undo the last commits. That is safe here: delivery resends every grant
+    without a final answer, so a lost answer or outbox row only makes the issuer answer
+    ``exists``. It saves an fsync per batch. Grants themselves are written with FULL.
+    """
+    if engine.dialect.name != "sqlite":
+        with write_transaction(engine) as connection:
+            yield connection
+        return
+    with engine.connect() as connection:
+        raw: Any = connection.connection.driver_connection  # sqlite3.Connection, in autocommit mode
+        raw.execute("PRAGMA synchronous=NORMAL")  # autocommit mode: outside any transaction
+        try:
+            writer = connection.execution_options(sqlite_begin="IMMEDIATE")
+            with writer.begin():
+                yield writer
+        finally:
+            raw.execute("PRAGMA synchronous=FULL")
 
 
 def _last_batch_error(context: DeliveryContext, issuer: str, partition_id: int) -> str | None:

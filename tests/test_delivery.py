@@ -410,14 +410,18 @@ def test_sigkill_of_entitle_deliver_at_random_moments_then_rerun_gives_exactly_t
     )
     users = write_users(tmp_path / "users.parquet", USERS)
     assert run_entitle(["run", "--users", str(users), "--no-progress"], env).returncode == 0
-    service.faults(latency_ms=40)  # 80 requests × 40 ms / 2 in flight: ~1.6 s per full delivery
+    service.faults(latency_ms=60)  # 80 requests × 60 ms / 2 in flight: ~2.4 s per full delivery
     rng = random.Random(6)
     entitle = Path(sys.executable).parent / "entitle"
     for _kill in range(3):
+        stored = service.stats()["grants_stored"]
         process = subprocess.Popen(
             [str(entitle), "deliver", "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        time.sleep(rng.uniform(0.3, 1.2))
+        deadline = time.monotonic() + 30
+        while service.stats()["grants_stored"] == stored and time.monotonic() < deadline:
+            time.sleep(0.02)  # wait until this run is sending, then kill it at a random moment
+        time.sleep(rng.uniform(0.0, 0.5))
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     held = len(service.export())

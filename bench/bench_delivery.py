@@ -1,0 +1,161 @@
+"""Benchmark of delivery: grants per second from the ledger to the reference entitlement service, end to end.
+
+    .venv/bin/python bench/bench_delivery.py --users 200000
+
+Starts the reference service (its own SQLite store, no faults) on a free
+loopback port, grants USERS synthetic users the bundled campaign with its two
+coupons (``--all-items``: every item) routed to an http issuer, then times
+``entitle deliver`` (batch calls) and prints grants/s delivered, the request
+rate achieved against the issuer's budget, and a check that the service holds
+exactly the planned grants. Targets are printed beside the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TARGET_GRANTS_PER_S = 20_000
+BUDGET_TOLERANCE = 0.05
+
+CAMPAIGN = """
+[campaign]
+id = "kakao-outage-2022"
+name = "Kakao outage compensation (delivery benchmark)"
+time_zone = "Asia/Seoul"
+start = 2023-01-05T00:00:00
+
+[issuers.shop]
+kind = "http"
+url = "http://127.0.0.1:9"   # ENTITLE_ISSUER_SHOP_URL points it at the service started here
+requests_per_s = {requests_per_s}
+concurrency = {concurrency}
+batch_size = {batch_size}
+timeout_s = 30
+
+[[items]]
+sku = "emoticon-permanent"
+kind = "emoticon"
+validity = "permanent"
+{emoticon_issuer}
+
+[[items]]
+sku = "emoticon-90d-a"
+kind = "emoticon"
+validity = "90d"
+{emoticon_issuer}
+
+[[items]]
+sku = "emoticon-90d-b"
+kind = "emoticon"
+validity = "90d"
+{emoticon_issuer}
+
+[[items]]
+sku = "coupon-2000"
+kind = "coupon"
+amount_krw = 2000
+validity = "90d"
+issuer = "shop"
+
+[[items]]
+sku = "coupon-3000"
+kind = "coupon"
+amount_krw = 3000
+validity = "90d"
+issuer = "shop"
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=200_000)
+    parser.add_argument("--requests-per-s", type=float, default=25.0, help="the issuer's rate budget (default 25)")
+    parser.add_argument("--batch-size", type=int, default=1_000)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--partitions", type=int, default=16)
+    parser.add_argument("--all-items", action="store_true", help="route every item to the issuer, not only coupons")
+    parser.add_argument("--home", type=Path, default=ROOT / "var" / "bench-delivery")
+    args = parser.parse_args()
+
+    shutil.rmtree(args.home, ignore_errors=True)
+    args.home.mkdir(parents=True)
+    campaign_file = args.home / "campaign.toml"
+    campaign_file.write_text(
+        CAMPAIGN.format(
+            requests_per_s=args.requests_per_s,
+            concurrency=args.concurrency,
+            batch_size=args.batch_size,
+            emoticon_issuer='issuer = "shop"' if args.all_items else "",
+        ),
+        encoding="utf-8",
+    )
+    service = subprocess.Popen(
+        [BIN / "python", "-m", "pipeline.issuer_service", "--store", str(args.home / "issuer.sqlite"), "--port", "0"]
+        + ["--no-access-log", "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert service.stdout is not None
+        url = service.stdout.readline().strip().rsplit(" ", 1)[-1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ENTITLE_")}
+        env.update(
+            ENTITLE_HOME=str(args.home / "var"),
+            ENTITLE_CAMPAIGN=str(campaign_file),
+            ENTITLE_PARTITIONS=str(args.partitions),
+            ENTITLE_ISSUER_SHOP_URL=url,
+        )
+        users = args.home / "users.parquet"
+        entitle = str(BIN / "entitle")
+        subprocess.run([entitle, "demo-users", "--count", str(args.users), "--out", str(users)], env=env, check=True)
+        started = time.perf_counter()
+        subprocess.run([entitle, "run", "--users", str(users), "--no-progress"], env=env, check=True)
+        grant_s = time.perf_counter() - started
+        started = time.perf_counter()
+        done = subprocess.run([entitle, "deliver", "--json", "--no-progress"], env=env, capture_output=True, text=True)
+        deliver_s = time.perf_counter() - started
+        if done.returncode != 0:
+            print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
+            return 1
+        document: dict[str, Any] = json.loads(done.stdout)
+        stats = httpx.get(url + "/v1/stats").json()
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=30)
+    totals = document["totals"]
+    budget = document["budgets"]["shop"]
+    delivered = totals["created"] + totals["exists"]
+    rate = delivered / deliver_s
+    achieved = budget["requests_per_s"] or 0.0
+    held = abs(achieved - args.requests_per_s) <= BUDGET_TOLERANCE * args.requests_per_s
+    print(f"users {args.users:,}; grants to deliver {totals['planned']:,} (granted in {grant_s:.1f} s)")
+    print(
+        f"deliver: {delivered:,} grants in {deliver_s:.2f} s = {rate:,.0f} grants/s end to end "
+        f"(process start to exit)   target >= {TARGET_GRANTS_PER_S:,} grants/s: {'met' if rate >= 20_000 else 'MISSED'}"
+    )
+    print(
+        f"requests: {budget['requests']:,} at {achieved:.2f} req/s against a budget of {args.requests_per_s:g} "
+        f"({(achieved / args.requests_per_s - 1) * 100:+.1f} %)   target within 5 %: {'met' if held else 'MISSED'}"
+    )
+    print(
+        f"service: {stats['grants_stored']:,} grants stored, outcomes {stats['outcomes']}; "
+        f"exactly the plan: {stats['grants_stored'] == totals['planned'] == delivered}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
