@@ -23,7 +23,6 @@ flight) and one circuit breaker, shared by every partition the process delivers.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import random
 import threading
 import time
@@ -34,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -45,6 +45,7 @@ from pipeline.ledger import CampaignKeys, delivery_batches, delivery_partitions,
 from pipeline.partitioning import PartitionEntry
 
 ERROR_TEXT_CHARS_MAX = 2_000
+_json_encoder = msgspec.json.Encoder()
 CIRCUIT_OPEN = "circuit open"
 OUTCOME_COUNTS = ("created", "exists", "conflict", "failed", "not_attempted")
 _REPORT_COLUMNS = {
@@ -503,7 +504,7 @@ def _record(
                     )
             # A final answer (created, exists, conflict) is never replaced; only a failed one is.
             if connection.dialect.name == "sqlite":
-                connection.exec_driver_sql(_UPSERT_ANSWERS_SQLITE, (json.dumps(rows, separators=(",", ":")),))
+                connection.exec_driver_sql(_UPSERT_ANSWERS_SQLITE, (_json_encoder.encode(rows).decode(),))
             else:
                 connection.exec_driver_sql(_UPSERT_ANSWERS.format(marks=", ".join([mark] * 9)), rows)
             for batch_key, _keys, result in finished:

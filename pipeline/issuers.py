@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
+import msgspec
 
 from pipeline.campaign import LEDGER_ISSUER, IssuerSpec
 from pipeline.errors import CampaignError
@@ -59,13 +60,20 @@ class GrantPayload:
         }
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(msgspec.Struct, frozen=True):
     """The issuer's answer for one grant."""
 
     grant_id: str
     status: str  # created | exists | conflict
     detail: str | None = None
+
+
+class _BatchAnswer(msgspec.Struct):
+    results: list[Answer]
+
+
+_encoder = msgspec.json.Encoder()
+_results_decoder = msgspec.json.Decoder(_BatchAnswer)
 
 
 class IssuerUnavailable(Exception):  # noqa: N818 - the name says what happened, as the API does
@@ -131,7 +139,7 @@ class HttpIssuer:
 
     def deliver(self, batch: Sequence[GrantPayload]) -> list[Answer]:
         """Send one batch; raise :class:`IssuerUnavailable` or :class:`IssuerRejected` when it has no answers."""
-        body = json.dumps({"grants": [g.as_dict() for g in batch]}, separators=(",", ":")).encode()
+        body = _encoder.encode({"grants": batch})  # msgspec writes the dataclasses' fields in order
         try:
             response = self._client.post("/v1/grants:batch", content=body, headers={"content-type": "application/json"})
         except httpx.TimeoutException as exc:
@@ -171,9 +179,8 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 def _answers(url: str, batch: Sequence[GrantPayload], response: httpx.Response) -> list[Answer]:
     try:
-        results = response.json()["results"]
-        answers = [Answer(str(r["grant_id"]), str(r["status"]), r.get("detail")) for r in results]
-    except (ValueError, KeyError, TypeError) as exc:
+        answers = _results_decoder.decode(response.content).results
+    except (msgspec.DecodeError, ValueError) as exc:
         raise IssuerRejected(f"{url}: an answer we cannot read ({exc})") from exc
     if [a.grant_id for a in answers] != [g.grant_id for g in batch]:
         raise IssuerRejected(f"{url}: the answer's grant ids are not those of the batch, in order")
