@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,11 @@ import sqlalchemy as sa
 from conftest import cli_environment, prepare_pipeline, run_entitle
 
 from pipeline import delivery, jobs, ledger, queries
-from pipeline.campaign import load_campaign
+from pipeline.campaign import IssuerSpec, load_campaign
 from pipeline.config import Settings, load_settings
 from pipeline.errors import CampaignError, DeliveryConflictError
 from pipeline.issuer_service.grants import payload_sha256
+from pipeline.issuers import Answer, GrantPayload, IssuerRejected, IssuerUnavailable, build_issuer
 
 SERVICE_START_TIMEOUT_S = 20
 USERS = list(range(1_000, 1_400))  # 400 users: 800 coupon grants for the shop
@@ -466,3 +468,105 @@ def test_the_rate_budget_holds_within_5_percent(tmp_path: Path, service: Service
     for i in range(len(starts)):
         in_one_second = sum(1 for t in starts[i:] if t - starts[i] < 1.0)
         assert in_one_second <= 21, "no one-second window holds more than the budget"
+
+
+# --------------------------------------------------------------------------- retries and the breaker, in-process
+
+
+class ScriptedIssuer:
+    """A custom issuer (what ``kind = "python"`` builds): fails as scripted, then answers created."""
+
+    name = "scripted"
+
+    def __init__(self, failures: list[Exception]) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def deliver(self, batch: Any) -> list[Answer]:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return [Answer(g.grant_id, "created") for g in batch]
+
+    def export(self, campaign_id: str) -> Iterator[dict[str, Any]]:
+        return iter(())
+
+    def close(self) -> None:
+        pass
+
+
+def scripted_runtime(failures: list[Exception], **spec: Any) -> tuple[delivery.IssuerRuntime, list[float]]:
+    slept: list[float] = []
+    settings = {"max_attempts": 4, "breaker_failures": 3, "backoff_base_s": 0.5, "backoff_cap_s": 1.5, **spec}
+    issuer_spec = IssuerSpec("scripted", "python", factory="x:y", **settings)
+    runtime = delivery.IssuerRuntime(
+        issuer_spec,
+        ScriptedIssuer(failures),
+        delivery.RateBudget(1000, 4),
+        delivery.CircuitBreaker(issuer_spec.breaker_failures, 60),
+        ThreadPoolExecutor(max_workers=1),
+        sleep=slept.append,
+    )
+    return runtime, slept
+
+
+BATCH = [GrantPayload("c:1:s:0", "c", 1, "s", 0, None, "2023-01-05T00:00:00+09:00", None)]
+
+
+def test_429_waits_its_retry_after_and_holds_the_issuer_then_the_same_batch_is_sent() -> None:
+    runtime, slept = scripted_runtime([IssuerUnavailable("429", retry_after_s=2.0, throttled=True)])
+    before = time.monotonic()
+    result = delivery.send_batch(runtime, BATCH)
+    assert result.answers is not None and result.attempts == 2
+    assert slept == [2.0], "never less than Retry-After"
+    assert runtime.budget._next_at >= before + 2.0, "every request to the issuer waits too"
+    runtime.close()
+
+
+def test_5xx_retries_with_full_jitter_up_to_max_attempts_and_4xx_fails_at_once() -> None:
+    runtime, slept = scripted_runtime([IssuerUnavailable("503")] * 2, breaker_failures=10)
+    result = delivery.send_batch(runtime, BATCH)
+    assert result.answers is not None and result.attempts == 3
+    assert 0 <= slept[0] <= 0.5 and 0 <= slept[1] <= 1.0, slept
+    runtime.close()
+
+    runtime, slept = scripted_runtime([IssuerUnavailable("timeout")] * 10, breaker_failures=10)
+    result = delivery.send_batch(runtime, BATCH)
+    assert result.answers is None and result.attempts == 4 and "gave up after 4 attempts: timeout" in str(result.error)
+    assert all(0 <= s <= 1.5 for s in slept), "capped"
+    runtime.close()
+
+    runtime, slept = scripted_runtime([IssuerRejected("422 bad grant")])
+    result = delivery.send_batch(runtime, BATCH)
+    assert result.answers is None and result.attempts == 1 and slept == [] and "refused" in str(result.error)
+    runtime.close()
+
+
+def test_the_breaker_opens_after_consecutive_failures_and_refuses_until_the_cooldown() -> None:
+    runtime, _slept = scripted_runtime([IssuerUnavailable("refused")] * 10, breaker_failures=3)
+    result = delivery.send_batch(runtime, BATCH)
+    assert result.circuit_open and result.attempts == 3 and runtime.issuer.calls == 3  # type: ignore[attr-defined]
+    assert runtime.breaker.is_open and not runtime.breaker.allow()
+    runtime.close()
+
+    now = [0.0]
+    breaker = delivery.CircuitBreaker(2, 30.0, clock=lambda: now[0])
+    breaker.failed()
+    breaker.failed()
+    assert not breaker.allow()
+    now[0] = 31.0
+    assert breaker.allow() and not breaker.allow(), "one trial request after the cooldown"
+    breaker.succeeded()
+    assert breaker.allow() and not breaker.is_open
+
+
+def make_scripted(spec: IssuerSpec) -> ScriptedIssuer:
+    """A factory as a campaign names it: ``factory = "test_delivery:make_scripted"``."""
+    return ScriptedIssuer([])
+
+
+def test_a_python_issuer_is_built_from_its_factory() -> None:
+    issuer = build_issuer(IssuerSpec("mine", "python", factory="test_delivery:make_scripted"))
+    assert isinstance(issuer, ScriptedIssuer) and issuer.deliver(BATCH)[0].status == "created"
+    with pytest.raises(CampaignError, match=r"issuers\.mine\.factory 'nowhere:nothing' cannot be imported"):
+        build_issuer(IssuerSpec("mine", "python", factory="nowhere:nothing"))
