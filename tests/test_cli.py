@@ -24,6 +24,7 @@ COMMANDS = {
     "plan",
     "run",
     "grant",
+    "deliver",
     "status",
     "summary",
     "reconcile",
