@@ -16,6 +16,7 @@ from pipeline.errors import ConfigError
 from pipeline.issuer_service.faults import FaultInjector, FaultSettings
 
 DEFAULT_PORT = 8700
+PORT_MAX = 65_535
 EXIT_OK = 0
 EXIT_USAGE = 2
 
@@ -167,7 +168,10 @@ def _is_loopback(host: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the service until interrupted; the exit code (0, or 2 for a usage or configuration error)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= PORT_MAX:
+        parser.error(f"--port must be in 0..{PORT_MAX}, got {args.port}")
     _configure_logging(args.json_log, args.log_level)
     log = logging.getLogger("pipeline.issuer_service")
     # Imported here so that --help answers without loading the web stack.
@@ -192,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = build_server(create_app(store, FaultInjector(settings)), access_log=not args.no_access_log)
         host, port = sock.getsockname()[:2]
         shown_host = f"[{host}]" if ":" in host else host
-        log.info("store %s, faults %s", store.url, settings.as_dict())
+        log.info("store %s, faults %s", store.url, json.dumps(settings.as_dict()))
         print(f"issuer service listening on http://{shown_host}:{port}", flush=True)
         # uvicorn re-raises the signal that stopped it once it has shut down; make that a clean exit.
         for stop in (signal.SIGINT, signal.SIGTERM):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import os
 import tempfile
@@ -25,6 +26,7 @@ from typing import Any
 
 import anyio.to_thread
 import msgspec
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
@@ -96,6 +98,7 @@ class Stats:
         self.grants_received = 0
         self.outcomes = {"created": 0, "exists": 0, "conflict": 0}
         self.validation_errors = 0
+        self.store_errors = 0
 
     def record(self, outcomes: list[Outcome]) -> None:
         """Count the outcomes of one committed request."""
@@ -161,7 +164,18 @@ class IssuerService:
             self.stats.validation_errors += 1
             return _json({"error": str(exc), "index": None, "field": "grants"}, 413)
         self.stats.grants_received += len(grants)
-        outcomes = await anyio.to_thread.run_sync(self.store.grant, grants, dt.datetime.now(dt.UTC))
+        try:
+            outcomes = await anyio.to_thread.run_sync(self.store.grant, grants, dt.datetime.now(dt.UTC))
+        except SQLAlchemyError as exc:
+            self.stats.store_errors += 1
+            log.exception("the store failed on %s %s", request.method, request.url.path)
+            return _json(
+                {
+                    "error": f"the store failed ({type(exc).__name__}); the transaction was rolled back "
+                    "(unless the commit itself failed): retry, and a committed grant answers exists"
+                },
+                503,
+            )
         self.stats.record(outcomes)
         await self._after_commit(request, decision)
         if single:
@@ -286,6 +300,7 @@ class IssuerService:
                 "grants_received": s.grants_received,
                 "outcomes": dict(s.outcomes),
                 "validation_errors": s.validation_errors,
+                "store_errors": s.store_errors,
                 "faults": dict(self.faults.counts),
             }
         )
@@ -316,7 +331,7 @@ class IssuerService:
             settings = self.faults.update(changes)
         except FaultSettingsError as exc:
             return _json({"error": str(exc), "field": exc.field}, 422)
-        log.info("fault settings now %s", settings.as_dict())
+        log.info("fault settings now %s", json.dumps(settings.as_dict()))
         return _json(settings.as_dict())
 
 

@@ -24,6 +24,7 @@ from pipeline.issuer_service.app import DROP_EXTENSION
 GRACEFUL_SHUTDOWN_S = 5  # requests still running (an injected hang) are cancelled after this
 KEEP_ALIVE_S = 30
 LISTEN_BACKLOG = 256
+DROP_WAIT_S = 5.0
 
 
 class DroppableHttpToolsProtocol(HttpToolsProtocol):
@@ -48,7 +49,7 @@ class DroppableHttpToolsProtocol(HttpToolsProtocol):
             return
         self._closed = self.loop.create_future()
         self.transport.abort()
-        await self._closed
+        await asyncio.wait_for(self._closed, DROP_WAIT_S)  # connection_lost is called soon after abort()
 
 
 def bind(host: str, port: int) -> socket.socket:

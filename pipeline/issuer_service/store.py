@@ -14,6 +14,7 @@ them in worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import threading
@@ -31,6 +32,7 @@ from pipeline.issuer_service.grants import BATCH_GRANTS_MAX, ID_CHARS_MAX, Grant
 Status = Literal["created", "exists", "conflict"]
 EXPORT_CHUNK_ROWS = 10_000
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_WAL_CHECKPOINT_PAGES = 16_384  # pages of 4 KiB
 PG_CONNECT_TIMEOUT_S = 10
 PG_POOL_SIZE = 8
 _SHA256_HEX_CHARS = 64
@@ -54,12 +56,12 @@ _COLUMNS = "grant_id, campaign_id, user_id, item_sku, issue_no, payload_sha256, 
 _PG_INSERT = (
     f"INSERT INTO issued_grants ({_COLUMNS}) "
     "SELECT g.grant_id, g.campaign_id, g.user_id, g.item_sku, g.issue_no, g.payload_sha256, g.payload, %s "
-    "FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::text[], %s::text[]) "
+    "FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::text[], %b::bigint[], %b::text[], %b::text[]) "
     "AS g(grant_id, campaign_id, user_id, item_sku, issue_no, payload_sha256, payload) "
     "ON CONFLICT (grant_id) DO NOTHING RETURNING grant_id"
 )
-_PG_READ_HASHES = "SELECT grant_id, payload_sha256 FROM issued_grants WHERE grant_id = ANY(%s::text[])"
-_PG_READ_PAYLOADS = "SELECT grant_id, payload FROM issued_grants WHERE grant_id = ANY(%s::text[])"
+_PG_READ_HASHES = "SELECT grant_id, payload_sha256 FROM issued_grants WHERE grant_id = ANY(%b::text[])"
+_PG_READ_PAYLOADS = "SELECT grant_id, payload FROM issued_grants WHERE grant_id = ANY(%b::text[])"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -108,7 +110,9 @@ class IssuerStore:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
         # SQLite has one writer at a time; serialising here keeps writers from spinning on SQLITE_BUSY.
-        self._write_lock: threading.Lock | None = threading.Lock() if self.is_sqlite else None
+        self._writer: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        )
 
     @classmethod
     def open(cls, url_text: str) -> IssuerStore:
@@ -150,29 +154,24 @@ class IssuerStore:
         first_of: dict[str, Grant] = {}
         for grant in grants:
             first_of.setdefault(grant.grant_id, grant)
-        unique = list(first_of.values())
-        lock = self._write_lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            with self.engine.begin() as connection:
-                inserted = self._insert(connection, unique, created_at)
-                earlier = [g.grant_id for g in unique if g.grant_id not in inserted]
-                stored_hash = {gid: first_of[gid].payload_sha256 for gid in inserted}
-                stored_hash.update(self._read(connection, "payload_sha256", earlier) if earlier else {})
-                invariant(
-                    len(stored_hash) == len(unique),
-                    f"{len(unique) - len(stored_hash)} grant ids neither inserted nor found in issued_grants",
-                )
-                conflicting = sorted({g.grant_id for g in grants if stored_hash[g.grant_id] != g.payload_sha256})
-                earlier_set = set(earlier)
-                stored_payload = {gid: first_of[gid].payload for gid in conflicting if gid not in earlier_set}
-                conflicting_earlier = [gid for gid in conflicting if gid in earlier_set]
-                if conflicting_earlier:
-                    stored_payload.update(self._read(connection, "payload", conflicting_earlier))
-        finally:
-            if lock is not None:
-                lock.release()
+        # In key order, so that concurrent PostgreSQL transactions over the same keys lock them in the same order
+        # (one waits for the other instead of deadlocking).
+        unique = sorted(first_of.values(), key=_grant_key)
+        with self._writer, self.engine.begin() as connection:
+            inserted = self._insert(connection, unique, created_at)
+            earlier = [g.grant_id for g in unique if g.grant_id not in inserted]
+            stored_hash = {gid: first_of[gid].payload_sha256 for gid in inserted}
+            stored_hash.update(self._read(connection, "payload_sha256", earlier) if earlier else {})
+            invariant(
+                len(stored_hash) == len(unique),
+                f"{len(unique) - len(stored_hash)} grant ids neither inserted nor found in issued_grants",
+            )
+            conflicting = sorted({g.grant_id for g in grants if stored_hash[g.grant_id] != g.payload_sha256})
+            earlier_set = set(earlier)
+            stored_payload = {gid: first_of[gid].payload for gid in conflicting if gid not in earlier_set}
+            conflicting_earlier = [gid for gid in conflicting if gid in earlier_set]
+            if conflicting_earlier:
+                stored_payload.update(self._read(connection, "payload", conflicting_earlier))
         outcomes: list[Outcome] = []
         for grant in grants:
             gid = grant.grant_id
@@ -273,10 +272,17 @@ class IssuerStore:
             after = chunk[-1].grant_id
 
 
+def _grant_key(grant: Grant) -> str:
+    return grant.grant_id
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     # NORMAL in WAL mode: a commit survives a crash of this process; a power cut may lose the last commits.
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    # Checkpoint every 64 MiB of WAL rather than every 4 MiB (SQLite's default): fewer fsyncs, which a busy disk
+    # makes slow (a benchmark under load: 9-14 instead of 16-70 ms per batch of 1,000 created).
+    cursor.execute(f"PRAGMA wal_autocheckpoint={SQLITE_WAL_CHECKPOINT_PAGES}")
     cursor.close()
