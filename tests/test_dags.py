@@ -372,3 +372,28 @@ def test_a_night_after_new_sign_ups_grants_only_them(entitle_env: dict[str, str]
     pipeline.engine.dispose()
     assert written == 1_234 * 5
     assert ledger_state(entitle_env)[1:] == (before + 1_234 * 5, before + 1_234 * 5)
+
+
+def test_dag_delivers_to_an_http_issuer_after_granting(entitle_env: dict[str, str], tmp_path: Path) -> None:
+    from test_delivery import Service, write_campaign
+
+    service = Service(tmp_path / "issuer.sqlite")
+    service.start()
+    try:
+        env = dict(entitle_env)
+        env["ENTITLE_CAMPAIGN"] = str(write_campaign(tmp_path / "campaign.toml", batch_size=1000, requests_per_s=50))
+        env["ENTITLE_ISSUER_SHOP_URL"] = service.url
+        code, result, log = run_dag(env)
+        assert code == 0 and result["state"] == "success", log
+        totals, _rows, _distinct = ledger_state(env)
+        exported = service.export()
+        ids = {row["grant_id"] for row in exported}
+        assert len(ids) == len(exported) == totals["coupon-2000"] + totals["coupon-3000"] == 2 * USERS
+        assert service.stats()["outcomes"]["conflict"] == 0
+        with sqlite3.connect(Path(env["AIRFLOW_HOME"]) / "airflow.db") as connection:
+            states = connection.execute(
+                "SELECT state, count(*) FROM task_instance WHERE task_id = 'deliver' GROUP BY state"
+            ).fetchall()
+        assert dict(states).get("success", 0) >= PARTITIONS, states
+    finally:
+        service.stop()
