@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
+from multiprocessing import current_process, get_context
 from pathlib import Path
 from typing import Any
 
@@ -782,7 +782,9 @@ def _known_skus(pipeline: jobs.Pipeline) -> tuple[tuple[int, str], ...]:
 def _run_checks(
     tasks: list[PartitionTask], workers: int, on_partition: Callable[[PartitionCheck], None] | None
 ) -> Iterator[PartitionCheck]:
-    if workers <= 1 or len(tasks) <= 1:
+    # A daemonic process (a Celery prefork worker's child, for one) may not start a process pool:
+    # check the partitions in this process instead of failing.
+    if workers <= 1 or len(tasks) <= 1 or current_process().daemon:
         try:
             for task in tasks:
                 check = check_partition(task)
