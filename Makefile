@@ -17,7 +17,7 @@ export AIRFLOW_HOME := $(CURDIR)/var/airflow
 export AIRFLOW_CONFIG := $(CURDIR)/airflow.cfg
 export ENTITLE_HOME ?= $(CURDIR)/var
 
-.PHONY: venv demo test lint bench clean help airflow airflow-db scaleout-smoke
+.PHONY: venv demo test lint bench clean help airflow airflow-db scaleout-smoke issuer-service
 
 help:
 	@echo "make demo   - run the pipeline on $(DEMO_USERS) synthetic users (DEMO_USERS=N to change)"
@@ -25,6 +25,7 @@ help:
 	@echo "make bench  - benchmark on BENCH_USERS=$(BENCH_USERS) users, backend BENCH_BACKEND=$(BENCH_BACKEND)"
 	@echo "make airflow - Airflow UI + scheduler on http://127.0.0.1:8080 with this project's DAGs"
 	@echo "make scaleout-smoke - the DAG on $(SCALEOUT_USERS) users with PostgreSQL metadata, CeleryExecutor (Redis), separate processes"
+	@echo "make issuer-service - the reference entitlement service on 127.0.0.1:$(ISSUER_PORT), store ISSUER_STORE (SQLite)"
 	@echo "make clean  - remove var/ (ledger, snapshots, Airflow metadata)"
 
 $(STAMP): requirements.lock pyproject.toml
@@ -81,6 +82,14 @@ test: lint
 SCALEOUT_USERS ?= 100000
 scaleout-smoke: venv
 	$(BIN)/python ops/scaleout_smoke.py --users $(SCALEOUT_USERS)
+
+# The reference entitlement service (README "The reference entitlement service"); Ctrl-C stops it.
+# ISSUER_ARGS adds options, e.g. ISSUER_ARGS="--fault-error-rate 0.05 --fault-seed 1".
+ISSUER_PORT ?= 8700
+ISSUER_STORE ?= $(ENTITLE_HOME)/issuer/issuer.sqlite
+ISSUER_ARGS ?=
+issuer-service: venv
+	$(BIN)/python -m pipeline.issuer_service --store $(ISSUER_STORE) --host 127.0.0.1 --port $(ISSUER_PORT) $(ISSUER_ARGS)
 
 bench: venv
 	$(BIN)/python bench/bench.py --users $(BENCH_USERS) --backend $(BENCH_BACKEND)

@@ -180,7 +180,10 @@ class Reconciliation:
 def _us_sql(column: str, dialect: str) -> str:
     """An instant column as UTC epoch microseconds in SQL."""
     if dialect == "postgresql":
-        return f"CAST(EXTRACT(EPOCH FROM {column}) * 1000000 AS BIGINT)"
+        # date_part is float8 (EXTRACT is numeric since PostgreSQL 14, and about 4x slower here).
+        # The float8 seconds times 10^6 stay within half a microsecond of the true value until about
+        # the year 2100, so rounding gives the exact integer.
+        return f"CAST(round(date_part('epoch', {column}) * 1000000) AS BIGINT)"
     return column
 
 
