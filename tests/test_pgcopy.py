@@ -63,6 +63,7 @@ def test_first_grant_attaches_one_loaded_child_per_partition_and_a_rerun_adds_no
                 f"SELECT conname FROM pg_constraint WHERE conrelid = '{first}'::regclass"
             ).scalars()
         )
+        estimated = connection.exec_driver_sql(f"SELECT reltuples FROM pg_class WHERE relname = '{first}'").scalar_one()
         parent_owner = connection.exec_driver_sql(
             "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'grants'::regclass"
         ).scalar_one()
@@ -72,6 +73,7 @@ def test_first_grant_attaches_one_loaded_child_per_partition_and_a_rerun_adds_no
             ).scalars()
         )
     assert owners == [(parent_owner,)], "children belong to the owner of grants"
+    assert estimated == run.entries[0].rows * ITEMS_PER_USER, "the child was analyzed when loaded"
     assert {
         f"{first}_pkey",
         f"ck_{first}_range",
