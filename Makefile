@@ -17,13 +17,15 @@ export AIRFLOW_HOME := $(CURDIR)/var/airflow
 export AIRFLOW_CONFIG := $(CURDIR)/airflow.cfg
 export ENTITLE_HOME ?= $(CURDIR)/var
 
-.PHONY: venv demo test lint bench clean help airflow airflow-db
+.PHONY: venv demo test lint bench clean help airflow airflow-db scaleout-smoke issuer-service
 
 help:
 	@echo "make demo   - run the pipeline on $(DEMO_USERS) synthetic users (DEMO_USERS=N to change)"
 	@echo "make test   - ruff, mypy and pytest"
 	@echo "make bench  - benchmark on BENCH_USERS=$(BENCH_USERS) users, backend BENCH_BACKEND=$(BENCH_BACKEND)"
 	@echo "make airflow - Airflow UI + scheduler on http://127.0.0.1:8080 with this project's DAGs"
+	@echo "make scaleout-smoke - the DAG on $(SCALEOUT_USERS) users with PostgreSQL metadata, CeleryExecutor (Redis), separate processes"
+	@echo "make issuer-service - the reference entitlement service on 127.0.0.1:$(ISSUER_PORT), store ISSUER_STORE (SQLite)"
 	@echo "make clean  - remove var/ (ledger, snapshots, Airflow metadata)"
 
 $(STAMP): requirements.lock pyproject.toml
@@ -74,6 +76,20 @@ lint: venv
 test: lint
 	@bash ops/ensure_chromium.sh > /dev/null 2>&1 || echo "chromium unavailable: the browser tests will skip (see ops/ensure_chromium.sh)"
 	$(BIN)/pytest
+
+# Scale-out smoke test (README "Airflow in production"): api-server, scheduler, dag-processor and a
+# Celery worker as separate processes, PostgreSQL metadata and ledger, Redis broker; about 1.5 min.
+SCALEOUT_USERS ?= 100000
+scaleout-smoke: venv
+	$(BIN)/python ops/scaleout_smoke.py --users $(SCALEOUT_USERS)
+
+# The reference entitlement service (README "The reference entitlement service"); Ctrl-C stops it.
+# ISSUER_ARGS adds options, e.g. ISSUER_ARGS="--fault-error-rate 0.05 --fault-seed 1".
+ISSUER_PORT ?= 8700
+ISSUER_STORE ?= $(ENTITLE_HOME)/issuer/issuer.sqlite
+ISSUER_ARGS ?=
+issuer-service: venv
+	$(BIN)/python -m pipeline.issuer_service --store $(ISSUER_STORE) --host 127.0.0.1 --port $(ISSUER_PORT) $(ISSUER_ARGS)
 
 bench: venv
 	$(BIN)/python bench/bench.py --users $(BENCH_USERS) --backend $(BENCH_BACKEND)

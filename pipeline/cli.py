@@ -34,6 +34,7 @@ from pipeline.errors import (
     QueryError,
 )
 from pipeline.granting import PartitionOutcome
+from pipeline.notices import REMINDER_DAYS_DEFAULT
 from pipeline.progress import Progress
 
 EXIT_INTERNAL = 70
@@ -175,6 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", help="why (required unless the file has a reason column)")
     p.add_argument("--actor", required=True, help="who voids (recorded)")
     p.set_defaults(handler=cmd_void)
+
+    p = command(
+        "notices",
+        "export users to notify (Parquet per partition): `granted` by a run, or `reminders` before items expire",
+    )
+    p.add_argument("kind", choices=("granted", "reminders"), help="which notices")
+    p.add_argument("--run-id", help="granted: the run (default: the latest run that granted something)")
+    p.add_argument(
+        "--days",
+        type=int,
+        default=REMINDER_DAYS_DEFAULT,
+        help=f"reminders: days before valid_until to remind (default {REMINDER_DAYS_DEFAULT})",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+    p.set_defaults(handler=cmd_notices)
 
     p = command("report", "write the HTML page and PNG chart of a reconciliation (default: the latest)")
     p.add_argument("--reconciliation", help="reconciliation id (default: the campaign's latest)")
@@ -748,6 +764,25 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
             )
     finally:
         engine.dispose()
+    return 0
+
+
+def cmd_notices(args: argparse.Namespace, settings: Settings) -> int:
+    """Export notices for the messaging system."""
+    from pipeline import notices
+
+    pipeline = jobs.open_pipeline(settings)
+    partitions = int(jobs.snapshot_row(pipeline, None)["partition_count"])
+    if args.kind == "granted":
+        bar = Progress("notices", partitions, enabled=not args.no_progress)
+        exports = [notices.export_granted(pipeline, args.run_id, bar.advance)]
+    else:
+        expiries = len({i.valid_until for i in pipeline.campaign.items if i.valid_until is not None})
+        bar = Progress("reminders", partitions * expiries, enabled=not args.no_progress)
+        exports = notices.export_reminders(pipeline, args.days, bar.advance)
+    bar.close()
+    lines = [f"{e.kind}: {e.users:,} users in {e.partitions} partition files under {e.directory}" for e in exports]
+    _emit(args, {"exports": [e.as_dict() for e in exports]}, lines or ["no time-limited items: nothing to remind"])
     return 0
 
 

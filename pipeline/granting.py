@@ -78,6 +78,8 @@ def grant_partition(context: GrantContext, entry: PartitionEntry, verify: bool =
             return outcome
     attempt_key = _record_start(context, entry, signature, now, verify)
     try:
+        if context.engine.dialect.name == "postgresql":
+            pgcopy.ensure_campaign_table(context.engine, context.keys.campaign_key)
         users = read_partition(entry)
         invariant(users.height == entry.rows, "read_partition checks the row count")
         with write_transaction(context.engine) as connection:

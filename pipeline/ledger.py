@@ -174,8 +174,8 @@ grants = sa.Table(
         name="ck_grants_user_bucket",
     ),
     sqlite_with_rowid=False,
-    # One child table per (campaign, pipeline partition) on PostgreSQL: see pipeline/pgcopy.py.
-    postgresql_partition_by="RANGE (campaign_key, user_bucket)",
+    # PostgreSQL: one table per campaign, one child per pipeline partition: see pipeline/pgcopy.py.
+    postgresql_partition_by="LIST (campaign_key)",
 )
 
 grant_voids = sa.Table(

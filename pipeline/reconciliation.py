@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
+from multiprocessing import current_process, get_context
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,10 @@ class Reconciliation:
 def _us_sql(column: str, dialect: str) -> str:
     """An instant column as UTC epoch microseconds in SQL."""
     if dialect == "postgresql":
-        return f"CAST(EXTRACT(EPOCH FROM {column}) * 1000000 AS BIGINT)"
+        # date_part is float8 (EXTRACT is numeric since PostgreSQL 14, and about 4x slower here).
+        # The float8 seconds times 10^6 stay within half a microsecond of the true value until about
+        # the year 2100, so rounding gives the exact integer.
+        return f"CAST(round(date_part('epoch', {column}) * 1000000) AS BIGINT)"
     return column
 
 
@@ -782,7 +785,9 @@ def _known_skus(pipeline: jobs.Pipeline) -> tuple[tuple[int, str], ...]:
 def _run_checks(
     tasks: list[PartitionTask], workers: int, on_partition: Callable[[PartitionCheck], None] | None
 ) -> Iterator[PartitionCheck]:
-    if workers <= 1 or len(tasks) <= 1:
+    # A daemonic process (a Celery prefork worker's child, for one) may not start a process pool:
+    # check the partitions in this process instead of failing.
+    if workers <= 1 or len(tasks) <= 1 or current_process().daemon:
         try:
             for task in tasks:
                 check = check_partition(task)

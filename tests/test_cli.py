@@ -25,6 +25,7 @@ COMMANDS = {
     "run",
     "grant",
     "deliver",
+    "notices",
     "status",
     "summary",
     "reconcile",

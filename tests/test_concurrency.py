@@ -237,8 +237,8 @@ def test_a_connection_dropped_mid_transaction_fails_cleanly_and_retries_cleanly(
     assert all(o.status == "done" for o in outcomes[1:]), "the others went on, on fresh connections"
     with pipeline.engine.connect() as connection:
         in_partition_0 = connection.exec_driver_sql("SELECT count(*) FROM grants WHERE partition_id = 0").scalar_one()
-        children = connection.exec_driver_sql("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'grants_c%%'")
-        child_count = children.scalar_one()
+        names = connection.exec_driver_sql("SELECT tablename FROM pg_tables").scalars().all()
+        child_count = sum(1 for name in names if pgcopy.is_range_child(str(name)))
     assert in_partition_0 == 0, "nothing of the dropped transaction was committed"
     assert child_count == (7 if path == "copy" else 0), "the dropped partition left no child table behind"
 

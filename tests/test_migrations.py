@@ -193,10 +193,13 @@ def test_a_version_1_ledger_is_refused_then_upgraded_in_place_keeping_every_row(
         pipeline.engine.dispose()
     if engine.dialect.name == "postgresql":
         with engine.connect() as connection:
-            children = connection.exec_driver_sql(
-                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'grants'::regclass"
-            ).scalar_one()
-        assert children == 1 + 4, "the old rows' default child and one child per partition"
+            leaves = connection.exec_driver_sql(
+                "SELECT relid::regclass::text FROM pg_partition_tree('grants') WHERE isleaf"
+            ).scalars()
+            names = sorted(str(name) for name in leaves)
+        key = pipeline.keys.campaign_key
+        assert "grants_default" in names and f"grants_c{key}_default" in names
+        assert len(names) == 2 + 4, "the old rows' default child, the campaign's default and one child per partition"
 
 
 def test_a_newer_ledger_is_refused_and_left_alone(engine: Engine) -> None:

@@ -516,3 +516,36 @@ def test_the_expected_checksum_equals_the_databases_on_the_same_rows(granted: Pr
     one = [reconciliation._row_hashes(u, items[0]) for u in users["user_id"].to_list()]
     single = reconciliation.expected_checksum(users, items[:1])
     assert single == (users.height, sum(h for h, _ in one), sum(h for _, h in one))
+
+
+def _reconcile_in_a_daemon(environ: dict[str, str], answers: Any) -> None:
+    """Body of a daemonic process (like a Celery prefork worker's): reconcile with two workers asked for."""
+    from pipeline.config import load_settings
+
+    pipeline = jobs.open_pipeline(load_settings(environ))
+    try:
+        answers.put(reconciliation.reconcile(pipeline, workers=2).verdict)
+    except BaseException as exc:  # reported to the test, not lost in the child
+        answers.put(f"{type(exc).__name__}: {exc}")
+    finally:
+        pipeline.engine.dispose()
+
+
+def test_a_daemonic_process_reconciles_in_process_instead_of_failing(granted: Prepared) -> None:
+    """Celery's prefork workers are daemonic and may not start a process pool (found by make scaleout-smoke)."""
+    import multiprocessing
+
+    settings = granted.pipeline.settings
+    environ = {
+        "ENTITLE_HOME": str(settings.home),
+        "ENTITLE_LEDGER_URL": settings.ledger_url,
+        "ENTITLE_PARTITIONS": str(settings.partition_count),
+    }
+    context = multiprocessing.get_context("spawn")
+    answers = context.Queue()
+    child = context.Process(target=_reconcile_in_a_daemon, args=(environ, answers), daemon=True)
+    child.start()
+    verdict = answers.get(timeout=120)
+    child.join(timeout=30)
+    assert verdict == "RECONCILED"
+    assert child.exitcode == 0

@@ -55,7 +55,7 @@ CREATE TABLE grants (
 	CONSTRAINT ck_grants_issue_no CHECK (issue_no >= 0), 
 	CONSTRAINT ck_grants_user_bucket CHECK (user_bucket = (user_id % 2147483647) * 1540483477 % 2147483647)
 )
- PARTITION BY RANGE (campaign_key, user_bucket);
+ PARTITION BY LIST (campaign_key);
 
 CREATE TABLE ledger_meta (
 	meta_key VARCHAR(64) NOT NULL, 

@@ -1,6 +1,7 @@
--- Schema version 2 -> 3 (postgresql): grants becomes a table partitioned on
--- (campaign_key, user_bucket). The existing rows stay where they are: the old table
--- is renamed and attached as the default child, so the upgrade copies nothing.
+-- Schema version 2 -> 3 (postgresql): grants becomes a table partitioned by campaign_key
+-- (each campaign's table is partitioned by user_bucket range; pipeline/pgcopy.py makes them).
+-- The existing rows stay where they are: the old table is renamed and attached as the
+-- default child, so the upgrade copies nothing.
 -- Frozen; statements end with a line "-- end".
 
 ALTER TABLE grants RENAME TO grants_default
@@ -28,7 +29,7 @@ CREATE TABLE grants (
 	CONSTRAINT ck_grants_issue_no CHECK (issue_no >= 0), 
 	CONSTRAINT ck_grants_user_bucket CHECK (user_bucket = (user_id % 2147483647) * 1540483477 % 2147483647)
 )
- PARTITION BY RANGE (campaign_key, user_bucket)
+ PARTITION BY LIST (campaign_key)
 -- end
 ALTER TABLE grants ATTACH PARTITION grants_default DEFAULT
 -- end

@@ -1,4 +1,4 @@
-"""Schema version 3: on PostgreSQL, grants is partitioned on (campaign_key, user_bucket).
+"""Schema version 3: on PostgreSQL, grants is partitioned by campaign, then by bucket range.
 
 The existing grants table becomes the default child as it is (no rows are copied);
 each pipeline partition granted from now on gets its own child table (see

@@ -1,0 +1,955 @@
+"""Scale-out smoke test: the nightly DAG on Airflow with PostgreSQL metadata and the CeleryExecutor.
+
+Starts, on this machine, every process of a distributed Airflow deployment as a
+separate process — `airflow api-server`, `airflow scheduler`, `airflow
+dag-processor` and `airflow celery worker` — with PostgreSQL as Airflow's
+metadata database, Redis as the Celery broker and the PostgreSQL ledger; then
+grants N synthetic users through the DAG `entitlement_grant` and checks:
+
+  * the DAG run ends in state success;
+  * every task instance of the run went through the Celery worker (its id is in
+    the worker's log, and Celery's result backend recorded a success for each);
+  * `entitle reconcile --json` on the PostgreSQL ledger exits 0 with verdict
+    RECONCILED and expected = ledger = matched = N x the campaign's items;
+  * `entitle summary --json` counts N live grants of every item.
+
+Everything is configured by AIRFLOW__... environment variables on top of the
+project's airflow.cfg (printed to WORK_DIR/env.sh). Each run drops and recreates
+the PostgreSQL databases `entitle_smoke_airflow` (Airflow metadata and Celery
+results) and `entitle_smoke_ledger` (the ledger), flushes the Redis database of
+the broker URL, and uses WORK_DIR (default var/scaleout; never the project's
+var/airflow) for AIRFLOW_HOME, ENTITLE_HOME and the processes' logs.
+
+All processes are stopped at the end (each in its own process group), also on a
+failure, Ctrl-C or SIGTERM, unless --keep leaves them running for inspection
+(then `--stop`, or the next run, stops them). After a successful run without
+--keep, the work dir's contents and both databases are removed; after a failure
+they stay, and the tail of each process's log is printed.
+
+Exit codes: 0 the smoke passed; 1 it failed (or was interrupted); 2 bad usage or
+environment (PostgreSQL or Redis not answering, the Celery provider missing, the
+work dir in use or not this tool's).
+
+Run with the project's virtualenv: `.venv/bin/python ops/scaleout_smoke.py`, or
+`make scaleout-smoke`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+DAG_ID = "entitlement_grant"
+POOL = "ledger_writers"
+MARKER_VAR = "ENTITLE_SCALEOUT_SMOKE_RUN"  # set in every process started here; the final sweep looks for it
+LOCK_NAME = ".scaleout-smoke.lock"  # also marks a work dir as this tool's (so its contents may be removed)
+PROCESS_NAMES = ("api-server", "scheduler", "dag-processor", "worker")
+WORK_ENTRIES = ("airflow", "entitle", "logs", "users.parquet", "env.sh", "pids.json")
+DB_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+PARTITIONS_MAX = 1024
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+Say = Callable[[str], None]
+
+
+class SmokeFailed(Exception):
+    """The deployment ran but did not do what it should (exit 1)."""
+
+
+class EnvironmentProblem(Exception):
+    """A prerequisite is missing: a service, a package, the work dir (exit 2)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM (exit 1 after cleanup)."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class SmokeConfig:
+    """What one smoke run uses; everything else is derived from it."""
+
+    users: int = 100_000
+    partitions: int = 8
+    concurrency: int = 2
+    pool_slots: int = 4
+    timeout_s: float = 900.0
+    postgres: str = "postgresql+psycopg://postgres@127.0.0.1:5432"
+    broker_url: str = "redis://127.0.0.1:6379/5"
+    airflow_db: str = "entitle_smoke_airflow"
+    ledger_db: str = "entitle_smoke_ledger"
+    work_dir: Path = ROOT / "var" / "scaleout"
+    bin_dir: Path = BIN
+    keep: bool = False
+    json: bool = False
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.work_dir / "airflow"
+
+    @property
+    def entitle_home(self) -> Path:
+        return self.work_dir / "entitle"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.work_dir / "logs"
+
+    @property
+    def users_file(self) -> Path:
+        return self.work_dir / "users.parquet"
+
+    def db_url(self, database: str) -> str:
+        """SQLAlchemy URL (psycopg 3 driver) of one database on the configured server."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.postgres).set(drivername="postgresql+psycopg", database=database).render_as_string(False)
+
+    def libpq_url(self, database: str) -> str:
+        """The same database as a libpq URI, for psycopg.connect."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.db_url(database)).set(drivername="postgresql").render_as_string(False)
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Generated per run; every Airflow process gets the same values."""
+
+    jwt_secret: str
+    api_secret_key: str
+    fernet_key: str
+    marker: str
+
+    @classmethod
+    def generate(cls) -> Secrets:
+        return cls(
+            jwt_secret=secrets.token_urlsafe(64),
+            api_secret_key=secrets.token_urlsafe(32),
+            fernet_key=base64.urlsafe_b64encode(os.urandom(32)).decode(),
+            marker=secrets.token_hex(8),
+        )
+
+
+@dataclass(frozen=True)
+class Ports:
+    api: int
+    worker_logs: int
+
+
+def build_environment(
+    cfg: SmokeConfig, ports: Ports, keys: Secrets, base_env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of every process of the deployment (and of the `airflow`/`entitle` commands run here).
+
+    Starts from ``base_env`` (default ``os.environ``) without any AIRFLOW* or ENTITLE_* variable, so
+    nothing of the caller's Airflow (the Makefile exports var/airflow) or ledger leaks in.
+    """
+    base = os.environ if base_env is None else base_env
+    env = {k: v for k, v in base.items() if not k.startswith(("AIRFLOW", "ENTITLE_"))}
+    metadata_url = cfg.db_url(cfg.airflow_db)
+    api_url = f"http://127.0.0.1:{ports.api}"
+    env.update(
+        {
+            "PATH": f"{cfg.bin_dir}{os.pathsep}{env.get('PATH', '')}",
+            "PYTHONUNBUFFERED": "1",
+            # Airflow: the project's airflow.cfg, everything below overrides it.
+            "AIRFLOW_HOME": str(cfg.airflow_home),
+            "AIRFLOW_CONFIG": str(ROOT / "airflow.cfg"),
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api_url}/execution/",
+            "AIRFLOW__CORE__FERNET_KEY": keys.fernet_key,
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
+            # Airflow 3.3 derives its async engine's URL with asyncpg, which is not installed: psycopg 3 does both.
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": metadata_url.replace("+psycopg://", "+psycopg_async://", 1),
+            "AIRFLOW__CELERY__BROKER_URL": cfg.broker_url,
+            "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{metadata_url}",
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(cfg.concurrency),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(ports.api),
+            "AIRFLOW__API__BASE_URL": f"{api_url}/",
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__SECRET_KEY": keys.api_secret_key,
+            "AIRFLOW__API_AUTH__JWT_SECRET": keys.jwt_secret,
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(cfg.airflow_home / "logs"),
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(ports.worker_logs),
+            # Only the triggered run: no scheduled run of the nightly schedule competes with it.
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+            # The pipeline, in the tasks on the worker.
+            "ENTITLE_HOME": str(cfg.entitle_home),
+            "ENTITLE_LEDGER_URL": cfg.db_url(cfg.ledger_db),
+            "ENTITLE_PARTITIONS": str(cfg.partitions),
+            "ENTITLE_TASK_RETRIES": "0",  # a smoke test that passes on a retry hides a fault
+            MARKER_VAR: keys.marker,
+        }
+    )
+    return env
+
+
+def process_commands(cfg: SmokeConfig) -> dict[str, list[str]]:
+    """The four long-running processes of the deployment."""
+    airflow = str(cfg.bin_dir / "airflow")
+    return {
+        "api-server": [airflow, "api-server", "--workers", "1"],
+        "scheduler": [airflow, "scheduler", "--skip-serve-logs"],
+        "dag-processor": [airflow, "dag-processor"],
+        "worker": [airflow, "celery", "worker", "--concurrency", str(cfg.concurrency), "--without-mingle"],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be more than 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scaleout_smoke.py",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]) if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = SmokeConfig()
+    parser.add_argument("--users", type=_positive_int, default=d.users, help=f"synthetic users (default {d.users:,})")
+    parser.add_argument(
+        "--partitions", type=_positive_int, default=d.partitions, help=f"ENTITLE_PARTITIONS (default {d.partitions})"
+    )
+    parser.add_argument(
+        "--concurrency", type=_positive_int, default=d.concurrency, help="Celery worker processes (default 2)"
+    )
+    parser.add_argument(
+        "--pool-slots", type=_positive_int, default=d.pool_slots, help=f"slots of the {POOL} pool (default 4)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=d.timeout_s,
+        metavar="SECONDS",
+        help="how long the DAG run may take once triggered (default 900)",
+    )
+    parser.add_argument(
+        "--postgres",
+        default=d.postgres,
+        help=f"PostgreSQL server, as an SQLAlchemy URL without database ({d.postgres})",
+    )
+    parser.add_argument(
+        "--broker", default=d.broker_url, help=f"Celery broker, a Redis URL; its database is flushed ({d.broker_url})"
+    )
+    parser.add_argument("--work-dir", type=Path, default=d.work_dir, help="AIRFLOW_HOME, ENTITLE_HOME and logs")
+    parser.add_argument("--keep", action="store_true", help="leave the processes running and the work dir for a look")
+    parser.add_argument("--stop", action="store_true", help="only stop the processes a --keep run left, then exit")
+    parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout (progress on stderr)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> SmokeConfig:
+    """Validate what argparse cannot; raises EnvironmentProblem (exit 2)."""
+    if args.partitions > PARTITIONS_MAX:
+        raise EnvironmentProblem(f"--partitions {args.partitions}: at most {PARTITIONS_MAX}")
+    if not args.broker.startswith("redis://"):
+        raise EnvironmentProblem(f"--broker {args.broker!r}: this smoke test uses a Redis broker (redis://...)")
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(args.postgres)
+    except ArgumentError as exc:
+        raise EnvironmentProblem(f"--postgres {args.postgres!r} is not a database URL") from exc
+    if url.get_backend_name() != "postgresql":
+        raise EnvironmentProblem(f"--postgres {args.postgres!r} is not a PostgreSQL URL")
+    work_dir = args.work_dir.expanduser().resolve()
+    if work_dir in (ROOT, ROOT / "var", ROOT / "var" / "airflow") or (ROOT / "var" / "airflow") in work_dir.parents:
+        raise EnvironmentProblem(f"--work-dir {work_dir}: not the project's own var/ or var/airflow")
+    return SmokeConfig(
+        users=args.users,
+        partitions=args.partitions,
+        concurrency=args.concurrency,
+        pool_slots=args.pool_slots,
+        timeout_s=args.timeout,
+        postgres=args.postgres,
+        broker_url=args.broker,
+        work_dir=work_dir,
+        keep=args.keep,
+        json=args.json,
+    )
+
+
+# --------------------------------------------------------------------------- output
+
+
+class Reporter:
+    """Progress lines on stderr with the elapsed time, and phase timings."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.phases: dict[str, float] = {}
+
+    def say(self, message: str) -> None:
+        print(f"[scaleout {time.monotonic() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        begun = time.monotonic()
+        self.say(f"{name} ...")
+        try:
+            yield
+        finally:
+            self.phases[name] = round(time.monotonic() - begun, 1)
+            self.say(f"{name}: {self.phases[name]:.1f} s")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Deployment:
+    """The processes started here, each in its own session (process group)."""
+
+    cfg: SmokeConfig
+    env: dict[str, str]
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    log_files: dict[str, IO[bytes]] = field(default_factory=dict)
+
+    def log_path(self, name: str) -> Path:
+        return self.cfg.logs_dir / f"{name}.log"
+
+    def start(self, name: str, command: list[str]) -> None:
+        handle = open(self.log_path(name), "ab")  # noqa: SIM115 - closed in stop()
+        self.log_files[name] = handle
+        self.processes[name] = subprocess.Popen(
+            command,
+            env=self.env,
+            cwd=self.cfg.work_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def check_alive(self) -> None:
+        for name, proc in self.processes.items():
+            code = proc.poll()
+            if code is not None:
+                raise SmokeFailed(f"the {name} process exited with code {code} (log: {self.log_path(name)})")
+
+    def write_pids(self) -> None:
+        document = {"marker": self.env[MARKER_VAR], "groups": {n: p.pid for n, p in self.processes.items()}}
+        (self.cfg.work_dir / "pids.json").write_text(json.dumps(document, indent=1) + "\n")
+
+    def stop(self, say: Say, grace_s: float = 15.0) -> None:
+        """SIGTERM every process group, SIGKILL what is left after ``grace_s``, then sweep by marker."""
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for name, proc in self.processes.items():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                say(f"{name} did not stop within {grace_s:.0f} s: SIGKILL")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # also any child left in the group
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        left = kill_marked(self.env[MARKER_VAR])
+        if left:
+            say(f"killed {left} leftover process(es) of this run outside their groups")
+        for handle in self.log_files.values():
+            handle.close()
+        self.processes.clear()
+        self.log_files.clear()
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Processes whose environment carries this run's marker (only processes started by this tool have it)."""
+    needle = f"{MARKER_VAR}={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_marked(marker: str) -> int:
+    pids = marked_pids(marker)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
+def stop_kept(work_dir: Path, say: Say) -> int:
+    """Stop the processes a --keep run left in ``work_dir`` (checked by their marker); how many were running."""
+    pids_file = work_dir / "pids.json"
+    if not pids_file.exists():
+        return 0
+    try:
+        document = json.loads(pids_file.read_text())
+        marker = str(document["marker"])
+    except (ValueError, KeyError, TypeError):
+        return 0
+    pids = marked_pids(marker)
+    if not pids:
+        pids_file.unlink()
+        return 0
+    say(f"stopping {len(pids)} process(es) left running by an earlier --keep run")
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while marked_pids(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    kill_marked(marker)
+    pids_file.unlink()
+    return len(pids)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"({path}: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------- services
+
+
+def check_prerequisites(cfg: SmokeConfig) -> None:
+    """Everything the run needs that this tool does not start; raises EnvironmentProblem."""
+    from importlib import metadata
+
+    for tool in ("airflow", "entitle"):
+        if not (cfg.bin_dir / tool).exists():
+            raise EnvironmentProblem(f"{cfg.bin_dir / tool} is missing: run `make venv` and use .venv/bin/python")
+    try:
+        metadata.version("apache-airflow-providers-celery")
+    except metadata.PackageNotFoundError as exc:
+        raise EnvironmentProblem(
+            "apache-airflow-providers-celery is not installed in this virtualenv: `make venv` installs it"
+        ) from exc
+    import psycopg
+
+    try:
+        with psycopg.connect(cfg.libpq_url("postgres"), connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        raise EnvironmentProblem(f"PostgreSQL at {cfg.postgres} does not answer: {exc}".strip()) from exc
+    import redis
+
+    try:
+        redis.Redis.from_url(cfg.broker_url, socket_connect_timeout=3, socket_timeout=3).ping()
+    except redis.RedisError as exc:
+        raise EnvironmentProblem(f"Redis at {cfg.broker_url} does not answer: {exc}") from exc
+    for name in (cfg.airflow_db, cfg.ledger_db):
+        if not DB_NAME_RE.match(name):
+            raise EnvironmentProblem(f"database name {name!r} is not a plain identifier")
+
+
+DROP_TIMEOUT_MS = 60_000
+
+
+def recreate_databases(cfg: SmokeConfig, say: Say) -> None:
+    """Drop and create both databases; where a drop cannot finish, empty the database instead.
+
+    PostgreSQL 15's DROP DATABASE waits until every backend of the server, in any database,
+    accepts a ProcSignalBarrier: one stuck session elsewhere blocks it for good. After a minute
+    the drop is cancelled and the database emptied (its schemas dropped) instead, which is as fresh.
+    """
+    import psycopg
+
+    with psycopg.connect(cfg.libpq_url("postgres"), autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f"SET statement_timeout = {DROP_TIMEOUT_MS}")
+        for name in (cfg.airflow_db, cfg.ledger_db):
+            try:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            except psycopg.errors.QueryCanceled:
+                say(
+                    f"DROP DATABASE {name} did not finish in {DROP_TIMEOUT_MS // 1000} s "
+                    "(a stuck backend elsewhere); emptying it instead"
+                )
+                _empty_database(cfg, name)
+                continue
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def _empty_database(cfg: SmokeConfig, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(cfg.libpq_url("postgres"), autocommit=True, connect_timeout=10) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
+    with psycopg.connect(cfg.libpq_url(name), autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f"SET statement_timeout = {DROP_TIMEOUT_MS}")
+        schemas = [
+            str(row[0])
+            for row in conn.execute(
+                "SELECT nspname FROM pg_namespace WHERE nspname <> 'information_schema' AND nspname NOT LIKE 'pg\\_%'"
+            ).fetchall()
+        ]
+        for schema in schemas:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        conn.execute("CREATE SCHEMA public")
+
+
+def drop_databases(cfg: SmokeConfig, say: Say) -> None:
+    import psycopg
+
+    with psycopg.connect(cfg.libpq_url("postgres"), autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f"SET statement_timeout = {DROP_TIMEOUT_MS}")
+        for name in (cfg.airflow_db, cfg.ledger_db):
+            try:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            except psycopg.errors.QueryCanceled:
+                say(f"DROP DATABASE {name} did not finish in {DROP_TIMEOUT_MS // 1000} s; the next run empties it")
+
+
+def flush_broker(cfg: SmokeConfig) -> None:
+    import redis
+
+    redis.Redis.from_url(cfg.broker_url, socket_connect_timeout=3).flushdb()
+
+
+def metadata_query(cfg: SmokeConfig, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    import psycopg
+
+    with psycopg.connect(cfg.libpq_url(cfg.airflow_db), connect_timeout=5) as conn:
+        return list(conn.execute(sql, params).fetchall())
+
+
+def run_command(
+    command: list[str], env: Mapping[str, str], timeout_s: float, what: str, *, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion; a non-zero exit is a SmokeFailed with its output's tail."""
+    try:
+        result = subprocess.run(
+            command, env=dict(env), cwd=cwd, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise SmokeFailed(f"{what} did not finish within {timeout_s:.0f} s: {' '.join(command)}") from exc
+    if result.returncode != 0:
+        output = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
+        raise SmokeFailed(f"{what} exited with {result.returncode}: {' '.join(command)}\n{output}")
+    return result
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout_s: float, what: str, deployment: Deployment, interval_s: float = 1.0
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        deployment.check_alive()
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            raise SmokeFailed(f"{what}: not within {timeout_s:.0f} s")
+        time.sleep(interval_s)
+
+
+def api_healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=3) as response:
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def dag_parsed(cfg: SmokeConfig) -> bool:
+    try:
+        rows = metadata_query(cfg, "SELECT count(*) FROM serialized_dag WHERE dag_id = %s", (DAG_ID,))
+    except Exception:  # noqa: BLE001 - the table appears with the first parse
+        return False
+    return bool(rows and rows[0][0])
+
+
+def worker_ready(deployment: Deployment) -> bool:
+    return " ready." in deployment.log_path("worker").read_text(errors="replace")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def task_instances(cfg: SmokeConfig, run_id: str) -> list[dict[str, Any]]:
+    rows = metadata_query(
+        cfg,
+        "SELECT id, task_id, map_index, state, hostname, queue, try_number, pid FROM task_instance "
+        "WHERE dag_id = %s AND run_id = %s ORDER BY task_id, map_index",
+        (DAG_ID, run_id),
+    )
+    keys = ("id", "task_id", "map_index", "state", "hostname", "queue", "try_number", "pid")
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def wait_for_run(cfg: SmokeConfig, deployment: Deployment, run_id: str, rep: Reporter) -> str:
+    """Poll the run until success or failed (or the timeout); prints progress; returns the final state."""
+    deadline = time.monotonic() + cfg.timeout_s
+    last_line, last_print = "", 0.0
+    while True:
+        deployment.check_alive()
+        rows = metadata_query(cfg, "SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s", (DAG_ID, run_id))
+        state = str(rows[0][0]) if rows else "missing"
+        counts: dict[str, int] = {}
+        for ti in task_instances(cfg, run_id):
+            key = str(ti["state"] or "none")
+            counts[key] = counts.get(key, 0) + 1
+        line = f"run {state}; task instances: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        if line != last_line or time.monotonic() - last_print > 30:
+            rep.say(line)
+            last_line, last_print = line, time.monotonic()
+        if state in ("success", "failed"):
+            return state
+        if time.monotonic() > deadline:
+            raise SmokeFailed(f"the DAG run {run_id} was still {state} after {cfg.timeout_s:.0f} s")
+        time.sleep(2)
+
+
+def check_celery(cfg: SmokeConfig, deployment: Deployment, tis: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every task instance went through the Celery worker: its id in the worker log, a SUCCESS in the backend."""
+    worker_log = deployment.log_path("worker").read_text(errors="replace")
+    not_in_log = [f"{t['task_id']}[{t['map_index']}]" for t in tis if str(t["id"]) not in worker_log]
+    if not_in_log:
+        raise SmokeFailed(f"task instances not run by the Celery worker (not in its log): {', '.join(not_in_log)}")
+    # The worker stores a task's result just after the task instance reported its state (and the run
+    # may already be success): give the last results a moment.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            statuses = dict(metadata_query(cfg, "SELECT status, count(*) FROM celery_taskmeta GROUP BY status"))
+        except Exception:  # noqa: BLE001 - no table yet: Celery stored no result at all
+            statuses = {}
+        successes = int(statuses.get("SUCCESS", 0))
+        if successes >= len(tis) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    if successes < len(tis):
+        raise SmokeFailed(f"Celery's result backend recorded {successes} successes for {len(tis)} task instances")
+    bad_queue = sorted({str(t["queue"]) for t in tis if t["queue"] != "default"})
+    if bad_queue:
+        raise SmokeFailed(f"task instances in unexpected queues: {bad_queue}")
+    return {
+        "task_instances_in_worker_log": len(tis),
+        "result_backend": {str(k): int(v) for k, v in statuses.items()},
+        "hostnames": sorted({str(t["hostname"]) for t in tis}),
+        "queues": sorted({str(t["queue"]) for t in tis}),
+    }
+
+
+def check_ledger(cfg: SmokeConfig, env: Mapping[str, str]) -> dict[str, Any]:
+    """`entitle reconcile` and `entitle summary` on the PostgreSQL ledger, compared with users x items."""
+    from pipeline.campaign import load_campaign
+
+    items = len(load_campaign(None).items)
+    expected = cfg.users * items
+    entitle = str(cfg.bin_dir / "entitle")
+    result = subprocess.run(
+        [entitle, "reconcile", "--json", "--no-progress"],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    try:
+        document = json.loads(result.stdout)
+    except ValueError as exc:
+        raise SmokeFailed(f"entitle reconcile exited {result.returncode}, no JSON: {result.stderr[-2000:]}") from exc
+    bridge = document.get("bridge", {})
+    verdict = document.get("verdict")
+    problems = []
+    if result.returncode != 0 or verdict != "RECONCILED":
+        problems.append(f"entitle reconcile exited {result.returncode} with verdict {verdict}")
+    for key in ("expected", "ledger", "matched"):
+        if bridge.get(key) != expected:
+            problems.append(f"reconcile {key} = {bridge.get(key)}, want {cfg.users:,} users x {items} items")
+    summary = json.loads(run_command([entitle, "summary", "--json"], env, 300, "entitle summary").stdout)
+    if summary.get("total_grants") != expected:
+        problems.append(f"summary total_grants = {summary.get('total_grants')}, want {expected}")
+    short = [i for i in summary.get("items", []) if i.get("grants") != cfg.users]
+    if short or len(summary.get("items", [])) != items:
+        problems.append(f"summary items not {cfg.users} each: {summary.get('items')}")
+    if problems:
+        raise SmokeFailed("the ledger check failed: " + "; ".join(problems))
+    return {
+        "ledger": summary.get("ledger"),
+        "verdict": verdict,
+        "expected": bridge["expected"],
+        "ledger_rows": bridge["ledger"],
+        "matched": bridge["matched"],
+        "items": items,
+        "total_grants": summary["total_grants"],
+        "reconcile_s": document.get("duration_s"),
+    }
+
+
+def check_work_dir(cfg: SmokeConfig) -> None:
+    """Only an empty folder, or one this tool made (it holds the lock file), is used: its contents are removed."""
+    work = cfg.work_dir
+    if work.exists() and (not work.is_dir() or (any(work.iterdir()) and not (work / LOCK_NAME).exists())):
+        raise EnvironmentProblem(f"{work} is not empty and not a scale-out smoke work dir; choose another --work-dir")
+
+
+def prepare_work_dir(cfg: SmokeConfig, rep: Reporter) -> IO[str]:
+    """Lock the work dir (one smoke at a time), stop a --keep run's leftovers, empty it; returns the lock."""
+    work = cfg.work_dir
+    check_work_dir(cfg)
+    work.mkdir(parents=True, exist_ok=True)
+    lock = open(work / LOCK_NAME, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        lock.close()
+        raise EnvironmentProblem(f"another scale-out smoke test is running in {work}") from exc
+    stop_kept(work, rep.say)
+    clear_work_dir(cfg)
+    for path in (cfg.airflow_home, cfg.entitle_home, cfg.logs_dir):
+        path.mkdir(parents=True)
+    return lock
+
+
+def clear_work_dir(cfg: SmokeConfig) -> None:
+    for name in WORK_ENTRIES:
+        path = cfg.work_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def write_env_file(cfg: SmokeConfig, env: Mapping[str, str]) -> Path:
+    """WORK_DIR/env.sh: `. var/scaleout/env.sh` gives a shell the deployment's airflow and entitle settings."""
+    path = cfg.work_dir / "env.sh"
+    lines = [f"export {k}={_shell_quote(v)}" for k, v in sorted(env.items()) if k.startswith(("AIRFLOW", "ENTITLE_"))]
+    lines.append(f'export PATH={_shell_quote(str(cfg.bin_dir))}:"$PATH"')
+    path.write_text("# the scale-out smoke deployment's settings (secrets: keep private)\n" + "\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def _shell_quote(value: str) -> str:
+    return "'" + value.replace("'", "'\"'\"'") + "'"
+
+
+def smoke(cfg: SmokeConfig, rep: Reporter, outcome: dict[str, Any]) -> None:
+    """The whole run; raises SmokeFailed / EnvironmentProblem / Interrupted. Fills ``outcome``."""
+    with rep.phase("preflight"):
+        check_work_dir(cfg)
+        check_prerequisites(cfg)
+        lock = prepare_work_dir(cfg, rep)
+    keys = Secrets.generate()
+    ports = Ports(api=free_port(), worker_logs=free_port())
+    env = build_environment(cfg, ports, keys)
+    deployment = Deployment(cfg, env)
+    outcome.update(
+        {"work_dir": str(cfg.work_dir), "api_url": f"http://127.0.0.1:{ports.api}", "logs": str(cfg.logs_dir)}
+    )
+    passed = False
+    try:
+        write_env_file(cfg, env)
+        with rep.phase("databases"):
+            recreate_databases(cfg, rep.say)
+            flush_broker(cfg)
+        with rep.phase("airflow db migrate"):
+            run_command([str(cfg.bin_dir / "airflow"), "db", "migrate"], env, 600, "airflow db migrate")
+            run_command(
+                [str(cfg.bin_dir / "airflow"), "pools", "set", POOL, str(cfg.pool_slots), "Concurrent ledger writers"],
+                env,
+                120,
+                "airflow pools set",
+            )
+        with rep.phase(f"demo users ({cfg.users:,})"):
+            run_command(
+                [str(cfg.bin_dir / "entitle"), "demo-users", "--count", str(cfg.users), "--out", str(cfg.users_file)],
+                env,
+                300,
+                "entitle demo-users",
+            )
+        with rep.phase("start api-server, scheduler, dag-processor, celery worker"):
+            for name, command in process_commands(cfg).items():
+                deployment.start(name, command)
+            deployment.write_pids()
+            wait_until(lambda: api_healthy(ports.api), 180, "the api-server's health endpoint", deployment)
+            wait_until(lambda: worker_ready(deployment), 180, "the Celery worker ready", deployment)
+            wait_until(lambda: dag_parsed(cfg), 180, f"the dag-processor parsing {DAG_ID}", deployment)
+        run_id = f"scaleout_smoke__{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+        outcome["run_id"] = run_id
+        with rep.phase("trigger"):
+            airflow = str(cfg.bin_dir / "airflow")
+            run_command([airflow, "dags", "unpause", DAG_ID], env, 120, "airflow dags unpause")
+            conf = json.dumps({"snapshot_uri": str(cfg.users_file)})
+            run_command(
+                [airflow, "dags", "trigger", DAG_ID, "--run-id", run_id, "--conf", conf],
+                env,
+                120,
+                "airflow dags trigger",
+            )
+        with rep.phase("DAG run"):
+            state = wait_for_run(cfg, deployment, run_id, rep)
+        tis = task_instances(cfg, run_id)
+        outcome["dag_run_state"] = state
+        outcome["task_instances"] = len(tis)
+        if state != "success":
+            failed = [t for t in tis if t["state"] not in ("success",)]
+            outcome["failed_task_instances"] = [f"{t['task_id']}[{t['map_index']}] {t['state']}" for t in failed]
+            for t in failed[:3]:
+                for log in sorted(
+                    (cfg.airflow_home / "logs").glob(f"dag_id={DAG_ID}/run_id={run_id}/task_id={t['task_id']}/**/*.log")
+                ):
+                    rep.say(f"task log {log}:\n{tail(log, 30)}")
+            raise SmokeFailed(f"the DAG run {run_id} ended {state}: {', '.join(outcome['failed_task_instances'])}")
+        with rep.phase("checks (Celery, ledger)"):
+            outcome["celery"] = check_celery(cfg, deployment, tis)
+            outcome["ledger"] = check_ledger(cfg, env)
+        rep.say(
+            f"ok: {len(tis)} task instances on the Celery worker; ledger {outcome['ledger']['verdict']}, "
+            f"{outcome['ledger']['total_grants']:,} grants = {cfg.users:,} users x {outcome['ledger']['items']} items"
+        )
+        passed = True
+    except (SmokeFailed, Interrupted, KeyboardInterrupt):
+        for name in PROCESS_NAMES:
+            if name in deployment.processes:
+                rep.say(f"--- tail of {deployment.log_path(name)}:\n{tail(deployment.log_path(name))}")
+        raise
+    finally:
+        # Cleanup must not be cut short by a second Ctrl-C or SIGTERM.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if cfg.keep:
+            rep.say(
+                f"--keep: processes left running (API {outcome['api_url']}); `. {cfg.work_dir}/env.sh` for the airflow "
+                f"and entitle commands; stop them with `{cfg.bin_dir}/python {Path(__file__).relative_to(ROOT)} --stop`"
+            )
+        else:
+            with rep.phase("stop"):
+                deployment.stop(rep.say)
+            if passed:
+                clear_work_dir(cfg)
+                drop_databases(cfg, rep.say)
+        lock.close()
+
+
+def installed_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for name in ("apache-airflow", "apache-airflow-providers-celery", "celery", "redis", "psycopg"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on bad usage
+    rep = Reporter()
+    try:
+        cfg = config_from_args(args)
+    except EnvironmentProblem as exc:
+        parser.print_usage(sys.stderr)
+        print(f"scaleout_smoke.py: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.stop:
+        stopped = stop_kept(cfg.work_dir, rep.say)
+        rep.say(f"stopped {stopped} process(es)" if stopped else "nothing to stop")
+        return EXIT_OK
+
+    def on_sigterm(signum: int, _frame: Any) -> None:
+        raise Interrupted(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    outcome: dict[str, Any] = {
+        "users": cfg.users,
+        "partitions": cfg.partitions,
+        "concurrency": cfg.concurrency,
+        "versions": installed_versions(),
+    }
+    code = EXIT_FAILED
+    try:
+        smoke(cfg, rep, outcome)
+        code = EXIT_OK
+    except EnvironmentProblem as exc:
+        outcome["error"] = str(exc)
+        code = EXIT_USAGE
+    except SmokeFailed as exc:
+        outcome["error"] = str(exc)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        outcome["error"] = f"interrupted ({str(exc) or 'Ctrl-C'})"
+    except Exception as exc:  # noqa: BLE001 - a fault of this tool or a service: report it, exit 1
+        traceback.print_exc()
+        outcome["error"] = f"{type(exc).__name__}: {exc}"
+    outcome["ok"] = code == EXIT_OK
+    outcome["phases_s"] = rep.phases
+    outcome["total_s"] = round(time.monotonic() - rep.started, 1)
+    if code != EXIT_OK:
+        rep.say(f"FAILED: {outcome['error']}")
+        if code == EXIT_FAILED and not cfg.keep:
+            rep.say(f"logs kept in {cfg.logs_dir} and {cfg.airflow_home / 'logs'}")
+    if args.json:
+        print(json.dumps(outcome, indent=1, default=str))
+    else:
+        timings = ", ".join(f"{k} {v:.1f} s" for k, v in rep.phases.items())
+        print(f"scale-out smoke {'passed' if code == EXIT_OK else 'FAILED'} in {outcome['total_s']:.1f} s ({timings})")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
