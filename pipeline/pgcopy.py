@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import struct
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -111,6 +112,20 @@ def ensure_campaign_table(engine: Engine, campaign_key: int) -> bool:
     ``grants``, or when grants of the campaign already sit in ``grants_default`` (a ledger
     upgraded from schema version 2): that campaign's grants then take the INSERT path.
     """
+    known = _CAMPAIGN_TABLES.setdefault(engine, set())
+    if campaign_key in known:
+        return True  # tables are never dropped by the pipeline: one check per engine and campaign
+    exists = _make_campaign_table(engine, campaign_key)
+    if exists:
+        known.add(campaign_key)
+    return exists
+
+
+# Campaigns whose table an engine has seen; weak, so a disposed engine's entry goes with it.
+_CAMPAIGN_TABLES: weakref.WeakKeyDictionary[Engine, set[int]] = weakref.WeakKeyDictionary()
+
+
+def _make_campaign_table(engine: Engine, campaign_key: int) -> bool:
     table = campaign_table(campaign_key)
     with write_transaction(engine) as connection:
         if _table_exists(connection, table):
