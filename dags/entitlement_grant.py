@@ -5,8 +5,9 @@ Freezes the user file into a snapshot, partitions it, grants each partition in
 its own mapped task instance (label `part-0042`), checks the ledger and prints
 a summary. After the grants, `deliver` (one mapped task per partition, one at a
 time) sends the grants of items whose issuer is a downstream service; with only
-the built-in `ledger` issuer it returns at once. Every task body is one call into `pipeline.dag_tasks`; only
-references (paths, ids, counts) pass between tasks.
+the built-in `ledger` issuer it returns at once. `reconcile` runs after every delivery and, for
+campaigns with issuers, compares each issuer's export with the ledger too. Every task body is
+one call into `pipeline.dag_tasks`; only references (paths, ids, counts) pass between tasks.
 
 **Nightly** at 02:00 Asia/Seoul. A night with nothing new writes nothing;
 a night after new sign-ups grants only them; a night after a failure grants
@@ -118,8 +119,10 @@ def entitlement_grant() -> None:
 
     prepared = freeze_snapshot()
     outcomes = grant.expand(partition=plan_partitions(prepared))
-    deliver.expand(outcome=outcomes)
-    summary(prepared, outcomes, reconcile(prepared, outcomes))
+    delivered = deliver.expand(outcome=outcomes)
+    checked = reconcile(prepared, outcomes)
+    delivered >> checked  # the issuers' exports are compared with the ledger after delivery, not during it
+    summary(prepared, outcomes, checked)
 
 
 entitlement_grant_dag = entitlement_grant()

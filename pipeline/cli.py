@@ -649,6 +649,14 @@ def _reconciliation_lines(document: dict[str, Any]) -> list[str]:
         f"+ missing {b['missing']:,} + voided {b['voided']:,}   (residual {b['residual_expected']:,})",
         f"  ledger   {b['ledger']:>14,} = matched {b['matched']:,} + terms_mismatch {b['terms_mismatch']:,} "
         f"+ unexpected {b['unexpected']:,} + duplicate {b['duplicate']:,}   (residual {b['residual_ledger']:,})",
+        *(
+            f"  issuer {i['issuer']}: ledger {i['ledger_live']:,} = matched {i['matched']:,} + issuer_missing "
+            f"{i['issuer_missing']:,}; held {i['issuer_held']:,} = matched {i['matched']:,} + issuer_unexpected "
+            f"{i['issuer_unexpected']:,}"
+            if i["state"] == "compared"
+            else f"  issuer {i['issuer']}: not compared: {i['error']}"
+            for i in document.get("issuers", [])
+        ),
         f"  {'item':<20} {'expected':>12} {'live':>12} {'missing':>9} {'unexpected':>10} {'terms':>7} {'voided':>7}",
     ]
     for i in document["items"]:
@@ -681,11 +689,25 @@ def cmd_repair(args: argparse.Namespace, settings: Settings) -> int:
         f"grants granted, {done.reissued:,} grants with wrong terms voided and reissued, {done.already_fixed:,} "
         f"already fixed, {len(done.partitions_granted)} ungranted partition(s) granted",
     ]
-    if done.needs_decision:
-        listed = ", ".join(f"{n:,} {c}" for c, n in sorted(done.needs_decision.items()))
+    if done.issuer_delivery is not None:
+        d = done.issuer_delivery
+        lines.append(
+            f"  issuer_missing: {done.issuer_redriven:,} grant(s) delivered again; their partitions now: created "
+            f"{d['created']:,}, exists {d['exists']:,}, conflict {d['conflict']:,}, failed {d['failed']:,}, not "
+            f"attempted {d['not_attempted']:,}"
+        )
+    ledger_decisions = {c: n for c, n in done.needs_decision.items() if c != "issuer_unexpected"}
+    if ledger_decisions:
+        listed = ", ".join(f"{n:,} {c}" for c, n in sorted(ledger_decisions.items()))
         lines.append(
             f"  not repaired, needs a decision: {listed}; void them with `entitle void --break ID` if they should "
             "not exist"
+        )
+    if done.needs_decision.get("issuer_unexpected"):
+        lines.append(
+            f"  not repaired, needs a decision: {done.needs_decision['issuer_unexpected']:,} issuer_unexpected; "
+            "the issuer holds grants the ledger does not (list: `entitle query open_breaks --param "
+            "break_class=issuer_unexpected`); revoke them at the issuer if they should not exist"
         )
     if args.no_reconcile:
         _emit(args, document, [*lines, "next: entitle reconcile"])

@@ -20,9 +20,9 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from pipeline import jobs, ledger
+from pipeline import delivery, jobs, ledger
 from pipeline.errors import CorrectionError
-from pipeline.ledger import grant_voids, grants, recon_breaks, recon_runs, write_transaction
+from pipeline.ledger import delivery_answers, grant_voids, grants, recon_breaks, recon_runs, write_transaction
 from pipeline.partitioning import partition_of, user_bucket
 
 REASON_CHARS_MAX = 1_000
@@ -287,6 +287,9 @@ class RepairReport:
     already_fixed: int
     partitions_granted: list[int]
     needs_decision: dict[str, int]
+    # issuer_missing breaks: grants delivered again, and the outcome of that delivery
+    issuer_redriven: int = 0
+    issuer_delivery: dict[str, int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for JSON."""
@@ -348,6 +351,8 @@ def repair(pipeline: jobs.Pipeline, actor: str, run_id: str | None = None) -> Re
     with write_transaction(pipeline.engine) as connection:
         for brk in open_breaks:
             sku = sku_of.get(int(brk.item_key))
+            if brk.break_class == "issuer_missing":
+                continue  # delivered again below, after the ledger's own repairs committed
             if brk.break_class not in ("missing", "terms_mismatch") or sku is None:
                 needs[brk.break_class] = needs.get(brk.break_class, 0) + 1
                 continue
@@ -390,7 +395,65 @@ def repair(pipeline: jobs.Pipeline, actor: str, run_id: str | None = None) -> Re
             )
             connection.execute(grants.insert().values(issue_no=issue + 1, **values))
             reissued += 1
-    return RepairReport(str(recon["reconciliation_id"]), run.run_id, granted, reissued, already, not_granted, needs)
+    redrive = [b for b in open_breaks if b.break_class == "issuer_missing"]
+    redriven, delivered = _redeliver(pipeline, redrive, actor, now) if redrive else (0, None)
+    return RepairReport(
+        str(recon["reconciliation_id"]),
+        run.run_id,
+        granted,
+        reissued,
+        already,
+        not_granted,
+        needs,
+        redriven,
+        delivered,
+    )
+
+
+def _redeliver(pipeline: jobs.Pipeline, breaks: list[Any], actor: str, now: dt.datetime) -> tuple[int, dict[str, int]]:
+    """Deliver the grants of ``issuer_missing`` breaks again; returns (grants re-driven, delivery totals).
+
+    The issuer does not hold these grants although the ledger may have recorded a final
+    answer (``created``/``exists``) for them: that answer is reset to ``failed``, naming the
+    break and the actor, so that delivery sends the grant again under the same grant id
+    (the issuer's idempotency key: a grant it does hold answers ``exists``). Grants voided
+    since the reconciliation are left alone. Then the breaks' partitions are delivered to
+    the breaks' issuers as ``entitle deliver --partitions`` would.
+    """
+    redriven = 0
+    with write_transaction(pipeline.engine) as connection:
+        for brk in breaks:
+            key = {
+                "campaign_key": pipeline.keys.campaign_key,
+                "user_bucket": int(brk.user_bucket),
+                "user_id": int(brk.user_id),
+                "item_key": int(brk.item_key),
+            }
+            issues = _issues(connection, key)
+            issue = int(brk.issue_no)
+            if issue not in issues or issues[issue]:
+                continue  # voided (or never granted) since the reconciliation: nothing to deliver
+            redriven += 1
+            connection.execute(
+                delivery_answers.update()
+                .where(*(delivery_answers.c[name] == value for name, value in key.items()))
+                .where(delivery_answers.c.issue_no == issue, delivery_answers.c.outcome != "failed")
+                .values(
+                    outcome="failed",
+                    detail=f"not held by issuer {brk.issuer!r} (break {brk.break_id}); delivered again by repair "
+                    f"({actor})",
+                    answered_at=now,
+                )
+            )
+    context, entries = jobs.delivery_selection(pipeline, sorted({int(b.partition_id) for b in breaks}))
+    runtimes = delivery.open_issuers(pipeline.campaign, sorted({str(b.issuer) for b in breaks}))
+    try:
+        reports = delivery.deliver(context, runtimes, entries)
+    finally:
+        for runtime in runtimes.values():
+            runtime.close()
+    totals = {c: sum(getattr(r, c) for r in reports) for c in ("planned", *delivery.OUTCOME_COUNTS, "sent")}
+    return redriven, totals
 
 
 def _issues(connection: Connection, key: dict[str, Any]) -> dict[int, bool]:

@@ -156,13 +156,18 @@ class HttpIssuer:
         return _answers(self.url, batch, response)
 
     def export(self, campaign_id: str) -> Iterator[dict[str, Any]]:
-        """Stream the issuer's JSON-lines export of the campaign."""
-        with self._client.stream("GET", "/v1/grants/export", params={"campaign_id": campaign_id}) as response:
-            if response.status_code != 200:
-                raise IssuerRejected(f"{self.url}: export answered {response.status_code}")
-            for line in response.iter_lines():
-                if line:
-                    yield json.loads(line)
+        """Stream the issuer's JSON-lines export of the campaign (:class:`IssuerUnavailable` if unreachable)."""
+        try:
+            with self._client.stream("GET", "/v1/grants/export", params={"campaign_id": campaign_id}) as response:
+                if response.status_code != 200:
+                    raise IssuerRejected(f"{self.url}: export answered {response.status_code}")
+                for line in response.iter_lines():
+                    if line:
+                        yield json.loads(line)
+        except httpx.TimeoutException as exc:
+            raise IssuerUnavailable(f"{self.url}: the export did not answer in time ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise IssuerUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
         """Close the connection pool."""

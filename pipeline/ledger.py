@@ -30,7 +30,7 @@ from pipeline.errors import ConfigError, LedgerError, TermsChangedError, invaria
 from pipeline.partitioning import BUCKET_MODULUS, BUCKET_MULTIPLIER
 
 # 2: issue_no, reconciliation tables; 3: grants partitioned (PostgreSQL); 4: delivery tables. pipeline/migrations
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The views of sql/<dialect>/views.sql; migrations drop them and create_schema re-applies the file.
 LEDGER_VIEWS = (
@@ -251,6 +251,9 @@ recon_runs = sa.Table(
     sa.Column("export_dir", sa.Text, nullable=True),
     sa.Column("started_at", Instant, nullable=False),
     sa.Column("finished_at", Instant, nullable=False),
+    # Three-way reconciliation (schema version 5): ledger grants not at their issuer, and the reverse.
+    sa.Column("issuer_missing", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("issuer_unexpected", sa.BigInteger, nullable=False, server_default="0"),
     sa.CheckConstraint("verdict IN ('RECONCILED', 'BREAKS', 'INCOMPLETE')", name="ck_recon_verdict"),
     sa.Index("ix_recon_runs_campaign", "campaign_key", "reconciliation_key"),
 )
@@ -283,7 +286,7 @@ recon_breaks = sa.Table(
     metadata,
     sa.Column("break_id", sa.String(24), primary_key=True),
     sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), nullable=False),
-    sa.Column("break_class", sa.String(16), nullable=False),
+    sa.Column("break_class", sa.String(24), nullable=False),
     sa.Column("user_id", sa.BigInteger, nullable=False),
     sa.Column("user_bucket", sa.BigInteger, nullable=False),
     sa.Column("item_key", sa.Integer, nullable=False),
@@ -301,8 +304,12 @@ recon_breaks = sa.Table(
     sa.Column("first_seen_key", sa.Integer, sa.ForeignKey("recon_runs.reconciliation_key"), nullable=False),
     sa.Column("last_seen_key", sa.Integer, sa.ForeignKey("recon_runs.reconciliation_key"), nullable=False),
     sa.Column("resolved_key", sa.Integer, sa.ForeignKey("recon_runs.reconciliation_key"), nullable=True),
+    # Three-way reconciliation (schema version 5): the issuer that holds, or should hold, the grant.
+    sa.Column("issuer", sa.String(63), nullable=True),
     sa.CheckConstraint(
-        "break_class IN ('missing', 'unexpected', 'terms_mismatch', 'duplicate')", name="ck_recon_break_class"
+        "break_class IN ('missing', 'unexpected', 'terms_mismatch', 'duplicate', 'issuer_missing', "
+        "'issuer_unexpected')",
+        name="ck_recon_break_class",
     ),
     sa.CheckConstraint("status IN ('open', 'resolved')", name="ck_recon_break_status"),
     sa.Index("ix_recon_breaks_open", "campaign_key", "status", "user_bucket"),

@@ -50,8 +50,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline import jobs, ledger, schemas, storage
+from pipeline import issuer_reconciliation, jobs, ledger, schemas, storage
 from pipeline.errors import EntitleError, InvariantViolation, LedgerError, SnapshotError, invariant
+from pipeline.issuer_reconciliation import ISSUER_BREAK_CLASSES, IssuerCheck
 from pipeline.ledger import recon_breaks, recon_items, recon_partitions, recon_runs, write_transaction
 from pipeline.partitioning import (
     BUCKET_MODULUS,
@@ -158,6 +159,7 @@ class Reconciliation:
     row_partitions: int = 0
     grants_checked: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    issuers: list[dict[str, Any]] = field(default_factory=list)  # the third source, per issuer
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for JSON, XCom and the report."""
@@ -170,6 +172,8 @@ class Reconciliation:
             document.pop(name)
         for partition in document["partitions"]:
             partition.pop("duration_s", None)
+        for issuer in document["issuers"]:
+            issuer.pop("duration_s", None)
         document["extra"].pop("worker_peak_rss_mb", None)
         return document
 
@@ -753,6 +757,7 @@ def reconcile(
     ]
     checks = list(_run_checks(tasks, workers or pipeline.settings.reconcile_workers, on_partition))
     stray = _stray_grants(pipeline.engine, pipeline.keys.campaign_key)
+    issuer_checks = issuer_reconciliation.check_issuers(pipeline, count)
     reconciliation_id = new_reconciliation_id(started)
     export_dir = (
         pipeline.settings.home / "campaigns" / pipeline.campaign.campaign_id / "reconciliations" / reconciliation_id
@@ -770,6 +775,7 @@ def reconcile(
         export_dir,
         terms,
         dict(known),
+        issuer_checks,
     )
 
 
@@ -836,6 +842,7 @@ def _finish(
     export_dir: Path,
     items: tuple[ItemTerms, ...],
     known: dict[int, str],
+    issuer_checks: list[IssuerCheck],
 ) -> Reconciliation:
     per_item = _merge_per_item(checks, {i.item_key: _counts() for i in items})
     bridge = _sum_counts(per_item.values())
@@ -854,17 +861,21 @@ def _finish(
         "duplicate": bridge["duplicate"],
         "residual_expected": residual_expected,
         "residual_ledger": residual_ledger,
+        "issuer_missing": sum(i.issuer_missing for i in issuer_checks),
+        "issuer_unexpected": sum(i.issuer_unexpected for i in issuer_checks),
     }
     frames = [c.breaks for c in checks if c.breaks is not None and c.breaks.height]
-    breaks = pl.concat(frames) if frames else None
+    frames += [i.breaks for i in issuer_checks if i.breaks is not None and i.breaks.height]
+    breaks = pl.concat(frames, how="diagonal_relaxed") if frames else None
     # Differences in partitions not granted yet are work to do, not breaks.
     open_breaks = sum(int(c.counts.get(n) or 0) for c in checks if c.state == "breaks" for n in BREAK_CLASSES)
+    open_breaks += bridge_doc["issuer_missing"] + bridge_doc["issuer_unexpected"]
     itemized = 0 if breaks is None else min(breaks.height, BREAKS_ITEMIZED_MAX)
     if breaks is not None and breaks.height > BREAKS_ITEMIZED_MAX:
         breaks = breaks.head(BREAKS_ITEMIZED_MAX)
     unreadable = [c for c in checks if c.state == "unreadable"]
     not_granted = [c for c in checks if c.state == "not_granted"]
-    verdict, explanation = _verdict(bridge_doc, unreadable, not_granted, stray, open_breaks, itemized)
+    verdict, explanation = _verdict(bridge_doc, unreadable, not_granted, stray, open_breaks, itemized, issuer_checks)
     finished = pipeline.settings.clock()
     with write_transaction(pipeline.engine) as connection:
         reconciliation_key = int(
@@ -887,6 +898,8 @@ def _finish(
                     duplicate=bridge_doc["duplicate"],
                     residual_expected=residual_expected,
                     residual_ledger=residual_ledger,
+                    issuer_missing=bridge_doc["issuer_missing"],
+                    issuer_unexpected=bridge_doc["issuer_unexpected"],
                     open_breaks=open_breaks,
                     breaks_itemized=itemized,
                     export_dir=str(export_dir),
@@ -917,7 +930,10 @@ def _finish(
                 for c in checks
             ],
         )
-        break_ids, resolved = _store_breaks(connection, pipeline, reconciliation_key, reconciliation_id, breaks, checks)
+        compared_issuers = {i.issuer for i in issuer_checks if i.state == "compared"}
+        break_ids, resolved = _store_breaks(
+            connection, pipeline, reconciliation_key, reconciliation_id, breaks, checks, compared_issuers
+        )
     breaks_file = export_dir / EXPORT_FILE_BREAKS
     export = _breaks_export(breaks, break_ids)
     schemas.write_parquet(export, "breaks", breaks_file)
@@ -948,7 +964,8 @@ def _finish(
             }
             for c in checks
         ],
-        breaks_by_class={c: bridge[c] for c in BREAK_CLASSES},
+        breaks_by_class={c: bridge[c] for c in BREAK_CLASSES}
+        | ({c: bridge_doc[c] for c in ISSUER_BREAK_CLASSES} if issuer_checks else {}),
         open_breaks=open_breaks,
         breaks_itemized=itemized,
         resolved_breaks=resolved,
@@ -969,6 +986,7 @@ def _finish(
         row_partitions=sum(1 for c in checks if c.method == "rows"),
         grants_checked=bridge_doc["ledger"],
         extra={"stray_grants": stray, "worker_peak_rss_mb": round(max((c.peak_rss_mb for c in checks), default=0.0))},
+        issuers=[i.summary() for i in issuer_checks],
     )
     schemas.write_json(export_dir / EXPORT_FILE_RESULT, result.as_dict())
     return result
@@ -981,8 +999,15 @@ def _verdict(
     stray: int,
     open_breaks: int,
     itemized: int,
+    issuer_checks: list[IssuerCheck],
 ) -> tuple[str, str]:
     reasons = []
+    for check in issuer_checks:
+        if check.state != "compared":
+            reasons.append(
+                f"{check.error}; its {check.ledger_live:,} live ledger grants could not be compared with it "
+                "(is the issuer up? then reconcile again)"
+            )
     if unreadable:
         ids = [c.partition_id for c in unreadable]
         reasons.append(
@@ -1009,23 +1034,33 @@ def _verdict(
     if reasons:
         return "INCOMPLETE", "; ".join(reasons)
     if open_breaks:
-        classes = ", ".join(f"{bridge[c]:,} {c}" for c in BREAK_CLASSES if bridge[c])
+        classes = ", ".join(f"{bridge[c]:,} {c}" for c in BREAK_CLASSES + ISSUER_BREAK_CLASSES if bridge[c])
         note = "" if itemized >= open_breaks else f" (first {itemized:,} itemized)"
+        issuer_note = (
+            "; `entitle repair` delivers issuer_missing again; issuer_unexpected is revoked at the issuer by a person"
+            if bridge["issuer_missing"] or bridge["issuer_unexpected"]
+            else ""
+        )
         return (
             "BREAKS",
             f"{open_breaks:,} open breaks: {classes}{note}; list them with `entitle query open_breaks`; "
-            "`entitle repair` fixes missing and terms_mismatch, `entitle void` the rest",
+            f"`entitle repair` fixes missing and terms_mismatch, `entitle void` the rest{issuer_note}",
         )
     voided = f", {bridge['voided']:,} voided on purpose" if bridge["voided"] else ""
+    held = "".join(
+        f"; issuer {i.issuer!r} holds exactly the {i.matched:,} live grants it delivers" for i in issuer_checks
+    )
     return (
         "RECONCILED",
-        f"all {bridge['expected']:,} expected grants are in the ledger with the campaign's terms{voided}",
+        f"all {bridge['expected']:,} expected grants are in the ledger with the campaign's terms{voided}{held}",
     )
 
 
 def _break_id(campaign_id: str, row: dict[str, Any]) -> str:
     issue = -1 if row["issue_no"] is None else int(row["issue_no"])
     key = f"{campaign_id}|{row['break_class']}|{row['user_id']}|{row['user_bucket']}|{row['item_key']}|{issue}"
+    if row["break_class"] in ISSUER_BREAK_CLASSES:
+        key += f"|{row['issuer']}|{row['item_sku']}"  # an exported sku the campaign does not know has no item key
     return "b-" + hashlib.sha256(key.encode()).hexdigest()[: BREAK_ID_CHARS - 2]
 
 
@@ -1036,6 +1071,7 @@ def _store_breaks(
     reconciliation_id: str,
     breaks: pl.DataFrame | None,
     checks: list[PartitionCheck],
+    compared_issuers: set[str],
 ) -> tuple[dict[str, str], int]:
     """Open or keep open this run's breaks, resolve the ones no longer found; returns {id: first seen in}."""
     campaign_key = pipeline.keys.campaign_key
@@ -1072,6 +1108,7 @@ def _store_breaks(
                 "ledger_valid_from": _instant(row["ledger_valid_from"]),
                 "ledger_valid_until": _instant(row["ledger_valid_until"]),
                 "detail": row["detail"],
+                "issuer": row.get("issuer"),
                 "status": "open",
                 "first_seen_key": reconciliation_key,
                 "last_seen_key": reconciliation_key,
@@ -1087,16 +1124,23 @@ def _store_breaks(
             .values(status="open", last_seen_key=reconciliation_key, resolved_key=None),
             [{"b_id": i} for i in seen_again],
         )
-    # Resolve open breaks that this run looked for and did not find: partitions compared in full.
+    # Resolve open breaks that this run looked for and did not find: partitions compared in full, and
+    # issuers whose export was read.
     current = set(ids)
     bounds = [(c.bucket_lo, c.bucket_hi) for c in checks if c.state in ("matched", "breaks")]
     open_rows = connection.execute(
-        sa.select(recon_breaks.c.break_id, recon_breaks.c.user_bucket).where(
-            recon_breaks.c.campaign_key == campaign_key, recon_breaks.c.status == "open"
-        )
+        sa.select(
+            recon_breaks.c.break_id, recon_breaks.c.user_bucket, recon_breaks.c.break_class, recon_breaks.c.issuer
+        ).where(recon_breaks.c.campaign_key == campaign_key, recon_breaks.c.status == "open")
     ).all()
+
+    def looked_for(bucket: int, break_class: str, issuer: str | None) -> bool:
+        if break_class in ISSUER_BREAK_CLASSES:
+            return issuer in compared_issuers
+        return any(lo <= bucket <= hi for lo, hi in bounds)
+
     resolved = [
-        str(b) for b, bucket in open_rows if str(b) not in current and any(lo <= int(bucket) <= hi for lo, hi in bounds)
+        str(b) for b, bucket, cls, issuer in open_rows if str(b) not in current and looked_for(int(bucket), cls, issuer)
     ]
     if resolved:
         connection.execute(
@@ -1131,10 +1175,13 @@ def _breaks_export(breaks: pl.DataFrame | None, first_seen: dict[str, str]) -> p
         "ledger_valid_until": pl.Datetime("us", "UTC"),
         "detail": pl.String,
         "first_seen_in": pl.String,
+        "issuer": pl.String,
     }
     if breaks is None or breaks.height == 0:
         return pl.DataFrame(schema=columns)
     ids = list(first_seen)
+    if "issuer" not in breaks.columns:
+        breaks = breaks.with_columns(pl.lit(None, dtype=pl.String).alias("issuer"))
     frame = breaks.with_columns(
         pl.Series("break_id", ids, dtype=pl.String),
         pl.Series("first_seen_in", [first_seen[i] for i in ids], dtype=pl.String),

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import polars as pl
 import pytest
 import sqlalchemy as sa
 from conftest import cli_environment, prepare_pipeline, run_entitle
 
-from pipeline import delivery, jobs, ledger, queries
+from pipeline import corrections, delivery, jobs, ledger, queries, reconciliation
 from pipeline.campaign import IssuerSpec, load_campaign
 from pipeline.config import Settings, load_settings
 from pipeline.errors import CampaignError, DeliveryConflictError
@@ -339,6 +341,24 @@ def test_faults_then_reruns_leave_exactly_the_planned_grants_at_the_service(
     again, _ = run_delivery(pipeline)
     assert sum(r.sent for r in again) == 0, "a delivered grant is never sent again"
 
+    # Three-way: snapshot x campaign = ledger = what the issuer exports.
+    result = reconciliation.reconcile(pipeline)
+    assert result.verdict == "RECONCILED", result.explanation
+    assert result.issuers == [
+        {
+            "issuer": "shop",
+            "state": "compared",
+            "ledger_live": len(USERS) * len(COUPONS),
+            "issuer_held": len(USERS) * len(COUPONS),
+            "matched": len(USERS) * len(COUPONS),
+            "issuer_missing": 0,
+            "issuer_unexpected": 0,
+            "error": None,
+            "duration_s": result.issuers[0]["duration_s"],
+        }
+    ]
+    assert "issuer 'shop' holds exactly the 800 live grants it delivers" in result.explanation
+
 
 def test_a_different_payload_under_the_same_grant_id_is_a_conflict_and_is_never_overwritten(
     tmp_path: Path, service: Service, granted: Callable[..., Any]
@@ -570,3 +590,86 @@ def test_a_python_issuer_is_built_from_its_factory() -> None:
     assert isinstance(issuer, ScriptedIssuer) and issuer.deliver(BATCH)[0].status == "created"
     with pytest.raises(CampaignError, match=r"issuers\.mine\.factory 'nowhere:nothing' cannot be imported"):
         build_issuer(IssuerSpec("mine", "python", factory="nowhere:nothing"))
+
+
+# --------------------------------------------------------------------------- three-way reconciliation
+
+
+def open_issuer_breaks(pipeline: jobs.Pipeline) -> dict[str, list[dict[str, Any]]]:
+    listed = queries.run_query(pipeline.engine, "open_breaks", {})
+    rows = [dict(zip(listed.columns, row, strict=True)) for row in listed.rows]
+    found: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        found.setdefault(str(row["break_class"]), []).append(row)
+    return found
+
+
+def test_three_way_reconcile_finds_what_the_issuer_lost_or_holds_extra_and_repair_delivers_it_again(
+    tmp_path: Path, service: Service, granted: Callable[..., Any]
+) -> None:
+    settings = delivery_settings(tmp_path, None, write_campaign(tmp_path / "c.toml"), service.url)
+    pipeline, _run = granted(settings)
+    reports, _ = run_delivery(pipeline)
+    assert all(r.status == "done" for r in reports)
+    # The issuer loses five grants it had answered created for ...
+    lost = sorted(delivery.grant_id(CAMPAIGN, user, "coupon-3000", 0) for user in USERS[20:25])
+    with sqlite3.connect(service.store) as store:
+        store.executemany("DELETE FROM issued_grants WHERE grant_id = ?", [(g,) for g in lost])
+    # ... holds one the ledger never made ...
+    stranger = delivery.grant_id(CAMPAIGN, 999_999, "coupon-2000", 0)
+    body = {
+        "grant_id": stranger,
+        "campaign_id": CAMPAIGN,
+        "user_id": 999_999,
+        "item_sku": "coupon-2000",
+        "issue_no": 0,
+        "amount_krw": 2000,
+        "valid_from": "2023-01-05T00:00:00+09:00",
+        "valid_until": "2023-04-05T00:00:00+09:00",
+    }
+    assert httpx.put(f"{service.url}/v1/grants/{stranger}", json=body).status_code == 201
+    # ... and keeps one the ledger voided since.
+    voided = delivery.grant_id(CAMPAIGN, USERS[30], "coupon-2000", 0)
+    request = corrections.VoidRequest("granted by mistake", user_id=USERS[30], item_sku="coupon-2000")
+    corrections.void_grants(pipeline, [request], "ops-kim", settings.clock())
+
+    result = reconciliation.reconcile(pipeline)
+    assert result.verdict == "BREAKS", result.explanation
+    assert result.bridge["voided"] == 1 and result.bridge["missing"] == 0, "the ledger itself is as planned"
+    (shop,) = result.issuers
+    live = len(USERS) * len(COUPONS) - 1
+    assert (shop["ledger_live"], shop["matched"], shop["issuer_missing"]) == (live, live - 5, 5)
+    assert (shop["issuer_held"], shop["issuer_unexpected"]) == (live - 5 + 2, 2)
+    assert result.breaks_by_class["issuer_missing"] == 5 and result.breaks_by_class["issuer_unexpected"] == 2
+    assert result.open_breaks == 7
+    found = open_issuer_breaks(pipeline)
+    assert set(found) == {"issuer_missing", "issuer_unexpected"}
+    assert sorted(str(b["detail"]).split(": ")[0] for b in found["issuer_missing"]) == lost
+    assert all("answered created but does not hold it now" in b["detail"] for b in found["issuer_missing"])
+    assert all(b["issuer"] == "shop" for rows in found.values() for b in rows)
+    details = {b["user_id"]: b["detail"] for b in found["issuer_unexpected"]}
+    assert "voided in the ledger by ops-kim" in details[USERS[30]]
+    assert "the ledger never granted it" in details[999_999]
+    exported = pl.read_parquet(result.breaks_file)
+    assert (
+        sorted(exported.filter(exported["break_class"] == "issuer_missing")["item_sku"].to_list())
+        == ["coupon-3000"] * 5
+    )
+
+    done = corrections.repair(pipeline, "ops-kim")
+    assert done.issuer_redriven == 5 and done.granted_missing == 0
+    assert done.needs_decision == {"issuer_unexpected": 2}
+    assert done.issuer_delivery is not None and done.issuer_delivery["failed"] == 0
+    held = {row["grant_id"] for row in service.export()}
+    assert set(lost) <= held and voided in held and stranger in held, "nothing is revoked automatically"
+
+    after = reconciliation.reconcile(pipeline)
+    assert after.verdict == "BREAKS" and after.open_breaks == 2 and after.resolved_breaks == 5
+    assert after.breaks_by_class["issuer_missing"] == 0 and after.breaks_by_class["issuer_unexpected"] == 2
+    assert corrections.repair(pipeline, "ops-kim").issuer_redriven == 0, "a second repair re-drives nothing"
+
+    service.stop()
+    down = reconciliation.reconcile(pipeline)
+    assert down.verdict == "INCOMPLETE"
+    assert "the export of issuer 'shop' cannot be read" in down.explanation
+    assert set(open_issuer_breaks(pipeline)) == {"issuer_unexpected"}, "an unread export resolves nothing"

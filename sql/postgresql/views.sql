@@ -73,7 +73,8 @@ JOIN grants AS g ON g.campaign_key = v.campaign_key AND g.user_bucket = v.user_b
     AND g.user_id = v.user_id AND g.item_key = v.item_key AND g.issue_no = v.issue_no
 -- end
 -- Every reconciliation: verdict, the bridge (expected = matched + terms_mismatch + missing + voided;
--- ledger_live = matched + terms_mismatch + unexpected + duplicate) and where its exports are.
+-- ledger_live = matched + terms_mismatch + unexpected + duplicate), where its exports are, and for
+-- campaigns with issuers the grants in the ledger but not at their issuer and the reverse.
 CREATE OR REPLACE VIEW reconciliation_runs AS
 SELECT
     r.reconciliation_id,
@@ -97,7 +98,9 @@ SELECT
     r.export_dir,
     r.started_at,
     r.finished_at,
-    r.reconciliation_key
+    r.reconciliation_key,
+    r.issuer_missing,
+    r.issuer_unexpected
 FROM recon_runs AS r
 JOIN campaigns AS c ON c.campaign_key = r.campaign_key
 -- end
@@ -124,7 +127,8 @@ SELECT
     l.reconciliation_id AS last_seen_in,
     z.reconciliation_id AS resolved_in,
     z.finished_at AS resolved_at,
-    b.user_bucket
+    b.user_bucket,
+    b.issuer
 FROM recon_breaks AS b
 JOIN campaigns AS c ON c.campaign_key = b.campaign_key
 JOIN recon_runs AS f ON f.reconciliation_key = b.first_seen_key

@@ -80,7 +80,8 @@ JOIN grants AS g ON g.campaign_key = v.campaign_key AND g.user_bucket = v.user_b
 DROP VIEW IF EXISTS reconciliation_runs
 -- end
 -- Every reconciliation: verdict, the bridge (expected = matched + terms_mismatch + missing + voided;
--- ledger_live = matched + terms_mismatch + unexpected + duplicate) and where its exports are.
+-- ledger_live = matched + terms_mismatch + unexpected + duplicate), where its exports are, and for
+-- campaigns with issuers the grants in the ledger but not at their issuer and the reverse.
 CREATE VIEW reconciliation_runs AS
 SELECT
     r.reconciliation_id,
@@ -104,7 +105,9 @@ SELECT
     r.export_dir,
     strftime('%Y-%m-%dT%H:%M:%fZ', r.started_at / 1000000.0, 'unixepoch') AS started_at,
     strftime('%Y-%m-%dT%H:%M:%fZ', r.finished_at / 1000000.0, 'unixepoch') AS finished_at,
-    r.reconciliation_key
+    r.reconciliation_key,
+    r.issuer_missing,
+    r.issuer_unexpected
 FROM recon_runs AS r
 JOIN campaigns AS c ON c.campaign_key = r.campaign_key
 -- end
@@ -138,7 +141,8 @@ SELECT
     z.reconciliation_id AS resolved_in,
     CASE WHEN z.finished_at IS NULL THEN NULL
          ELSE strftime('%Y-%m-%dT%H:%M:%fZ', z.finished_at / 1000000.0, 'unixepoch') END AS resolved_at,
-    b.user_bucket
+    b.user_bucket,
+    b.issuer
 FROM recon_breaks AS b
 JOIN campaigns AS c ON c.campaign_key = b.campaign_key
 JOIN recon_runs AS f ON f.reconciliation_key = b.first_seen_key
