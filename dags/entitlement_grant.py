@@ -8,6 +8,8 @@ time) sends the grants of items whose issuer is a downstream service; with only
 the built-in `ledger` issuer it returns at once. `reconcile` runs after every delivery and, for
 campaigns with issuers, compares each issuer's export with the ledger too. Every task body is
 one call into `pipeline.dag_tasks`; only references (paths, ids, counts) pass between tasks.
+`notify` writes the run's "granted" notices for the messaging system (one Parquet file per
+partition under `$ENTITLE_HOME/campaigns/<campaign>/notices/granted/<run_id>/`).
 
 **Nightly** at 02:00 Asia/Seoul. A night with nothing new writes nothing;
 a night after new sign-ups grants only them; a night after a failure grants
@@ -109,6 +111,12 @@ def entitlement_grant() -> None:
         return dag_tasks.check(prepared)
 
     @task
+    def notify(prepared: dict[str, Any], checked: dict[str, Any]) -> dict[str, Any]:
+        from pipeline import dag_tasks
+
+        return dag_tasks.granted_notices(get_current_context()["run_id"], prepared)
+
+    @task
     def summary(prepared: dict[str, Any], outcomes: list[dict[str, Any]], checked: dict[str, Any]) -> dict[str, Any]:
         from pipeline import dag_tasks
 
@@ -123,6 +131,7 @@ def entitlement_grant() -> None:
     checked = reconcile(prepared, outcomes)
     delivered >> checked  # the issuers' exports are compared with the ledger after delivery, not during it
     summary(prepared, outcomes, checked)
+    notify(prepared, checked)  # who this run granted something to, for the messaging system
 
 
 entitlement_grant_dag = entitlement_grant()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline import delivery, jobs, reconciliation, snapshot, storage
+from pipeline import delivery, jobs, notices, reconciliation, snapshot, storage
 from pipeline.config import Settings, load_settings
 from pipeline.errors import (
     GrantFailedError,
@@ -142,6 +142,18 @@ def check(prepared: Mapping[str, Any]) -> dict[str, Any]:
         "live_per_item": {i["item_sku"]: i["live"] for i in result.items},
         "duration_s": result.duration_s,
     }
+
+
+def granted_notices(run_id: str, prepared: Mapping[str, Any]) -> dict[str, Any]:
+    """Write the run's "granted" notices for the messaging system (one Parquet file per partition)."""
+    if prepared.get("dry_run"):
+        return {"skipped": "dry run"}
+    pipeline = jobs.open_pipeline(load_settings())
+    try:
+        export = notices.export_granted(pipeline, run_id)
+    finally:
+        pipeline.engine.dispose()
+    return {"directory": export.directory, "users": export.users, "partitions": export.partitions}
 
 
 def summarize(

@@ -208,6 +208,10 @@ def test_dag_grants_every_user_once_and_a_second_run_changes_nothing(entitle_env
             )
         }
     assert labels == {f"part-{p:04d}" for p in range(PARTITIONS)}
+    # The notify task wrote who this run granted something to, for the messaging system.
+    notices_dir = Path(entitle_env["ENTITLE_HOME"]) / "campaigns" / "kakao-outage-2022" / "notices" / "granted"
+    marker = json.loads((notices_dir / result["run_id"] / "notices.json").read_text(encoding="utf-8"))
+    assert marker["users"] == USERS and len(marker["users_per_partition"]) == PARTITIONS
 
     code, second, log = run_dag(entitle_env)
     assert code == 0, log
