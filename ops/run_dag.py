@@ -16,8 +16,26 @@ import sys
 from pathlib import Path
 
 from airflow.configuration import conf
-from airflow.sdk import DagRunState
+from airflow.sdk import DAG, DagRunState
 from airflow.sdk.exceptions import ParamValidationError
+
+
+def find_dag(dag_id: str) -> DAG | None:
+    """The DAG ``dag_id`` from the dags folder: ``<dag_id>.py`` first, then every other DAG file."""
+    folder = Path(conf.get("core", "dags_folder"))
+    files = [folder / f"{dag_id}.py"] + sorted(p for p in folder.glob("*.py") if p.stem != dag_id)
+    for dag_file in files:
+        if not dag_file.exists():
+            continue
+        spec = importlib.util.spec_from_file_location(f"{dag_file.stem}_dagfile", dag_file)
+        if spec is None or spec.loader is None:
+            continue
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for value in vars(module).values():
+            if isinstance(value, DAG) and value.dag_id == dag_id:
+                return value
+    return None
 
 
 def main(argv: list[str]) -> int:
@@ -26,14 +44,10 @@ def main(argv: list[str]) -> int:
         return 0 if len(argv) >= 2 else 2
     dag_id = argv[1]
     run_conf = json.loads(argv[2]) if len(argv) > 2 else {}
-    dag_file = Path(conf.get("core", "dags_folder")) / f"{dag_id}.py"
-    spec = importlib.util.spec_from_file_location(f"{dag_id}_dagfile", dag_file)
-    if spec is None or spec.loader is None:
-        print(f"run_dag: no DAG file {dag_file}", file=sys.stderr)
+    dag = find_dag(dag_id)
+    if dag is None:
+        print(f"run_dag: no DAG {dag_id!r} in {conf.get('core', 'dags_folder')}", file=sys.stderr)
         return 2
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    dag = getattr(module, dag_id)()
     try:
         run = dag.test(run_conf=run_conf)
     except ParamValidationError as exc:

@@ -36,8 +36,15 @@ ITEMS_PER_CAMPAIGN_MAX = 64
 AMOUNT_KRW_MAX = 100_000_000
 VALIDITY_DAYS_MAX = 3650
 DEFAULT_CAMPAIGN_RESOURCE = "kakao_outage_2022.toml"
+# Campaign files shipped in pipeline/campaigns, by campaign id (ENTITLE_CAMPAIGN may name one).
+BUNDLED_CAMPAIGNS = {
+    "kakao-outage-2022": DEFAULT_CAMPAIGN_RESOURCE,
+    "channel-credit-2022": "channel_credit_2022.toml",
+}
 
 _ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_COLUMN_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+ID_COLUMN_DEFAULT = "user_id"
 _VALIDITY_PATTERN = re.compile(r"^(\d{1,5})d$")
 
 
@@ -100,6 +107,9 @@ class Campaign:
     items: tuple[Item, ...]
     source: str
     issuers: tuple[IssuerSpec, ...] = ()
+    # The id column of the campaign's input file: user_id, or e.g. merchant_id for a program over
+    # merchants. In partitions and in the ledger the subject's id is always user_id.
+    id_column: str = ID_COLUMN_DEFAULT
 
     def issuer(self, name: str) -> IssuerSpec:
         """The declared issuer called ``name``; :class:`CampaignError` if there is none."""
@@ -138,11 +148,13 @@ class Campaign:
 
 
 def load_campaign(path: Path | None = None) -> Campaign:
-    """Load and validate a campaign file; ``None`` loads the bundled default."""
-    if path is None:
-        resource = resources.files("pipeline.campaigns").joinpath(DEFAULT_CAMPAIGN_RESOURCE)
+    """Load and validate a campaign file; ``None`` loads the bundled default, a bundled id that campaign."""
+    bundled = None if path is None else BUNDLED_CAMPAIGNS.get(str(path))
+    if path is None or (bundled is not None and not Path(path).exists()):
+        name = bundled or DEFAULT_CAMPAIGN_RESOURCE
+        resource = resources.files("pipeline.campaigns").joinpath(name)
         text = resource.read_text(encoding="utf-8")
-        source = f"<bundled {DEFAULT_CAMPAIGN_RESOURCE}>"
+        source = f"<bundled {name}>"
     else:
         try:
             text = Path(path).read_text(encoding="utf-8")
@@ -161,7 +173,7 @@ def parse_campaign(text: str, source: str) -> Campaign:
     section = document.get("campaign")
     if not isinstance(section, dict):
         raise CampaignError(f"{source}: missing the [campaign] table")
-    _reject_unknown(source, "campaign", section, {"id", "name", "time_zone", "start"})
+    _reject_unknown(source, "campaign", section, {"id", "name", "time_zone", "start", "id_column"})
     campaign_id = _required_str(source, "campaign.id", section.get("id"))
     if not _ID_PATTERN.match(campaign_id):
         raise CampaignError(f"{source}: campaign.id {campaign_id!r} must be 1-63 lowercase letters, digits, '-' or '_'")
@@ -174,6 +186,12 @@ def parse_campaign(text: str, source: str) -> Campaign:
             f"{source}: campaign.time_zone {time_zone!r} is not a known IANA time zone (for example 'Asia/Seoul')"
         ) from exc
     starts_at = _parse_start(source, section.get("start"), zone)
+    id_column = section.get("id_column", ID_COLUMN_DEFAULT)
+    if not isinstance(id_column, str) or not _COLUMN_PATTERN.match(id_column):
+        raise CampaignError(
+            f"{source}: campaign.id_column {id_column!r} must be a column name: lowercase letters, digits and '_', "
+            "starting with a letter (for example 'merchant_id')"
+        )
 
     raw_items = document.get("items")
     if not isinstance(raw_items, list) or not raw_items:
@@ -197,7 +215,7 @@ def parse_campaign(text: str, source: str) -> Campaign:
         if item.sku in seen:
             raise CampaignError(f"{source}: items[{index}].sku {item.sku!r} is a duplicate sku")
         seen.add(item.sku)
-    return Campaign(campaign_id, name, time_zone, starts_at, items, source, issuers)
+    return Campaign(campaign_id, name, time_zone, starts_at, items, source, issuers, id_column)
 
 
 _ISSUER_KEYS = {

@@ -283,6 +283,7 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
         settings.location(args.exclude) if args.exclude else None,
         settings.rejected_share_max,
         dry_run=True,
+        id_column=campaign.id_column,
     )
     items = jobs.plan_items(campaign, report.eligible_users)
     document = {

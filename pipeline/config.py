@@ -7,7 +7,7 @@ settings as arguments.
 |-----------------------------|---------------------------------------|
 | ENTITLE_HOME                | ./var                                 |
 | ENTITLE_LEDGER_URL          | sqlite:///$ENTITLE_HOME/ledger.sqlite |
-| ENTITLE_CAMPAIGN            | the bundled kakao-outage-2022 campaign |
+| ENTITLE_CAMPAIGN            | the bundled kakao-outage-2022 (a file's path, or a bundled id) |
 | ENTITLE_PARTITIONS          | 128                                   |
 | ENTITLE_REJECTED_SHARE_MAX  | 0.0001 (0.01 %)                       |
 | ENTITLE_RECONCILE_WORKERS   | 2 (the cores, at most 2)              |
@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline import storage
@@ -68,6 +68,10 @@ class Settings:
     def location(self, value: str | os.PathLike[str] | storage.ObjectUri) -> Location:
         """A local path or an object-store URI (``s3://bucket/key``) reached with these settings."""
         return storage.location(value, self.object_store)
+
+    def with_campaign(self, campaign: str) -> Settings:
+        """These settings for another campaign: a campaign file's path, or a bundled campaign's id."""
+        return replace(self, campaign_file=Path(campaign).expanduser())
 
     def campaign(self) -> Campaign:
         """Load and validate the configured campaign, with this deployment's issuer URLs."""

@@ -1,4 +1,4 @@
-"""Task bodies of the ``entitlement_grant`` DAG: each DAG task is one call here.
+"""Task bodies of the grant DAGs (``entitlement_grant``, ``channel_credit``): each DAG task is one call here.
 
 These functions take and return small plain values (paths, ids, counts) that
 fit in XCom, and never import Airflow: the DAG file passes what Airflow knows
@@ -22,17 +22,31 @@ from pipeline.errors import (
 )
 from pipeline.partitioning import load_manifest, partition_label, partition_snapshot, partitions_dir
 
-
-def default_snapshot_uri(settings: Settings) -> str:
-    """Where the nightly run looks for the user file when no snapshot_uri is given."""
-    return str(settings.home / "incoming" / "users.parquet")
+DEFAULT_INPUT_FILE = "users.parquet"
 
 
-def freeze_and_partition(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Freeze the user file into a snapshot and partition it; register it unless dry. Returns references."""
+def task_settings(campaign: str | None = None) -> Settings:
+    """The settings from the environment; ``campaign`` (a path or a bundled campaign's id) overrides the campaign.
+
+    A DAG that serves one fixed campaign (``channel_credit``) passes it to every task; the
+    nightly ``entitlement_grant`` DAG passes nothing and uses ENTITLE_CAMPAIGN.
+    """
     settings = load_settings()
+    return settings if campaign is None else settings.with_campaign(campaign)
+
+
+def default_snapshot_uri(settings: Settings, input_file: str = DEFAULT_INPUT_FILE) -> str:
+    """Where the nightly run looks for the user file when no snapshot_uri is given."""
+    return str(settings.home / "incoming" / input_file)
+
+
+def freeze_and_partition(
+    params: Mapping[str, Any], campaign: str | None = None, input_file: str = DEFAULT_INPUT_FILE
+) -> dict[str, Any]:
+    """Freeze the user file into a snapshot and partition it; register it unless dry. Returns references."""
+    settings = task_settings(campaign)
     dry_run = bool(params.get("dry_run"))
-    users_file = settings.location(params.get("snapshot_uri") or default_snapshot_uri(settings))
+    users_file = settings.location(params.get("snapshot_uri") or default_snapshot_uri(settings, input_file))
     exclusion = settings.location(params["exclusion_uri"]) if params.get("exclusion_uri") else None
     if not storage.exists(users_file):
         raise SnapshotError(
@@ -41,13 +55,14 @@ def freeze_and_partition(params: Mapping[str, Any]) -> dict[str, Any]:
         )
     if dry_run:
         # A dry run writes content-addressed files only (a cache), never the ledger.
-        campaign = settings.campaign()
+        loaded = settings.campaign()
         report = snapshot.freeze_snapshot(
             users_file,
             settings.data_root,
-            campaign.campaign_id,
+            loaded.campaign_id,
             exclusion,
             settings.rejected_share_max,
+            id_column=loaded.id_column,
         )
         out_dir = partitions_dir(report.location, settings.partition_count)
         partition_snapshot(report.users_file, out_dir, settings.partition_count)
@@ -58,9 +73,11 @@ def freeze_and_partition(params: Mapping[str, Any]) -> dict[str, Any]:
     return {**jobs.partition(pipeline, report).as_dict(), "dry_run": False}
 
 
-def partitions_to_grant(prepared: Mapping[str, Any], params: Mapping[str, Any]) -> list[dict[str, Any]]:
+def partitions_to_grant(
+    prepared: Mapping[str, Any], params: Mapping[str, Any], campaign: str | None = None
+) -> list[dict[str, Any]]:
     """One small dict per partition to map over, restricted to the ``partitions`` param when given."""
-    entries = load_manifest(load_settings().location(prepared["partitions_dir"]))
+    entries = load_manifest(task_settings(campaign).location(prepared["partitions_dir"]))
     count = len(entries)
     wanted = sorted(set(params.get("partitions") or [])) or list(range(count))
     unknown = [p for p in wanted if not 0 <= p < count]
@@ -79,14 +96,16 @@ def partitions_to_grant(prepared: Mapping[str, Any], params: Mapping[str, Any]) 
     ]
 
 
-def grant_one(run_id: str, partition: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+def grant_one(
+    run_id: str, partition: Mapping[str, Any], params: Mapping[str, Any], campaign: str | None = None
+) -> dict[str, Any]:
     """Grant one partition for the Airflow run ``run_id``; raise if it failed.
 
     The result carries ``task_body_s``, the wall time of this whole call, so the
     benchmark can tell the pipeline's work from Airflow's start-up of the task.
     """
     started = time.perf_counter()
-    settings = load_settings()
+    settings = task_settings(campaign)
     if params.get("dry_run"):
         planned = int(partition["rows"]) * len(settings.campaign().items)
         return {"partition_id": partition["partition_id"], "status": "dry_run", "planned": planned, "written": 0}
@@ -104,11 +123,11 @@ def grant_one(run_id: str, partition: Mapping[str, Any], params: Mapping[str, An
     return {**outcome.as_dict(), "task_body_s": time.perf_counter() - started}
 
 
-def deliver_one(outcome: Mapping[str, Any]) -> dict[str, Any]:
+def deliver_one(outcome: Mapping[str, Any], campaign: str | None = None) -> dict[str, Any]:
     """Deliver one granted partition to the campaign's issuers; a no-op (no ledger access) without any."""
-    settings = load_settings()
-    campaign = settings.campaign()
-    if outcome.get("status") == "dry_run" or not any(campaign.items_of(s.name) for s in campaign.issuers):
+    settings = task_settings(campaign)
+    loaded = settings.campaign()
+    if outcome.get("status") == "dry_run" or not any(loaded.items_of(s.name) for s in loaded.issuers):
         return {"partition_id": outcome["partition_id"], "reports": [], "skipped": True}
     pipeline = jobs.open_pipeline(settings)
     runtimes = delivery.open_issuers(pipeline.campaign)
@@ -123,11 +142,11 @@ def deliver_one(outcome: Mapping[str, Any]) -> dict[str, Any]:
     return {"partition_id": outcome["partition_id"], "reports": [r.as_dict() for r in reports], "skipped": False}
 
 
-def check(prepared: Mapping[str, Any]) -> dict[str, Any]:
+def check(prepared: Mapping[str, Any], campaign: str | None = None) -> dict[str, Any]:
     """Reconcile the run's snapshot against the ledger (see :mod:`pipeline.reconciliation`); small result."""
     if prepared.get("dry_run"):
         return {"verdict": "DRY_RUN", "explanation": "dry run: nothing was granted, nothing to check"}
-    pipeline = jobs.open_pipeline(load_settings())
+    pipeline = jobs.open_pipeline(task_settings(campaign))
     try:
         result = reconciliation.reconcile(pipeline, str(prepared["snapshot_id"]))
     finally:
@@ -144,11 +163,11 @@ def check(prepared: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def granted_notices(run_id: str, prepared: Mapping[str, Any]) -> dict[str, Any]:
+def granted_notices(run_id: str, prepared: Mapping[str, Any], campaign: str | None = None) -> dict[str, Any]:
     """Write the run's "granted" notices for the messaging system (one Parquet file per partition)."""
     if prepared.get("dry_run"):
         return {"skipped": "dry run"}
-    pipeline = jobs.open_pipeline(load_settings())
+    pipeline = jobs.open_pipeline(task_settings(campaign))
     try:
         export = notices.export_granted(pipeline, run_id)
     finally:
@@ -157,10 +176,13 @@ def granted_notices(run_id: str, prepared: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def summarize(
-    prepared: Mapping[str, Any], outcomes: list[Mapping[str, Any]], checked: Mapping[str, Any]
+    prepared: Mapping[str, Any],
+    outcomes: list[Mapping[str, Any]],
+    checked: Mapping[str, Any],
+    campaign: str | None = None,
 ) -> dict[str, Any]:
     """One small summary of the run for the log and XCom."""
-    settings = load_settings()
+    settings = task_settings(campaign)
     result: dict[str, Any] = {
         "snapshot_id": prepared["snapshot_id"],
         "eligible_users": prepared["eligible_users"],
@@ -178,10 +200,10 @@ def summarize(
     if not prepared.get("dry_run"):
         # The check counted live grants per item moments ago; counting 240M rows again would
         # double the tail of the run, so reuse its figures.
-        campaign = settings.campaign()
+        loaded = settings.campaign()
         live = dict(checked.get("live_per_item") or {})
         result["items"] = live
-        result["total_face_value_krw"] = sum(live.get(i.sku, 0) * (i.amount_krw or 0) for i in campaign.items)
+        result["total_face_value_krw"] = sum(live.get(i.sku, 0) * (i.amount_krw or 0) for i in loaded.items)
     return result
 
 

@@ -83,6 +83,7 @@ def freeze(
         None if exclusion_file is None else settings.location(exclusion_file),
         pipeline.settings.rejected_share_max,
         dry_run,
+        pipeline.campaign.id_column,
     )
 
 

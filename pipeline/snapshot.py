@@ -79,21 +79,22 @@ def freeze_snapshot(
     exclusion_file: Location | None = None,
     rejected_share_max: float = REJECTED_SHARE_MAX_DEFAULT,
     dry_run: bool = False,
+    id_column: str = USER_ID_COLUMN,
 ) -> SnapshotReport:
     """Validate ``users_file``, quarantine bad rows and freeze the eligible set.
 
     Raises :class:`SnapshotError` (after writing the quarantine file, which the
     message names) when the file cannot be read or too large a share is rejected.
     With ``dry_run`` nothing is written at all.  ``home`` is the data root: the
-    snapshot goes to ``home/campaigns/<campaign>/snapshots/<id>/``.
+    snapshot goes to ``home/campaigns/<campaign>/snapshots/<id>/``.  ``id_column`` is the
+    file's id column (the campaign's ``id_column``: ``user_id``, or e.g. ``merchant_id`` for a
+    program over merchants); inside the pipeline and the ledger it is the subject's ``user_id``.
     """
     users_file = storage.location(users_file)
-    classified = _classify(users_file)
+    classified = _classify(users_file, id_column)
     rows_read = classified.height
     if rows_read == 0:
-        raise SnapshotError(
-            f"{users_file}: the file has no data rows; expected a '{USER_ID_COLUMN}' column of user ids"
-        )
+        raise SnapshotError(f"{users_file}: the file has no data rows; expected a '{id_column}' column of ids")
 
     counts = classified.group_by("reason").len()
     by_reason = {row[0]: row[1] for row in counts.iter_rows()}
@@ -130,7 +131,7 @@ def freeze_snapshot(
     excluded_users = 0
     excluded = distinct.clear()
     if exclusion_file is not None:
-        exclusions = load_exclusions(storage.location(exclusion_file))
+        exclusions = load_exclusions(storage.location(exclusion_file), id_column)
         # Kept with the snapshot so reconciliation can say why a grant to one of them is unexpected.
         excluded = distinct.join(exclusions, on="user_id", how="semi", maintain_order="left")
         distinct = distinct.join(exclusions, on="user_id", how="anti", maintain_order="left")
@@ -196,9 +197,9 @@ def load_snapshot_report(directory: Location) -> SnapshotReport:
     return SnapshotReport(**values, store=storage.options_of(directory))
 
 
-def load_exclusions(path: Location) -> pl.DataFrame:
+def load_exclusions(path: Location, id_column: str = USER_ID_COLUMN) -> pl.DataFrame:
     """Distinct user ids to exclude; any unusable row is an error, never a silent skip."""
-    classified = _classify(path)
+    classified = _classify(path, id_column)
     bad = classified.filter(pl.col("reason").is_not_null())
     if bad.height:
         listed = "; ".join(
@@ -214,21 +215,21 @@ def load_exclusions(path: Location) -> pl.DataFrame:
     return classified.select("user_id").unique()
 
 
-def _classify(path: Location) -> pl.DataFrame:
-    """Read a user file into (row_number, raw_value, user_id, reason); reason null = valid."""
+def _classify(path: Location, id_column: str = USER_ID_COLUMN) -> pl.DataFrame:
+    """Read a user file's ``id_column`` into (row_number, raw_value, user_id, reason); reason null = valid."""
     if not storage.exists(path):
         raise SnapshotError(storage.missing_message(path))
     suffixes = "".join(path.suffixes).lower()
     if not suffixes.endswith((".parquet", ".pq", ".csv", ".csv.gz")):
-        raise SnapshotError(f"{path}: unknown file type; use a .parquet or .csv file with a '{USER_ID_COLUMN}' column")
+        raise SnapshotError(f"{path}: unknown file type; use a .parquet or .csv file with a '{id_column}' column")
     try:
         source = storage.read_source(path)  # the local path, or the object's content (one GET)
     except FileNotFoundError as exc:
         raise SnapshotError(str(exc)) from exc
     if suffixes.endswith((".parquet", ".pq")):
-        frame = _read_parquet_column(path, source)
+        frame = _read_parquet_column(path, source, id_column)
     else:
-        frame = _read_csv_column(path, source)
+        frame = _read_csv_column(path, source, id_column)
     raw = pl.col("raw_value")
     parsed = pl.col("user_id")
     reason = (
@@ -245,17 +246,17 @@ def _classify(path: Location) -> pl.DataFrame:
     return frame.with_row_index("row_number", offset=1).with_columns(reason.alias("reason"))
 
 
-def _read_parquet_column(path: Location, source: storage.Source) -> pl.DataFrame:
+def _read_parquet_column(path: Location, source: storage.Source, id_column: str) -> pl.DataFrame:
     try:
         schema = pq.read_schema(storage.arrow_input(source))
     except (OSError, pa.ArrowInvalid) as exc:
         raise SnapshotError(f"{path}: not a readable Parquet file ({exc}); is it truncated?") from exc
-    _require_column(path, schema.names)
-    field_type = schema.field(USER_ID_COLUMN).type
+    _require_column(path, schema.names, id_column)
+    field_type = schema.field(id_column).type
     try:
-        column = pl.read_parquet(source, columns=[USER_ID_COLUMN])[USER_ID_COLUMN]
+        column = pl.read_parquet(source, columns=[id_column])[id_column]
     except (OSError, pl.exceptions.PolarsError) as exc:
-        raise SnapshotError(f"{path}: cannot read column '{USER_ID_COLUMN}' ({exc}); is the file truncated?") from exc
+        raise SnapshotError(f"{path}: cannot read column '{id_column}' ({exc}); is the file truncated?") from exc
     if pa.types.is_integer(field_type):
         parsed = column.cast(pl.Int64, strict=False)
         raw_value = column.cast(pl.String)
@@ -268,36 +269,37 @@ def _read_parquet_column(path: Location, source: storage.Source) -> pl.DataFrame
         parsed = raw_value.str.strip_chars().cast(pl.Int64, strict=False)
     else:
         raise SnapshotError(
-            f"{path}: column '{USER_ID_COLUMN}' has type {field_type}; expected integers (int64) or text digits"
+            f"{path}: column '{id_column}' has type {field_type}; expected integers (int64) or text digits"
         )
     return pl.DataFrame({"raw_value": raw_value, "user_id": parsed})
 
 
-def _read_csv_column(path: Location, source: storage.Source) -> pl.DataFrame:
+def _read_csv_column(path: Location, source: storage.Source, id_column: str) -> pl.DataFrame:
     try:
         header = pl.read_csv(source, n_rows=0)
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise SnapshotError(f"{path}: not a readable CSV file ({exc})") from exc
-    _require_column(path, header.columns)
+    _require_column(path, header.columns, id_column)
     try:
         column = pl.read_csv(
             source,
-            columns=[USER_ID_COLUMN],
-            schema_overrides={USER_ID_COLUMN: pl.String},
-        )[USER_ID_COLUMN]
+            columns=[id_column],
+            schema_overrides={id_column: pl.String},
+        )[id_column]
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise SnapshotError(f"{path}: cannot parse the CSV ({exc}); check quoting and line endings") from exc
     parsed = column.str.strip_chars().cast(pl.Int64, strict=False)
     return pl.DataFrame({"raw_value": column, "user_id": parsed})
 
 
-def _require_column(path: Location, columns: list[str]) -> None:
-    if USER_ID_COLUMN in columns:
+def _require_column(path: Location, columns: list[str], id_column: str) -> None:
+    if id_column in columns:
         return
     near = [
         c
         for c in columns
-        if c.strip().lower().replace("-", "_").replace(" ", "_") in {"user_id", "userid", "id", "uid"}
+        if c.strip().lower().replace("-", "_").replace(" ", "_")
+        in {"user_id", "userid", "id", "uid", id_column, id_column.replace("_", "")}
     ]
-    hint = f" Did you mean {near[0]!r}? Rename it to '{USER_ID_COLUMN}'." if near else ""
-    raise SnapshotError(f"{path}: no '{USER_ID_COLUMN}' column; found {columns[:10]}.{hint}")
+    hint = f" Did you mean {near[0]!r}? Rename it to '{id_column}'." if near else ""
+    raise SnapshotError(f"{path}: no '{id_column}' column; found {columns[:10]}.{hint}")

@@ -231,6 +231,11 @@ BAD_CAMPAIGNS = [
         ["not valid TOML"],
         id="not-toml",
     ),
+    pytest.param(
+        lambda t: t.replace('time_zone = "Asia/Seoul"', 'time_zone = "Asia/Seoul"\nid_column = "Merchant ID"'),
+        [r"campaign\.id_column 'Merchant ID' must be a column name", "merchant_id"],
+        id="bad-id-column",
+    ),
 ]
 
 
@@ -279,3 +284,22 @@ def test_require_started_passes_at_and_after_the_start(bundled: Campaign) -> Non
     bundled.require_started(START)
     bundled.require_started(START + dt.timedelta(days=1))
     bundled.require_started(dt.datetime.now(dt.UTC))
+
+
+# --------------------------------------------------------------------------- other bundled campaigns
+
+
+def test_channel_credit_is_bundled_by_id_and_reads_merchant_ids() -> None:
+    campaign = load_campaign(Path("channel-credit-2022"))
+    assert campaign.campaign_id == "channel-credit-2022"
+    assert campaign.id_column == "merchant_id"
+    (item,) = campaign.items
+    assert (item.sku, item.kind, item.amount_krw, item.valid_until) == ("channel-credit-50000", "cash", 50_000, None)
+    assert item.valid_from == START
+    assert load_campaign(Path("kakao-outage-2022")).id_column == "user_id", "the default input column"
+
+
+def test_a_file_named_like_a_bundled_campaign_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "channel-credit-2022").write_text(VALID_TOML, encoding="utf-8")
+    assert load_campaign(Path("channel-credit-2022")).campaign_id != "channel-credit-2022"

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 
 from pipeline import jobs
@@ -65,10 +66,12 @@ def entitle_env(airflow_env: dict[str, str], tmp_path: Path) -> Iterator[dict[st
     yield env
 
 
-def run_dag(env: dict[str, str], conf: dict[str, Any] | None = None) -> tuple[int, dict[str, Any], str]:
-    """Run entitlement_grant once with dag.test; returns exit code, the result line, and stderr."""
+def run_dag(
+    env: dict[str, str], conf: dict[str, Any] | None = None, dag_id: str = "entitlement_grant"
+) -> tuple[int, dict[str, Any], str]:
+    """Run a DAG (default entitlement_grant) once with dag.test; returns exit code, the result line, and stderr."""
     result = subprocess.run(
-        [str(BIN / "python"), str(ROOT / "ops" / "run_dag.py"), "entitlement_grant", json.dumps(conf or {})],
+        [str(BIN / "python"), str(ROOT / "ops" / "run_dag.py"), dag_id, json.dumps(conf or {})],
         env=env,
         capture_output=True,
         text=True,
@@ -401,3 +404,43 @@ def test_dag_delivers_to_an_http_issuer_after_granting(entitle_env: dict[str, st
         assert dict(states).get("success", 0) >= PARTITIONS, states
     finally:
         service.stop()
+
+
+def test_channel_credit_dag_grants_every_merchant_50000_once(entitle_env: dict[str, str]) -> None:
+    merchants = 3_000
+    incoming = Path(entitle_env["ENTITLE_HOME"]) / "incoming"
+    ids = [7_000_000 + 13 * i for i in range(merchants)]
+    pl.DataFrame({"merchant_id": ids + ids[:5], "shop": ["s"] * (merchants + 5)}).write_parquet(
+        incoming / "merchants.parquet"
+    )
+    env = {**entitle_env, "ENTITLE_REJECTED_SHARE_MAX": "0.01"}
+    code, result, log = run_dag(env, dag_id="channel_credit")
+    assert code == 0 and result["state"] == "success", log
+    code, _second, log = run_dag(env, dag_id="channel_credit")
+    assert code == 0, log
+
+    pipeline = jobs.open_pipeline(load_settings({**env, "ENTITLE_CAMPAIGN": "channel-credit-2022"}))
+    try:
+        totals = {t.item_sku: (t.grants, t.face_value_krw) for t in jobs.ledger_totals(pipeline)}
+        with pipeline.engine.connect() as connection:
+            granted = sorted(
+                connection.exec_driver_sql(
+                    "SELECT user_id FROM grant_ledger WHERE campaign_id = 'channel-credit-2022'"
+                ).scalars()
+            )
+            verdicts = (
+                connection.exec_driver_sql(
+                    "SELECT verdict FROM reconciliation_runs WHERE campaign_id = 'channel-credit-2022'"
+                )
+                .scalars()
+                .all()
+            )
+            others = connection.exec_driver_sql(
+                "SELECT count(*) FROM grant_ledger WHERE campaign_id <> 'channel-credit-2022'"
+            ).scalar_one()
+    finally:
+        pipeline.engine.dispose()
+    assert totals == {"channel-credit-50000": (merchants, merchants * 50_000)}
+    assert granted == ids, "every merchant once, the duplicated rows of the list included once"
+    assert verdicts == ["RECONCILED", "RECONCILED"]
+    assert others == 0, "the user campaign is untouched"

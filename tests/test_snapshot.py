@@ -404,3 +404,30 @@ def test_quarantined_duplicates_keep_the_cell_as_read(tmp_path: Path, home: Path
     report = freeze(path, home)
     assert report.duplicate_rows == 2
     assert quarantine_rows(Path(report.quarantine_file)) == [(2, "007", "duplicate"), (3, " 7 ", "duplicate")]
+
+
+# --------------------------------------------------------------------------- another id column
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_merchant_list_is_read_from_its_id_column(tmp_path: Path, home: Path, fmt: str) -> None:
+    path = tmp_path / f"merchants.{fmt}"
+    frame = pl.DataFrame({"merchant_id": ["30", "10", "20", "10", "x"], "name": ["c", "a", "b", "a", "?"]})
+    if fmt == "csv":
+        frame.write_csv(path)
+    else:
+        frame.write_parquet(path)
+    report = freeze(path, home, id_column="merchant_id", rejected_share_max=0.5)
+    assert report.eligible_users == 3
+    assert pl.read_parquet(report.users_file)["user_id"].to_list() == [10, 20, 30], "the subject id is user_id inside"
+    assert [(r, reason) for r, _raw, reason in quarantine_rows(Path(report.quarantine_file))] == [
+        (4, "duplicate"),
+        (5, "not_integer"),
+    ]
+
+
+def test_a_user_file_given_to_a_merchant_campaign_names_the_column_it_needs(tmp_path: Path, home: Path) -> None:
+    path = tmp_path / "users.csv"
+    pl.DataFrame({"user_id": [1, 2]}).write_csv(path)
+    with pytest.raises(SnapshotError, match=r"no 'merchant_id' column; found \['user_id'\]"):
+        freeze(path, home, id_column="merchant_id")
