@@ -7,7 +7,8 @@ loopback port, grants USERS synthetic users the bundled campaign with its two
 coupons (``--all-items``: every item) routed to an http issuer, then times
 ``entitle deliver`` (batch calls) and prints grants/s delivered, the request
 rate achieved against the issuer's budget, and a check that the service holds
-exactly the planned grants. Targets are printed beside the figures.
+exactly the planned grants, then times the three-way ``entitle reconcile`` (the
+ledger against the service's export). Targets are printed beside the figures.
 """
 
 from __future__ import annotations
@@ -140,6 +141,13 @@ def main() -> int:
             return 1
         document: dict[str, Any] = json.loads(done.stdout)
         stats = httpx.get(url + "/v1/stats").json()
+        # Three-way reconciliation: snapshot x campaign vs ledger vs the service's export.
+        started = time.perf_counter()
+        checked = subprocess.run(
+            [entitle, "reconcile", "--json", "--no-progress"], env=env, capture_output=True, text=True
+        )
+        reconcile_s = time.perf_counter() - started
+        reconciled: dict[str, Any] = json.loads(checked.stdout)
     finally:
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=30)
@@ -168,6 +176,12 @@ def main() -> int:
     print(
         f"service: {stats['grants_stored']:,} grants stored, outcomes {stats['outcomes']}; "
         f"exactly the plan: {stats['grants_stored'] == totals['planned'] == delivered}"
+    )
+    issuer = reconciled["issuers"][0]
+    print(
+        f"three-way reconcile: {reconciled['verdict']} in {reconcile_s:.1f} s (process start to exit; "
+        f"{reconciled['bridge']['ledger']:,} ledger grants checked, issuer {issuer['issuer']!r}: "
+        f"{issuer['issuer_held']:,} exported grants compared in {issuer['duration_s']:.1f} s)"
     )
     return 0
 

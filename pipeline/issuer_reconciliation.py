@@ -92,7 +92,11 @@ def check_issuer(pipeline: jobs.Pipeline, spec: IssuerSpec, partition_count: int
     ledger_rows = _ledger_side(pipeline, skus)
     issuer = build_issuer(spec)
     try:
-        exported = _export_frame(issuer.export(pipeline.campaign.campaign_id))
+        export_frame = getattr(issuer, "export_frame", None)
+        if callable(export_frame):
+            exported = export_frame(pipeline.campaign.campaign_id)
+        else:
+            exported = _export_frame(issuer.export(pipeline.campaign.campaign_id))
     except (IssuerUnavailable, IssuerRejected, OSError, ValueError, KeyError, TypeError) as exc:
         return IssuerCheck(
             spec.name,
