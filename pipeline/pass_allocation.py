@@ -247,7 +247,11 @@ def _register_run(connection: Connection, campaign_key: int, run_id: str, now: d
     return int(
         connection.execute(
             ledger.runs.insert().values(
-                run_id=run_id, campaign_key=campaign_key, snapshot_id=PASS_SNAPSHOT_ID, trigger=RUN_TRIGGER, started_at=now
+                run_id=run_id,
+                campaign_key=campaign_key,
+                snapshot_id=PASS_SNAPSHOT_ID,
+                trigger=RUN_TRIGGER,
+                started_at=now,
             )
         ).inserted_primary_key[0]  # type: ignore[index]
     )
@@ -362,9 +366,7 @@ def stock(context: PassContext) -> StockReport:
             ).scalar_one()
         )
         batches = int(
-            connection.execute(
-                sa.select(sa.func.count()).where(ledger.pass_batches.c.campaign_key == key)
-            ).scalar_one()
+            connection.execute(sa.select(sa.func.count()).where(ledger.pass_batches.c.campaign_key == key)).scalar_one()
         )
     cap, granted = int(row.stock_cap), int(row.granted)
     return StockReport(
@@ -422,7 +424,9 @@ def user_status(context: PassContext, user_id: int) -> dict[str, Any]:
                 "detail": "no application on record (a refused row is in its batch's quarantine file)",
             }
         position = 1 + int(
-            connection.execute(_POSITION, {"c": key, "t": row.applied_at, "b": row.user_bucket, "u": user_id}).scalar_one()
+            connection.execute(
+                _POSITION, {"c": key, "t": row.applied_at, "b": row.user_bucket, "u": user_id}
+            ).scalar_one()
         )
     through = program.allocated_through
     outcome = "pending" if through is None or row.applied_at > through else "granted" if row.valid_from else "sold_out"
@@ -490,7 +494,9 @@ def reconcile(context: PassContext) -> PassReconciliation:
         allocated_params = {**params, "through": through}
 
         def scalar(sql: str, values: dict[str, Any] | None = None) -> int:
-            statement = sa.text(sql).bindparams(sa.bindparam("through", type_=Instant())) if ":through" in sql else sa.text(sql)
+            statement = (
+                sa.text(sql).bindparams(sa.bindparam("through", type_=Instant())) if ":through" in sql else sa.text(sql)
+            )
             return int(connection.execute(statement, values or params).scalar_one() or 0)
 
         ledger_passes = scalar("SELECT count(*) FROM grants AS g WHERE g.campaign_key = :c AND g.item_key = :i")

@@ -131,7 +131,7 @@ def ingest(context: PassContext, path: Path) -> IntakeReport:
         program = lock_program(connection, context.campaign_key, exclusive=False)
         watermark = program.allocated_through
         if watermark is not None:
-            late = pl.col("reason").is_null() & (pl.col("applied_at") <= watermark)
+            late = pl.col("reason").is_null() & (pl.col("applied_at") <= watermark.astimezone(dt.UTC))
             classified = classified.with_columns(pl.when(late).then(pl.lit("late")).otherwise("reason").alias("reason"))
         classified = _mark_duplicates(classified)
         counts = {str(r): int(n) for r, n in classified.group_by("reason").len().iter_rows() if r is not None}
@@ -249,7 +249,11 @@ def _store_sqlite(connection: Connection, campaign_key: int, batch_key: int, row
     changes_before = raw.total_changes
     for chunk in rows.iter_slices(SQLITE_ROWS_PER_CALL):
         frame = chunk.select(
-            pl.lit(campaign_key, dtype=pl.Int64), "user_id", "user_bucket", "applied_us", pl.lit(batch_key, dtype=pl.Int64)
+            pl.lit(campaign_key, dtype=pl.Int64).alias("campaign_key"),
+            "user_id",
+            "user_bucket",
+            "applied_us",
+            pl.lit(batch_key, dtype=pl.Int64).alias("batch_key"),
         )
         cursor.executemany(_SQLITE_UPSERT, frame.iter_rows())
     changed = raw.total_changes - changes_before
@@ -270,9 +274,7 @@ _PG_UPSERT = (
 )
 
 
-def _store_postgresql(
-    connection: Connection, campaign_key: int, batch_key: int, rows: pl.DataFrame
-) -> tuple[int, int]:
+def _store_postgresql(connection: Connection, campaign_key: int, batch_key: int, rows: pl.DataFrame) -> tuple[int, int]:
     """COPY into a temporary table, then one upsert in user order (concurrent batches lock rows in the same order)."""
     driver: Any = connection.connection.driver_connection
     with driver.cursor() as cursor:
@@ -305,7 +307,10 @@ def _mark_duplicates(classified: pl.DataFrame) -> pl.DataFrame:
     if repeated.len() == 0:
         return classified
     return classified.with_columns(
-        pl.when(pl.col("row_number").is_in(repeated.implode())).then(pl.lit(DUPLICATE)).otherwise("reason").alias("reason")
+        pl.when(pl.col("row_number").is_in(repeated.implode()))
+        .then(pl.lit(DUPLICATE))
+        .otherwise("reason")
+        .alias("reason")
     )
 
 
@@ -319,7 +324,9 @@ def _classify(context: PassContext, path: Path) -> pl.DataFrame:
     else:
         raise ApplicationFileError(f"{path}: unknown file type; use .parquet or .csv with user_id and applied_at")
     program = context.program
-    now = context.settings.clock()
+    now = context.settings.clock().astimezone(dt.UTC)
+    opens = program.opens.astimezone(dt.UTC)
+    closes = None if program.closes is None else program.closes.astimezone(dt.UTC)
     raw_user, user, raw_at, at = (pl.col(c) for c in ("raw_user_id", "user_id", "raw_applied_at", "applied_at"))
     text_at = raw_at.cast(pl.String).str.strip_chars()
     reason = (
@@ -337,9 +344,9 @@ def _classify(context: PassContext, path: Path) -> pl.DataFrame:
         .then(pl.lit("applied_at_without_offset"))
         .when(at.is_null())
         .then(pl.lit("applied_at_not_a_time"))
-        .when(at < program.opens)
+        .when(at < opens)
         .then(pl.lit("before_open"))
-        .when(pl.lit(program.closes is not None) & (at >= (program.closes or now)))
+        .when(pl.lit(closes is not None) & (at >= (closes or now)))
         .then(pl.lit("after_close"))
         .when(at > now)
         .then(pl.lit("in_future"))
@@ -393,8 +400,12 @@ def _read_parquet(path: Path) -> pl.DataFrame:
     else:
         applied, raw_text = _parse_instants(raw_at), raw_at
     return pl.DataFrame(
-        {"raw_user_id": raw_user.cast(pl.String), "user_id": _user_ids(raw_user), "raw_applied_at": raw_text,
-         "applied_at": applied}
+        {
+            "raw_user_id": raw_user.cast(pl.String),
+            "user_id": _user_ids(raw_user),
+            "raw_applied_at": raw_text,
+            "applied_at": applied,
+        }
     )
 
 
@@ -414,8 +425,12 @@ def _read_csv(path: Path) -> pl.DataFrame:
         raise ApplicationFileError(f"{path}: cannot parse the CSV ({exc}); check quoting and line endings") from exc
     raw_user, raw_at = frame[USER_ID_COLUMN], frame[APPLIED_AT_COLUMN]
     return pl.DataFrame(
-        {"raw_user_id": raw_user, "user_id": _user_ids(raw_user), "raw_applied_at": raw_at,
-         "applied_at": _parse_instants(raw_at)}
+        {
+            "raw_user_id": raw_user,
+            "user_id": _user_ids(raw_user),
+            "raw_applied_at": raw_at,
+            "applied_at": _parse_instants(raw_at),
+        }
     )
 
 
