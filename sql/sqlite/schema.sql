@@ -76,7 +76,7 @@ CREATE TABLE pass_applications (
 )
  WITHOUT ROWID;
 
-CREATE INDEX ix_pass_applications_order ON pass_applications (campaign_key, applied_at, user_bucket, user_id);
+CREATE INDEX ix_pass_applications_applied ON pass_applications (campaign_key, applied_at);
 
 CREATE TABLE campaign_items (
 	item_key INTEGER NOT NULL, 

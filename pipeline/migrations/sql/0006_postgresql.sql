@@ -46,7 +46,7 @@ CREATE TABLE pass_applications (
 	CONSTRAINT ck_pass_applications_user_id_positive CHECK (user_id > 0)
 )
 -- end
-CREATE INDEX ix_pass_applications_order ON pass_applications (campaign_key, applied_at, user_bucket, user_id)
+CREATE INDEX ix_pass_applications_applied ON pass_applications (campaign_key, applied_at)
 -- end
 CREATE TABLE pass_allocations (
 	allocation_key SERIAL NOT NULL, 

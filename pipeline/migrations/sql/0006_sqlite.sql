@@ -47,7 +47,7 @@ CREATE TABLE pass_applications (
 )
  WITHOUT ROWID
 -- end
-CREATE INDEX ix_pass_applications_order ON pass_applications (campaign_key, applied_at, user_bucket, user_id)
+CREATE INDEX ix_pass_applications_applied ON pass_applications (campaign_key, applied_at)
 -- end
 CREATE TABLE pass_allocations (
 	allocation_key INTEGER NOT NULL, 
