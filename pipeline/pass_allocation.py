@@ -39,7 +39,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from pipeline import ledger, pgcopy
 from pipeline.config import Settings
-from pipeline.errors import ConfigError, LedgerError, TermsChangedError, invariant
+from pipeline.errors import ConfigError, TermsChangedError, invariant
 from pipeline.ledger import Instant, pass_allocations, pass_applications, pass_programs, write_transaction
 from pipeline.pass_program import PassProgram
 
@@ -484,10 +484,6 @@ def reconcile(context: PassContext) -> PassReconciliation:
     """Compare the ledger's passes with the allocations, the stock counter and the application order."""
     key, item = context.campaign_key, context.item_key
     params = {"c": key, "i": item}
-    grant_of = (
-        "g.campaign_key = a.campaign_key AND g.user_bucket = a.user_bucket AND g.user_id = a.user_id "
-        "AND g.item_key = :i"
-    )
     with context.engine.connect() as connection:
         program = _program_row(connection, key)
         through = program.allocated_through or EPOCH
@@ -576,7 +572,6 @@ def reconcile(context: PassContext) -> PassReconciliation:
                 "difference between the applications at or before the watermark and those the allocations counted",
             ),
         )
-    del grant_of
     verdict = "BREAKS" if any(c.count for c in checks) else "RECONCILED"
     return PassReconciliation(
         context.program.program_id,
@@ -614,10 +609,3 @@ def _out_of_order(connection: Connection, campaign_key: int, item_key: int, thro
     ).bindparams(sa.bindparam("t", type_=Instant()), sa.bindparam("through", type_=Instant()))
     values = {"c": campaign_key, "i": item_key, "through": through, "t": last[0], "b": last[1], "u": last[2]}
     return int(connection.execute(statement, values).scalar_one())
-
-
-def require_program(context: PassContext) -> None:
-    """Refuse to work on a ledger whose program row vanished (a bug or a hand edit)."""
-    with context.engine.connect() as connection:
-        if _program_row(connection, context.campaign_key) is None:
-            raise LedgerError(f"pass program {context.program.program_id!r} has no stock row in the ledger")
