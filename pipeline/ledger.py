@@ -29,8 +29,9 @@ from pipeline.campaign import ITEM_KINDS, Campaign, Item
 from pipeline.errors import ConfigError, LedgerError, TermsChangedError, invariant
 from pipeline.partitioning import BUCKET_MODULUS, BUCKET_MULTIPLIER
 
-# 2: issue_no, reconciliation tables; 3: grants partitioned (PostgreSQL); 4: delivery tables. pipeline/migrations
-SCHEMA_VERSION = 5
+# 2: issue_no, reconciliation tables; 3: grants partitioned (PostgreSQL); 4: delivery tables;
+# 5: three-way reconciliation; 6: first-come-first-served pass tables. pipeline/migrations
+SCHEMA_VERSION = 6
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The views of sql/<dialect>/views.sql; migrations drop them and create_schema re-applies the file.
 LEDGER_VIEWS = (
@@ -315,6 +316,71 @@ recon_breaks = sa.Table(
     sa.Index("ix_recon_breaks_open", "campaign_key", "status", "user_bucket"),
 )
 
+
+# First-come-first-served pass (pipeline/pass_allocation.py, migration 0006). Applications are
+# intake, not ledger: the passes themselves are ordinary rows of grants (item kind "pass").
+# pass_programs holds each program's stock counter and its allocation watermark
+# (allocated_through): every application at or before it has had its turn, and intake refuses
+# new ones at or before it, so an application's outcome never depends on which process won.
+pass_programs = sa.Table(
+    "pass_programs",
+    metadata,
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), primary_key=True),
+    sa.Column("item_key", sa.Integer, nullable=False),
+    sa.Column("stock_cap", sa.BigInteger, nullable=False),
+    sa.Column("validity_months", sa.Integer, nullable=False),
+    sa.Column("granted", sa.BigInteger, nullable=False),
+    sa.Column("allocated_through", Instant, nullable=True),
+    sa.Column("registered_at", Instant, nullable=False),
+    sa.CheckConstraint("stock_cap > 0", name="ck_pass_programs_cap_positive"),
+    sa.CheckConstraint("granted >= 0 AND granted <= stock_cap", name="ck_pass_programs_within_cap"),
+)
+
+pass_batches = sa.Table(
+    "pass_batches",
+    metadata,
+    sa.Column("batch_key", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), nullable=False),
+    sa.Column("content_sha256", sa.String(64), nullable=False),
+    sa.Column("source_file", sa.Text, nullable=False),
+    *(
+        sa.Column(name, sa.BigInteger, nullable=False)
+        for name in ("rows_read", "malformed", "refused", "duplicate_rows", "new_applications", "earlier_repeats")
+    ),
+    sa.Column("quarantine_file", sa.Text, nullable=True),
+    sa.Column("ingested_at", Instant, nullable=False),
+    sa.UniqueConstraint("campaign_key", "content_sha256", name="uq_pass_batches_content"),
+)
+
+pass_applications = sa.Table(
+    "pass_applications",
+    metadata,
+    sa.Column("campaign_key", sa.Integer, primary_key=True),
+    sa.Column("user_id", sa.BigInteger, primary_key=True),
+    sa.Column("user_bucket", sa.BigInteger, nullable=False),
+    sa.Column("applied_at", Instant, nullable=False),
+    sa.Column("batch_key", sa.Integer, nullable=False),
+    sa.CheckConstraint("user_id > 0", name="ck_pass_applications_user_id_positive"),
+    # Allocation windows are applied_at ranges; ties within one are sorted by (user_bucket, user_id)
+    # (README "First-come-first-served pass"). The short key keeps intake fast (bench/bench_pass.py).
+    sa.Index("ix_pass_applications_applied", "campaign_key", "applied_at"),
+    sqlite_with_rowid=False,
+)
+
+pass_allocations = sa.Table(
+    "pass_allocations",
+    metadata,
+    sa.Column("allocation_key", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), nullable=False),
+    sa.Column("run_key", sa.Integer, sa.ForeignKey("runs.run_key"), nullable=False, unique=True),
+    # The window (previous_through, through]: the applications in it had their turn here.
+    sa.Column("previous_through", Instant, nullable=True),
+    sa.Column("through", Instant, nullable=False),
+    sa.Column("granted_at", Instant, nullable=False),
+    sa.Column("valid_until", Instant, nullable=False),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in ("considered", "granted", "sold_out", "stock_after")),
+    sa.Index("ix_pass_allocations_campaign", "campaign_key", "through"),
+)
 
 # Delivery to issuers (pipeline/delivery.py). grants stays append-only; what an issuer answered
 # lives here. delivery_batches is the outbox: a batch's row commits before its request is sent.

@@ -33,6 +33,7 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "int32": pa.int32(),
     "int64": pa.int64(),
     "string": pa.string(),
+    "bool": pa.bool_(),
     "timestamp_us_utc": pa.timestamp("us", tz="UTC"),
 }
 

@@ -34,6 +34,7 @@ COMMANDS = {
     "report",
     "db",
     "query",
+    "pass",
 }
 USERS = 2_000
 

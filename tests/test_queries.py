@@ -41,6 +41,8 @@ def test_every_query_file_is_listed_and_parsed() -> None:
         "grants_per_day",
         "open_breaks",
         "partition_status",
+        "pass_outcomes",
+        "pass_stock",
         "reconciliations",
         "user_grants",
         "user_history",
