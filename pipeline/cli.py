@@ -23,7 +23,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipeline import __version__, corrections, delivery, jobs, ledger, queries, reconciliation, schemas, snapshot
+from pipeline import (
+    __version__,
+    corrections,
+    delivery,
+    jobs,
+    ledger,
+    merchant_cli,
+    queries,
+    reconciliation,
+    schemas,
+    snapshot,
+)
 from pipeline.config import Settings, load_settings
 from pipeline.demo_users import write_demo_users
 from pipeline.errors import (
@@ -217,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write to this file instead of standard output (required for parquet)")
     p.add_argument("--list", action="store_true", help="list the named queries")
     p.set_defaults(handler=cmd_query)
+
+    merchant_cli.register(command)  # merchant cash programs: `entitle claims ...`, `entitle review ...`
     return parser
 
 
