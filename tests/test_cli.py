@@ -34,6 +34,8 @@ COMMANDS = {
     "report",
     "db",
     "query",
+    "claims",
+    "review",
 }
 USERS = 2_000
 

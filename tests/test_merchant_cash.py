@@ -699,3 +699,41 @@ def test_dag_ingests_assigns_pays_and_reconciles(tmp_path: Path, airflow_env: di
     document = json.loads(reconciled.stdout)
     assert document["claims_by_status"] == {"accepted": 3, "outside_intake_window": 1}
     assert sum(t["paid_krw"] for t in document["tiers"]) == TIER_1_KRW + TIER_2_KRW + 100_000
+
+
+_DAG_BOUNDS = r"""
+import json, runpy, sys
+dag = runpy.run_path(sys.argv[1])["merchant_cash_dag"]
+print(json.dumps({"start": dag.start_date.isoformat(), "end": dag.end_date.isoformat(),
+                  "schedule": str(dag.schedule), "timezone": str(dag.timezone)}))
+"""
+
+
+@pytest.mark.airflow
+def test_dag_runs_daily_within_the_program_intake_windows(
+    tmp_path: Path,
+    airflow_env: dict[str, str],  # noqa: F811
+) -> None:
+    custom = tmp_path / "program.toml"
+    custom.write_text(
+        _program_text(intake='[[intake]]\nname = "only"\nopens = 2023-03-01\ncloses = 2023-03-14\n'), encoding="utf-8"
+    )
+    for program_file in (None, custom):
+        env = dict(airflow_env)
+        if program_file is not None:
+            env["ENTITLE_MERCHANT_PROGRAM"] = str(program_file)
+        done = subprocess.run(
+            [sys.executable, "-c", _DAG_BOUNDS, str(ROOT / "dags" / "merchant_cash.py")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        bounds = json.loads(done.stdout.strip().splitlines()[-1])
+        program = load_program(program_file)
+        assert dt.datetime.fromisoformat(bounds["start"]) == program.starts_at
+        # The last run, at 03:00 the day after the last window closes, picks up that day's claims.
+        assert dt.datetime.fromisoformat(bounds["end"]) == program.ends_at + dt.timedelta(hours=3)
+        assert "0 3 * * *" in bounds["schedule"] and "Asia/Seoul" in bounds["timezone"]
