@@ -125,9 +125,7 @@ def reconcile(op: OpenProgram) -> MerchantReconciliation:
 
         if len(paid) > 1:
             breaks.append(
-                _break(
-                    merchant, expected, paid, "duplicate", f"{len(paid)} live payouts: void all but one (entitle void)"
-                )
+                _break(merchant, expected, paid, "duplicate", f"{len(paid)} live payouts: all but one must be voided")
             )
         if expected is not None and not paid:
             breaks.append(
