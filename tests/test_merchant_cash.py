@@ -737,3 +737,27 @@ def test_dag_runs_daily_within_the_program_intake_windows(
         # The last run, at 03:00 the day after the last window closes, picks up that day's claims.
         assert dt.datetime.fromisoformat(bounds["end"]) == program.ends_at + dt.timedelta(hours=3)
         assert "0 3 * * *" in bounds["schedule"] and "Asia/Seoul" in bounds["timezone"]
+
+
+def test_a_typed_parquet_file_is_read_as_well(op: OpenProgram, tmp_path: Path) -> None:
+    path = tmp_path / "typed.parquet"
+    pl.DataFrame(
+        {
+            "claim_id": ["t1", "t2", "t3"],
+            "merchant_id": [301, 302, 303],
+            "submitted_at": [
+                dt.datetime(2022, 10, 20, 1, 0, tzinfo=dt.UTC),
+                dt.datetime(2022, 10, 18, 14, 59, tzinfo=dt.UTC),  # 23:59 in Seoul, the day before opening
+                dt.datetime(2022, 10, 21, 9, 0),  # naive: Seoul time
+            ],
+            "loss_krw": [300_000, 300_000, 500_001],
+            "merchant_certificate": [True, True, True],
+            "proof_of_lost_sales": [True, True, False],
+            "proof_of_service_use": [True, True, True],
+            "note": ["extra columns are ignored", None, None],
+        }
+    ).write_parquet(path)
+    report = merchant_claims.ingest_file(op, path)
+    assert report.by_status == {"accepted": 2, "outside_intake_window": 1} and report.quarantined_rows == 0
+    found = {m: (c["state"], c["review_reason"], c["amount_krw"]) for m, c in cases(op).items()}
+    assert found == {301: ("auto_tier", None, TIER_1_KRW), 303: ("needs_review", "incomplete_evidence", None)}
