@@ -623,6 +623,7 @@ def refresh_cases(connection: Connection, op: OpenProgram, merchant_ids: Sequenc
         ):
             existing[int(row.merchant_id)] = row
     changed = 0
+    new_cases: list[dict[str, Any]] = []
     for merchant, claims in sorted(contents.items()):
         plan = plan_case(op.program, claims)
         values = {
@@ -635,12 +636,15 @@ def refresh_cases(connection: Connection, op: OpenProgram, merchant_ids: Sequenc
         }
         case_row = existing.get(merchant)
         if case_row is None:
-            connection.execute(
-                merchant_cases.insert().values(
-                    campaign_key=op.campaign_key, merchant_id=merchant, opened_at=now, updated_at=now, **values
-                )
+            new_cases.append(
+                {
+                    "campaign_key": op.campaign_key,
+                    "merchant_id": merchant,
+                    "opened_at": now,
+                    "updated_at": now,
+                    **values,
+                }
             )
-            changed += 1
         elif case_row.state not in DECIDED_STATES and any(getattr(case_row, k) != v for k, v in values.items()):
             connection.execute(
                 merchant_cases.update()
@@ -648,7 +652,9 @@ def refresh_cases(connection: Connection, op: OpenProgram, merchant_ids: Sequenc
                 .values(updated_at=now, **values)
             )
             changed += 1
-    return changed
+    if new_cases:
+        connection.execute(merchant_cases.insert(), new_cases)  # one executemany
+    return changed + len(new_cases)
 
 
 def assign_cases(op: OpenProgram) -> int:

@@ -42,6 +42,12 @@ def register(command: Command) -> None:
     p.set_defaults(handler=cmd_claims_assign)
     p = _action(actions, "pay", "pay every auto-tier and approved case once, as ledger grants (idempotent)")
     p.add_argument("--run-id", help="run id to record (default: cli__claims-pay__<time>)")
+    p.add_argument(
+        "--batch-cases",
+        type=_batch_cases,
+        default=merchant_claims.PAYOUT_BATCH_CASES_MAX,
+        help=f"payouts per transaction (default {merchant_claims.PAYOUT_BATCH_CASES_MAX:,})",
+    )
     p.set_defaults(handler=cmd_claims_pay)
     p = _action(actions, "reconcile", "payouts per tier against claims and decisions; exit 0 RECONCILED, 8 BREAKS")
     p.set_defaults(handler=cmd_claims_reconcile)
@@ -62,6 +68,16 @@ def register(command: Command) -> None:
         p.add_argument("--actor", required=True, help="who decides (recorded)")
         p.add_argument("--reason", required=True, help="why (recorded)")
         p.set_defaults(handler=cmd_review_decide, decision=name)
+
+
+def _batch_cases(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
+    if not 1 <= value <= merchant_claims.PAYOUT_BATCH_CASES_MAX:
+        raise argparse.ArgumentTypeError(f"--batch-cases {value}: give 1 to {merchant_claims.PAYOUT_BATCH_CASES_MAX:,}")
+    return value
 
 
 def _action(actions: Any, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -129,7 +145,7 @@ def cmd_claims_pay(args: argparse.Namespace, settings: Settings) -> int:
     """Pay the payable cases."""
     op = _open(args, settings)
     try:
-        report = merchant_claims.pay(op, args.run_id)
+        report = merchant_claims.pay(op, args.run_id, batch_cases_max=args.batch_cases)
     finally:
         op.engine.dispose()
     lines = [

@@ -9,8 +9,11 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from typing import Any
 import polars as pl
 import pytest
 import sqlalchemy as sa
-from conftest import cli_environment, run_entitle
+from conftest import ENTITLE_SCRIPT, cli_environment, run_entitle
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from test_dags import airflow_env  # noqa: F401  (fixture: a project-local, migrated Airflow metadata DB)
 
@@ -36,6 +39,7 @@ IN_WINDOW = "2022-10-20T10:00:00+09:00"
 EVIDENCE = ("merchant_certificate", "proof_of_lost_sales", "proof_of_service_use")
 COLUMNS = ("claim_id", "merchant_id", "submitted_at", "loss_krw", *EVIDENCE)
 TIER_1_KRW, TIER_2_KRW = 30_000, 50_000
+KILL_WAIT_S = 60
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -761,3 +765,38 @@ def test_a_typed_parquet_file_is_read_as_well(op: OpenProgram, tmp_path: Path) -
     assert report.by_status == {"accepted": 2, "outside_intake_window": 1} and report.quarantined_rows == 0
     found = {m: (c["state"], c["review_reason"], c["amount_krw"]) for m, c in cases(op).items()}
     assert found == {301: ("auto_tier", None, TIER_1_KRW), 303: ("needs_review", "incomplete_evidence", None)}
+
+
+@pytest.mark.slow
+def test_entitle_claims_pay_killed_mid_way_then_rerun_pays_exactly_the_plan(tmp_path: Path) -> None:
+    merchants = 20_000
+    env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"))
+    path = write_claims(tmp_path / "claims.csv", [claim(f"k{m}", m, 100_000 + m) for m in range(1, merchants + 1)])
+    assert run_entitle(["claims", "ingest", "--from", str(path)], env).returncode == 0
+    database = tmp_path / "var" / "ledger.sqlite"
+
+    def paid_rows() -> int:
+        with sqlite3.connect(database, timeout=60) as connection:
+            return int(connection.execute("SELECT count(*) FROM grants").fetchone()[0])
+
+    process = subprocess.Popen(
+        [str(ENTITLE_SCRIPT), "claims", "pay", "--batch-cases", "50", "--run-id", "killed"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + KILL_WAIT_S
+    while paid_rows() == 0 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    partial = paid_rows()
+    assert 0 < partial < merchants, f"the kill should land mid-way; {partial} of {merchants} paid"
+
+    rerun = run_entitle(["claims", "pay", "--run-id", "killed", "--json"], env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["paid"] == merchants - partial
+    with sqlite3.connect(database) as connection:
+        rows = connection.execute("SELECT user_id, issue_no, amount_krw FROM grants ORDER BY user_id").fetchall()
+    assert rows == [(m, 0, TIER_1_KRW if 100_000 + m <= 300_000 else TIER_2_KRW) for m in range(1, merchants + 1)]
+    assert run_entitle(["claims", "reconcile"], env).returncode == 0
