@@ -29,6 +29,7 @@ from pipeline import (
     delivery,
     jobs,
     ledger,
+    merchant_cli,
     pass_cli,
     queries,
     reconciliation,
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_query)
 
     pass_cli.register(sub, command)
+    merchant_cli.register(command)  # merchant cash programs: `entitle claims ...`, `entitle review ...`
     return parser
 
 

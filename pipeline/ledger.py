@@ -30,8 +30,9 @@ from pipeline.errors import ConfigError, LedgerError, TermsChangedError, invaria
 from pipeline.partitioning import BUCKET_MODULUS, BUCKET_MULTIPLIER
 
 # 2: issue_no, reconciliation tables; 3: grants partitioned (PostgreSQL); 4: delivery tables;
-# 5: three-way reconciliation; 6: first-come-first-served pass tables. pipeline/migrations
-SCHEMA_VERSION = 6
+# 5: three-way reconciliation; 6: first-come-first-served pass tables; 7: merchant cash claims, cases,
+# decisions and intake files. pipeline/migrations
+SCHEMA_VERSION = 7
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The views of sql/<dialect>/views.sql; migrations drop them and create_schema re-applies the file.
 LEDGER_VIEWS = (
@@ -381,6 +382,92 @@ pass_allocations = sa.Table(
     *(sa.Column(name, sa.BigInteger, nullable=False) for name in ("considered", "granted", "sold_out", "stock_after")),
     sa.Index("ix_pass_allocations_campaign", "campaign_key", "through"),
 )
+# Merchant cash programs (pipeline/merchant_claims.py, merchant_review.py). Claims as received,
+# one case per merchant and program (a working table: its state is re-derived from claims and
+# decisions, and the reconciliation checks it), the reviewers' decisions (append-only: triggers in
+# views.sql, at most one per case) and each ingested file. Payouts are ordinary grants.
+MERCHANT_CLAIM_STATUSES = ("accepted", "outside_intake_window", "below_minimum_loss", "after_decision")
+MERCHANT_CASE_STATES = ("auto_tier", "needs_review", "approved", "rejected", "paid")
+
+merchant_claims = sa.Table(
+    "merchant_claims",
+    metadata,
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), primary_key=True),
+    sa.Column("claim_id", sa.String(64), primary_key=True),
+    sa.Column("merchant_id", sa.BigInteger, nullable=False),
+    sa.Column("submitted_at", Instant, nullable=False),
+    sa.Column("loss_krw", sa.BigInteger, nullable=False),
+    # Evidence kinds the claim says yes to / no to, sorted and comma-separated ('' for none).
+    sa.Column("evidence_provided", sa.Text, nullable=False),
+    sa.Column("evidence_missing", sa.Text, nullable=False),
+    sa.Column("content_sha256", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(24), nullable=False),
+    sa.Column("intake_window", sa.String(63), nullable=True),
+    sa.Column("source_file", sa.Text, nullable=False),
+    sa.Column("source_row", sa.Integer, nullable=False),
+    sa.Column("ingested_at", Instant, nullable=False),
+    sa.CheckConstraint("merchant_id > 0", name="ck_merchant_claims_merchant_id"),
+    sa.CheckConstraint("loss_krw >= 0", name="ck_merchant_claims_loss"),
+    sa.CheckConstraint(
+        "status IN (" + ", ".join(f"'{s}'" for s in MERCHANT_CLAIM_STATUSES) + ")", name="ck_merchant_claims_status"
+    ),
+    sa.Index("ix_merchant_claims_merchant", "campaign_key", "merchant_id"),
+)
+
+merchant_cases = sa.Table(
+    "merchant_cases",
+    metadata,
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), primary_key=True),
+    sa.Column("merchant_id", sa.BigInteger, primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("tier", sa.String(63), nullable=True),
+    sa.Column("loss_krw", sa.BigInteger, nullable=False),  # the largest loss among the case's claims
+    sa.Column("amount_krw", sa.BigInteger, nullable=True),  # to pay: the tier's or the approved amount
+    sa.Column("review_reason", sa.String(32), nullable=True),
+    sa.Column("claim_count", sa.Integer, nullable=False),
+    sa.Column("opened_at", Instant, nullable=False),
+    sa.Column("updated_at", Instant, nullable=False),
+    sa.CheckConstraint(
+        "state IN (" + ", ".join(f"'{s}'" for s in MERCHANT_CASE_STATES) + ")", name="ck_merchant_cases_state"
+    ),
+    sa.CheckConstraint("amount_krw IS NULL OR amount_krw > 0", name="ck_merchant_cases_amount"),
+    sa.Index("ix_merchant_cases_state", "campaign_key", "state"),
+)
+
+merchant_decisions = sa.Table(
+    "merchant_decisions",
+    metadata,
+    sa.Column("decision_key", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), nullable=False),
+    sa.Column("merchant_id", sa.BigInteger, nullable=False),
+    sa.Column("decision", sa.String(16), nullable=False),
+    sa.Column("amount_krw", sa.BigInteger, nullable=True),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("decided_at", Instant, nullable=False),
+    # One decision per case, enforced by the database: a second one is refused, never stacked.
+    sa.UniqueConstraint("campaign_key", "merchant_id", name="uq_merchant_decisions_case"),
+    sa.CheckConstraint(
+        "(decision = 'approve' AND amount_krw > 0) OR (decision = 'reject' AND amount_krw IS NULL)",
+        name="ck_merchant_decisions_amount",
+    ),
+)
+
+merchant_intake_files = sa.Table(
+    "merchant_intake_files",
+    metadata,
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), primary_key=True),
+    sa.Column("file_sha256", sa.String(64), primary_key=True),
+    sa.Column("source_file", sa.Text, nullable=False),
+    *(
+        sa.Column(name, sa.BigInteger, nullable=False)
+        for name in ("rows_read", "claims_new", "claims_known", "duplicate_rows", "quarantined_rows")
+    ),
+    sa.Column("quarantine_file", sa.Text, nullable=True),
+    sa.Column("ingested_at", Instant, nullable=False),
+)
+# End of merchant cash programs.
+
 
 # Delivery to issuers (pipeline/delivery.py). grants stays append-only; what an issuer answered
 # lives here. delivery_batches is the outbox: a batch's row commits before its request is sent.

@@ -35,6 +35,8 @@ COMMANDS = {
     "db",
     "query",
     "pass",
+    "claims",
+    "review",
 }
 USERS = 2_000
 

@@ -35,14 +35,17 @@ def test_every_query_file_is_listed_and_parsed() -> None:
     names = queries.list_queries()
     assert names == [
         "breaks_by_class",
+        "claims_by_state",
         "coverage",
         "delivery_conflicts",
         "face_value_per_item",
         "grants_per_day",
         "open_breaks",
+        "open_reviews",
         "partition_status",
         "pass_outcomes",
         "pass_stock",
+        "payouts_per_tier",
         "reconciliations",
         "user_grants",
         "user_history",

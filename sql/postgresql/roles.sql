@@ -41,6 +41,16 @@ GRANT INSERT ON grant_voids TO entitle_operator
 GRANT SELECT ON grant_ledger, grant_history, campaign_coverage, reconciliation_runs, reconciliation_breaks,
     partition_status TO entitle_analyst
 -- end
+-- Merchant cash programs: the writer ingests claims and pays; operators (reviewers) record decisions;
+-- analysts read the program's tables (queries payouts_per_tier, open_reviews, claims_by_state).
+GRANT INSERT ON merchant_claims, merchant_cases, merchant_decisions, merchant_intake_files TO entitle_writer
+-- end
+GRANT UPDATE ON merchant_cases TO entitle_writer, entitle_operator
+-- end
+GRANT INSERT ON merchant_decisions TO entitle_operator
+-- end
+GRANT SELECT ON merchant_claims, merchant_cases, merchant_decisions, merchant_intake_files TO entitle_analyst
+-- end
 DO $$
 BEGIN
     -- The grant step stages each partition in temporary tables.

@@ -230,3 +230,13 @@ FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change()
 CREATE OR REPLACE TRIGGER grant_voids_append_only BEFORE UPDATE OR DELETE ON grant_voids
 FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change()
 -- end
+-- Merchant cash programs: review decisions are append-only (who, when, why stays as written).
+CREATE OR REPLACE FUNCTION merchant_decisions_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'review decisions are append-only audit history (% refused)', TG_OP;
+END
+$$
+-- end
+CREATE OR REPLACE TRIGGER merchant_decisions_append_only BEFORE UPDATE OR DELETE ON merchant_decisions
+FOR EACH ROW EXECUTE FUNCTION merchant_decisions_refuse_change()
+-- end

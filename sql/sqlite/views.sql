@@ -243,3 +243,14 @@ BEGIN
     SELECT RAISE(ABORT, 'voids are append-only history and cannot be deleted');
 END
 -- end
+-- Merchant cash programs: review decisions are append-only (who, when, why stays as written).
+CREATE TRIGGER IF NOT EXISTS merchant_decisions_append_only_update BEFORE UPDATE ON merchant_decisions
+BEGIN
+    SELECT RAISE(ABORT, 'review decisions are append-only audit history and cannot be updated');
+END
+-- end
+CREATE TRIGGER IF NOT EXISTS merchant_decisions_append_only_delete BEFORE DELETE ON merchant_decisions
+BEGIN
+    SELECT RAISE(ABORT, 'review decisions are append-only audit history and cannot be deleted');
+END
+-- end
