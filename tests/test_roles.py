@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from conftest import ITEMS_PER_USER, build_settings, prepare_pipeline
 from sqlalchemy.engine import Engine, make_url
 
-from pipeline import corrections, jobs, ledger, pgcopy, reconciliation
+from pipeline import corrections, jobs, ledger, pgcopy, queries, reconciliation
 from pipeline.errors import ConfigError
 
 pytestmark = pytest.mark.postgres
@@ -98,8 +98,11 @@ def test_roles_separate_writer_operator_and_analyst(
                 connection.exec_driver_sql(f"SELECT * FROM {view} LIMIT 1").all()
             live = connection.exec_driver_sql("SELECT count(*) FROM grant_ledger").scalar_one()
         assert live == len(USERS) * ITEMS_PER_USER
-        for table in ("grants", "grant_voids", "runs", "campaigns", "recon_breaks", "partition_attempts"):
+        for table in ("grants", "grant_voids", "runs", "recon_breaks", "partition_attempts"):
             assert denied(analyst, f"SELECT * FROM {table} LIMIT 1"), table
+        # ... and every named query (the program queries join the campaign catalogue and their own tables).
+        for name in queries.list_queries():
+            queries.run_query(analyst, name, {})
         assert denied(
             analyst,
             "INSERT INTO grant_voids (campaign_key, user_bucket, user_id, item_key, reason, "

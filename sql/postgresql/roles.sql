@@ -41,6 +41,22 @@ GRANT INSERT ON grant_voids TO entitle_operator
 GRANT SELECT ON grant_ledger, grant_history, campaign_coverage, reconciliation_runs, reconciliation_breaks,
     partition_status TO entitle_analyst
 -- end
+-- Delivery to issuers: the writer records the outbox, the answers and the reports (repair resets
+-- an issuer_missing grant's answer); analysts read them (query delivery_conflicts).
+GRANT INSERT, UPDATE ON delivery_batches, delivery_answers, delivery_partitions TO entitle_writer
+-- end
+GRANT SELECT ON delivery_batches, delivery_answers, delivery_partitions TO entitle_analyst
+-- end
+-- First-come-first-served pass: the writer takes application batches in and allocates; analysts read
+-- the stock and the outcomes (queries pass_stock, pass_outcomes).
+GRANT INSERT, UPDATE ON pass_programs, pass_batches, pass_applications, pass_allocations TO entitle_writer
+-- end
+GRANT SELECT ON pass_programs, pass_batches, pass_applications, pass_allocations TO entitle_analyst
+-- end
+-- The campaign catalogue (ids, items and their terms) is not personal data; analysts join it in the
+-- program queries. Grants, voids, runs and breaks they read through the views above.
+GRANT SELECT ON campaigns, campaign_items TO entitle_analyst
+-- end
 -- Merchant cash programs: the writer ingests claims and pays; operators (reviewers) record decisions;
 -- analysts read the program's tables (queries payouts_per_tier, open_reviews, claims_by_state).
 GRANT INSERT ON merchant_claims, merchant_cases, merchant_decisions, merchant_intake_files TO entitle_writer

@@ -1,13 +1,13 @@
--- Grants written per Seoul calendar day and item.
+-- Grants written per Seoul calendar day and item (voided ones included: they were written).
+-- Read through the grant_history view, which analysts may read (sql/postgresql/roles.sql).
 -- Params: campaign_id (optional)
 SELECT
-    c.campaign_id,
-    (g.granted_at AT TIME ZONE 'Asia/Seoul')::date AS day_kst,
-    i.item_sku,
+    h.campaign_id,
+    (h.entry_at AT TIME ZONE 'Asia/Seoul')::date AS day_kst,
+    h.item_sku,
     count(*) AS grants
-FROM grants AS g
-JOIN campaigns AS c ON c.campaign_key = g.campaign_key
-JOIN campaign_items AS i ON i.item_key = g.item_key
-WHERE (CAST(:campaign_id AS TEXT) IS NULL OR c.campaign_id = :campaign_id)
-GROUP BY c.campaign_id, day_kst, i.item_sku
-ORDER BY c.campaign_id, day_kst, i.item_sku
+FROM grant_history AS h
+WHERE h.entry_type = 'grant'
+  AND (CAST(:campaign_id AS TEXT) IS NULL OR h.campaign_id = :campaign_id)
+GROUP BY h.campaign_id, day_kst, h.item_sku
+ORDER BY h.campaign_id, day_kst, h.item_sku
