@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import time
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,6 +207,10 @@ def marked_sleeper(smoke: ModuleType) -> Iterator[tuple[subprocess.Popen[bytes],
     marker = smoke.Secrets.generate().marker
     env = {**os.environ, smoke.MARKER_VAR: marker}
     proc = subprocess.Popen(["sleep", "60"], env=env)
+    # Until the child has exec'd, /proc shows the parent's environment (no marker): wait for it.
+    deadline = time.monotonic() + 10
+    while smoke.marked_pids(marker) != [proc.pid] and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         yield proc, marker
     finally:
