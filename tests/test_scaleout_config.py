@@ -12,8 +12,8 @@ import importlib.util
 import json
 import os
 import subprocess
-import time
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
