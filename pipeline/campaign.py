@@ -150,26 +150,33 @@ class Campaign:
 def load_campaign(path: Path | None = None) -> Campaign:
     """Load and validate a campaign file; ``None`` loads the bundled default, a bundled id that campaign."""
     bundled = None if path is None else BUNDLED_CAMPAIGNS.get(str(path))
-    if path is None or (bundled is not None and not Path(path).exists()):
-        name = bundled or DEFAULT_CAMPAIGN_RESOURCE
-        resource = resources.files("pipeline.campaigns").joinpath(name)
-        text = resource.read_text(encoding="utf-8")
-        source = f"<bundled {name}>"
-    else:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise CampaignError(f"{path}: cannot read the campaign file ({exc.strerror})") from exc
-        source = str(path)
-    return parse_campaign(text, source)
+    if path is not None and bundled is not None and not Path(path).exists():
+        path = None  # the bundled campaign of that id (a file of the same name wins)
+    return parse_campaign(*read_definition(path, bundled or DEFAULT_CAMPAIGN_RESOURCE, "campaign file"))
+
+
+def read_definition(path: Path | None, bundled: str, what: str) -> tuple[str, str]:
+    """(text, source) of a definition file: ``path``, or the bundled resource ``bundled`` when None."""
+    if path is None:
+        text = resources.files("pipeline.campaigns").joinpath(bundled).read_text(encoding="utf-8")
+        return text, f"<bundled {bundled}>"
+    try:
+        return Path(path).read_text(encoding="utf-8"), str(path)
+    except OSError as exc:
+        raise CampaignError(f"{path}: cannot read the {what} ({exc.strerror})") from exc
+
+
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    """TOML text as a document; :class:`CampaignError` naming ``source`` when it is not valid TOML."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CampaignError(f"{source}: not valid TOML: {exc}") from exc
 
 
 def parse_campaign(text: str, source: str) -> Campaign:
     """Validate campaign TOML text; errors name ``source`` and the field."""
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise CampaignError(f"{source}: not valid TOML: {exc}") from exc
+    document = parse_toml(text, source)
     section = document.get("campaign")
     if not isinstance(section, dict):
         raise CampaignError(f"{source}: missing the [campaign] table")

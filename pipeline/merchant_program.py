@@ -10,15 +10,22 @@ also a ledger campaign with one cash item, so its payouts are grants like any ot
 from __future__ import annotations
 
 import datetime as dt
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pipeline.campaign import _ID_PATTERN, AMOUNT_KRW_MAX, Campaign, Item, _reject_unknown, _required_str
+from pipeline.campaign import (
+    _ID_PATTERN,
+    AMOUNT_KRW_MAX,
+    Campaign,
+    Item,
+    _reject_unknown,
+    _required_str,
+    parse_toml,
+    read_definition,
+)
 from pipeline.errors import CampaignError
 
 DEFAULT_PROGRAM_RESOURCE = "merchant_cash_2022.toml"
@@ -126,24 +133,12 @@ def program_file_from(environ: Mapping[str, str]) -> Path | None:
 
 def load_program(path: Path | None = None) -> Program:
     """Load and validate a program file; ``None`` loads the bundled merchant cash program."""
-    if path is None:
-        text = resources.files("pipeline.campaigns").joinpath(DEFAULT_PROGRAM_RESOURCE).read_text(encoding="utf-8")
-        source = f"<bundled {DEFAULT_PROGRAM_RESOURCE}>"
-    else:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise CampaignError(f"{path}: cannot read the program file ({exc.strerror})") from exc
-        source = str(path)
-    return parse_program(text, source)
+    return parse_program(*read_definition(path, DEFAULT_PROGRAM_RESOURCE, "program file"))
 
 
 def parse_program(text: str, source: str) -> Program:
     """Validate program TOML text; errors name ``source`` and the field."""
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise CampaignError(f"{source}: not valid TOML: {exc}") from exc
+    document = parse_toml(text, source)
     extra = sorted(set(document) - {"program", "intake", "tiers"})
     if extra:
         raise CampaignError(f"{source}: unknown top-level key(s) {extra}; allowed: [program], [[intake]], [[tiers]]")

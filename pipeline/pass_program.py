@@ -25,15 +25,13 @@ import calendar
 import datetime as dt
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pipeline.campaign import Campaign, Item
+from pipeline.campaign import Campaign, Item, parse_toml, read_definition
 from pipeline.errors import CampaignError
 
 DEFAULT_PROGRAM_RESOURCE = "drawer_pass_2022.toml"
@@ -112,24 +110,12 @@ def program_file(environ: Mapping[str, str] | None = None, override: Path | None
 
 def load_program(path: Path | None = None) -> PassProgram:
     """Load and validate a program file; ``None`` loads the bundled drawer pass."""
-    if path is None:
-        text = resources.files("pipeline.campaigns").joinpath(DEFAULT_PROGRAM_RESOURCE).read_text(encoding="utf-8")
-        source = f"<bundled {DEFAULT_PROGRAM_RESOURCE}>"
-    else:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise CampaignError(f"{path}: cannot read the pass program file ({exc.strerror})") from exc
-        source = str(path)
-    return parse_program(text, source)
+    return parse_program(*read_definition(path, DEFAULT_PROGRAM_RESOURCE, "pass program file"))
 
 
 def parse_program(text: str, source: str) -> PassProgram:
     """Validate program TOML text; errors name ``source`` and the field."""
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise CampaignError(f"{source}: not valid TOML: {exc}") from exc
+    document = parse_toml(text, source)
     extra = sorted(set(document) - {"program", "pass"})
     if extra:
         raise CampaignError(f"{source}: unknown top-level key(s) {extra}; a pass program has [program] and [pass]")
