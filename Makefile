@@ -17,10 +17,11 @@ export AIRFLOW_HOME := $(CURDIR)/var/airflow
 export AIRFLOW_CONFIG := $(CURDIR)/airflow.cfg
 export ENTITLE_HOME ?= $(CURDIR)/var
 
-.PHONY: venv demo test lint bench clean help airflow airflow-db scaleout-smoke issuer-service
+.PHONY: venv demo demo-programs test lint bench clean help airflow airflow-db scaleout-smoke issuer-service
 
 help:
 	@echo "make demo   - run the pipeline on $(DEMO_USERS) synthetic users (DEMO_USERS=N to change)"
+	@echo "make demo-programs - only the channel credit, merchant cash and pass DAGs on demo inputs"
 	@echo "make test   - ruff, mypy and pytest"
 	@echo "make bench  - benchmark on BENCH_USERS=$(BENCH_USERS) users, backend BENCH_BACKEND=$(BENCH_BACKEND)"
 	@echo "make airflow - Airflow UI + scheduler on http://127.0.0.1:8080 with this project's DAGs"
@@ -51,6 +52,33 @@ demo: airflow-db
 		exit $$status
 	$(BIN)/entitle summary
 	$(BIN)/entitle status
+	@$(MAKE) --no-print-directory demo-programs
+
+# The other programs of the plan, each through its own DAG: channel credit to every merchant of
+# a list, merchant cash claims (ingest, tiers, review queue, payouts, reconciliation) and the
+# first-come-first-served pass (with a demo stock cap of DEMO_PASS_CAP so that it sells out).
+DEMO_MERCHANTS ?= 20000
+DEMO_CLAIMS ?= 5000
+DEMO_APPLICATIONS ?= 40000
+DEMO_PASS_CAP ?= 10000
+RUN_DAG = PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python ops/run_dag.py
+define demo_dag
+	@echo "running DAG $(1) through Airflow (task logs: $(AIRFLOW_HOME)/demo-$(1).log) ..."
+	@$(RUN_DAG) $(1) '{}' $(2) > $(AIRFLOW_HOME)/demo-$(1).log 2>&1; status=$$?; \
+		tail -n 1 $(AIRFLOW_HOME)/demo-$(1).log; exit $$status
+endef
+
+demo-programs: export ENTITLE_PASS_PROGRAM = $(ENTITLE_HOME)/demo/drawer_pass_demo.toml
+demo-programs: airflow-db
+	$(BIN)/python ops/demo_programs.py $(ENTITLE_HOME) --merchants $(DEMO_MERCHANTS) --claims $(DEMO_CLAIMS) \
+		--applications $(DEMO_APPLICATIONS) --pass-cap $(DEMO_PASS_CAP)
+	$(call demo_dag,channel_credit)
+	ENTITLE_CAMPAIGN=channel-credit-2022 $(BIN)/entitle summary
+	$(call demo_dag,merchant_cash,2023-01-15T03:00:00+09:00)
+	$(BIN)/entitle claims reconcile
+	$(BIN)/entitle query open_reviews | head -n 8
+	$(call demo_dag,drawer_pass)
+	$(BIN)/entitle pass status
 
 # Project-local Airflow metadata DB (SQLite under var/airflow) and the ledger writers pool.
 # One slot: an SQLite ledger has one writer at a time (raise it for PostgreSQL).

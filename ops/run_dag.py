@@ -1,6 +1,7 @@
 """Run a DAG of this project once, in-process, with ``dag.test()`` — no scheduler needed.
 
     python ops/run_dag.py entitlement_grant '{"snapshot_uri": "var/demo/users.parquet"}'
+    python ops/run_dag.py merchant_cash '{}' 2023-01-16T03:00:00+09:00   # a logical date in its schedule
 
 Needs AIRFLOW_HOME/AIRFLOW_CONFIG (the Makefile sets them) and a migrated
 metadata DB (`airflow db migrate`). Prints one JSON line last:
@@ -13,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from airflow.configuration import conf
@@ -44,12 +46,13 @@ def main(argv: list[str]) -> int:
         return 0 if len(argv) >= 2 else 2
     dag_id = argv[1]
     run_conf = json.loads(argv[2]) if len(argv) > 2 else {}
+    logical_date = datetime.fromisoformat(argv[3]) if len(argv) > 3 else None
     dag = find_dag(dag_id)
     if dag is None:
         print(f"run_dag: no DAG {dag_id!r} in {conf.get('core', 'dags_folder')}", file=sys.stderr)
         return 2
     try:
-        run = dag.test(run_conf=run_conf)
+        run = dag.test(run_conf=run_conf, logical_date=logical_date) if logical_date else dag.test(run_conf=run_conf)
     except ParamValidationError as exc:
         print(f"run_dag: the run conf was refused: {exc}", file=sys.stderr)
         print(json.dumps({"dag_id": dag_id, "run_id": None, "state": "refused", "error": str(exc)}))
