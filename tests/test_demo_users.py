@@ -54,3 +54,35 @@ def test_demo_file_passes_the_default_rejected_share(count: int, suffix: str, tm
     report = freeze_snapshot(out, tmp_path / "var", "demo", rejected_share_max=REJECTED_SHARE_MAX_DEFAULT)
     assert report.eligible_users == count
     assert report.rejected_share <= REJECTED_SHARE_MAX_DEFAULT
+
+
+def test_demo_program_inputs_go_through_their_programs(tmp_path: Path) -> None:
+    """ops/demo_programs.py (make demo): its files pass intake, and the pass demo sells out in order."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import cli_environment, run_entitle
+
+    home = tmp_path / "var"
+    write_demo_users(5_000, home / "incoming" / "users.parquet", seed=5)
+    script = Path(__file__).resolve().parent.parent / "ops" / "demo_programs.py"
+    sizes = ["--merchants", "600", "--claims", "500", "--applications", "2000", "--pass-cap", "300"]
+    subprocess.run([sys.executable, str(script), str(home), *sizes], check=True, capture_output=True)
+    env = cli_environment(ENTITLE_HOME=str(home), ENTITLE_PASS_PROGRAM=str(home / "demo" / "drawer_pass_demo.toml"))
+
+    merchants = pl.read_parquet(home / "incoming" / "merchants.parquet")
+    assert merchants["merchant_id"].n_unique() == 600 and merchants.height == 603
+    ingested = run_entitle(
+        ["claims", "ingest", "--from", str(next((home / "incoming").glob("merchant-*/*.csv"))), "--json"], env
+    )
+    assert ingested.returncode == 0, ingested.stderr
+    claims = json.loads(ingested.stdout)
+    assert claims["quarantined_rows"] == 1 and claims["claims_new"] >= 500, claims
+    assert claims["by_status"]["accepted"] > 0
+    for batch in sorted((home / "incoming" / "pass").glob("*/*.parquet")):
+        applied = run_entitle(["pass", "apply", "--from", str(batch)], env)
+        assert applied.returncode == 0, applied.stderr
+    assert run_entitle(["pass", "allocate"], env).returncode == 0
+    status = json.loads(run_entitle(["pass", "status", "--json"], env).stdout)
+    assert (status["granted"], status["sold_out"]) == (300, 1_700), status
