@@ -551,6 +551,16 @@ class CampaignKeys:
         return hashlib.sha256(parts.encode()).hexdigest()[:16]
 
 
+def epoch_us_sql(column: str, dialect: str) -> str:
+    """An instant column as UTC epoch microseconds in SQL (SQLite stores them so already)."""
+    if dialect == "postgresql":
+        # date_part is float8 (EXTRACT is numeric since PostgreSQL 14, and about 4x slower here).
+        # The float8 seconds times 10^6 stay within half a microsecond of the true value until about
+        # the year 2100, so rounding gives the exact integer.
+        return f"CAST(round(date_part('epoch', {column}) * 1000000) AS BIGINT)"
+    return column
+
+
 def create_ledger_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, full sync, a busy timeout and explicit BEGINs."""
     if url.startswith("sqlite"):

@@ -185,9 +185,14 @@ def _skus(pipeline: jobs.Pipeline) -> dict[int, str]:
 def _live_rows(
     pipeline: jobs.Pipeline, entry: PartitionEntry, condition: str, params: dict[str, Any], expanding: str = ""
 ) -> pl.DataFrame:
-    """Live grants of one partition's key range that meet ``condition``."""
+    """Live grants of one partition's key range that meet ``condition``.
+
+    Instants come as epoch microseconds computed by the database and values stay the driver's
+    plain integers: converting 5 million datetimes in Python cost 19 of 24 s per million users.
+    """
+    granted_at = ledger.epoch_us_sql("g.granted_at", pipeline.engine.dialect.name)
     statement = sa.text(
-        "SELECT g.user_id, g.item_key, g.amount_krw, g.granted_at FROM grants AS g "
+        f"SELECT g.user_id, g.item_key, g.amount_krw, {granted_at} FROM grants AS g "
         "WHERE g.campaign_key = :c AND g.user_bucket BETWEEN :lo AND :hi AND "
         + condition
         + " AND NOT EXISTS (SELECT 1 FROM grant_voids AS v WHERE v.campaign_key = g.campaign_key "
@@ -196,23 +201,16 @@ def _live_rows(
     )
     if expanding:
         statement = statement.bindparams(sa.bindparam(expanding, expanding=True))
-    typed = statement.columns(
-        sa.column("user_id", sa.BigInteger),
-        sa.column("item_key", sa.Integer),
-        sa.column("amount_krw", sa.BigInteger),
-        sa.column("granted_at", ledger.Instant()),
-    )
     with pipeline.engine.connect() as connection:
-        rows = connection.execute(
-            typed, {"c": pipeline.keys.campaign_key, "lo": entry.bucket_lo, "hi": entry.bucket_hi, **params}
-        ).all()
-    return pl.DataFrame(
+        result = connection.execute(
+            statement, {"c": pipeline.keys.campaign_key, "lo": entry.bucket_lo, "hi": entry.bucket_hi, **params}
+        )
+        rows = result.cursor.fetchall() if result.cursor is not None else []
+    frame = pl.DataFrame(
         rows,
-        schema={
-            "user_id": pl.Int64,
-            "item_key": pl.Int32,
-            "amount_krw": pl.Int64,
-            "granted_at": pl.Datetime("us", "UTC"),
-        },
+        schema={"user_id": pl.Int64, "item_key": pl.Int32, "amount_krw": pl.Int64, "granted_at_us": pl.Int64},
         orient="row",
     )
+    return frame.with_columns(
+        pl.from_epoch("granted_at_us", time_unit="us").dt.replace_time_zone("UTC").alias("granted_at")
+    ).drop("granted_at_us")

@@ -181,22 +181,13 @@ class Reconciliation:
 # --------------------------------------------------------------------------- checksums
 
 
-def _us_sql(column: str, dialect: str) -> str:
-    """An instant column as UTC epoch microseconds in SQL."""
-    if dialect == "postgresql":
-        # date_part is float8 (EXTRACT is numeric since PostgreSQL 14, and about 4x slower here).
-        # The float8 seconds times 10^6 stay within half a microsecond of the true value until about
-        # the year 2100, so rounding gives the exact integer.
-        return f"CAST(round(date_part('epoch', {column}) * 1000000) AS BIGINT)"
-    return column
-
-
 def _hash_sql(dialect: str) -> tuple[str, str]:
     """The two row hashes over grants aliased ``g``, in SQL."""
     m = CHECKSUM_MODULUS
+    until, since = ledger.epoch_us_sql("g.valid_until", dialect), ledger.epoch_us_sql("g.valid_from", dialect)
     h1 = (
         f"((g.user_bucket * {H1_BUCKET_FACTOR} + g.item_key * {H1_ITEM_FACTOR} + coalesce(g.amount_krw, 0) % {m} "
-        f"+ coalesce({_us_sql('g.valid_until', dialect)}, 1) % {m} + {_us_sql('g.valid_from', dialect)} % {m}) % {m})"
+        f"+ coalesce({until}, 1) % {m} + {since} % {m}) % {m})"
     )
     h2 = f"((g.user_id % {H2_USER_MODULUS}) * (g.item_key + {H2_ITEM_OFFSET}) % {m})"
     return h1, h2
@@ -477,7 +468,7 @@ def _compare_rows(
     dialect = connection.dialect.name
     entry = task.entry
     bounds = {"ck": task.campaign_key, "lo": entry.bucket_lo, "hi": entry.bucket_hi}
-    vf, vu = _us_sql("g.valid_from", dialect), _us_sql("g.valid_until", dialect)
+    vf, vu = ledger.epoch_us_sql("g.valid_from", dialect), ledger.epoch_us_sql("g.valid_until", dialect)
     ledger_schema = {
         "user_bucket": pl.Int64,
         "user_id": pl.Int64,
