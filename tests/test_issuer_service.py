@@ -47,6 +47,7 @@ CLIENT_TIMEOUT_S = 10
 SPEC_PATHS = {
     "/v1/grants/{grant_id}",
     "/v1/grants:batch",
+    "/v1/grants:revoke",
     "/v1/grants/export",
     "/v1/stats",
     "/healthz",
@@ -146,6 +147,10 @@ def batch(issuer: Issuer, payloads: list[dict[str, Any]]) -> httpx.Response:
     return issuer.client.post("/v1/grants:batch", json={"grants": payloads})
 
 
+def revoke(issuer: Issuer, grant_ids: list[str], reason: str = "voided in the ledger") -> httpx.Response:
+    return issuer.client.post("/v1/grants:revoke", json={"grant_ids": grant_ids, "reason": reason})
+
+
 def statuses(response: httpx.Response) -> list[str]:
     assert response.status_code == 200, response.text
     return [r["status"] for r in response.json()["results"]]
@@ -177,6 +182,22 @@ def test_put_answers_created_then_exists_then_conflict_and_never_overwrites(issu
     stored = issuer.exported()[original["grant_id"]]
     assert stored["payload_sha256"] == issuer_grants.payload_sha256(original)
     assert (stored["user_id"], stored["item_sku"], stored["issue_no"]) == (1, "coupon-2000", 0)
+
+
+def test_revoke_is_idempotent_leaves_the_export_and_a_revoked_id_is_never_granted_again(issuer: Issuer) -> None:
+    assert statuses(batch(issuer, [grant(1), grant(2), grant(3)])) == ["created"] * 3
+    ids = [grant(n)["grant_id"] for n in (1, 2, 3)]
+    first = revoke(issuer, [ids[0], ids[1], ids[0], f"{CAMPAIGN}:9:coupon-2000:0"])
+    assert statuses(first) == ["revoked", "revoked", "already_revoked", "not_found"]
+    assert statuses(revoke(issuer, [ids[1]])) == ["already_revoked"], "revoking again changes nothing"
+    assert set(issuer.exported()) == {ids[2]}, "a revoked grant is not held"
+    again = batch(issuer, [grant(1), grant(3)])
+    assert statuses(again) == ["conflict", "exists"]
+    assert "was revoked (voided in the ledger)" in again.json()["results"][0]["detail"]
+    assert set(issuer.exported()) == {ids[2]}, "sending it again does not grant it again"
+    for body in ({"grant_ids": [], "reason": "x"}, {"grant_ids": ids}, {"grant_ids": [1], "reason": "x"}):
+        refused = issuer.client.post("/v1/grants:revoke", json=body)
+        assert refused.status_code == 422, body
 
 
 def test_batch_outcomes_come_in_request_order_including_duplicates_inside_the_batch(issuer: Issuer) -> None:
@@ -332,7 +353,8 @@ def test_stats_count_requests_outcomes_and_stored_grants(sqlite_issuer: Issuer) 
     assert sqlite_issuer.client.get("/healthz").json() == {"status": "ok"}
     stats = sqlite_issuer.stats()
     assert stats["grants_stored"] == 3
-    assert stats["requests"] == {"put": 3, "batch": 2, "export": 1}
+    assert stats["requests"] == {"put": 3, "batch": 2, "export": 1, "revoke": 0}
+    assert stats["grants_revoked"] == 0
     assert stats["grants_received"] == 6
     assert stats["outcomes"] == {"created": 3, "exists": 2, "conflict": 1}
     assert stats["validation_errors"] == 1
@@ -369,6 +391,8 @@ def test_the_served_spec_is_the_committed_file_and_answers_match_its_schemas(sql
     check(put(sqlite_issuer, grant(1, issue_no=5)).json(), "GrantResult")
     check(batch(sqlite_issuer, [grant(1), grant(2)]).json(), "BatchResponse")
     check(batch(sqlite_issuer, [grant(3, user_id="x")]).json(), "ValidationError")
+    check({"grant_ids": [grant(1)["grant_id"]], "reason": "voided"}, "RevokeRequest")
+    check(revoke(sqlite_issuer, [grant(1)["grant_id"], "nope"]).json(), "RevokeResponse")
     for row in sqlite_issuer.exported().values():
         check(row, "ExportedGrant")
     check(sqlite_issuer.stats(), "Stats")

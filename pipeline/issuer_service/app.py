@@ -45,7 +45,7 @@ from pipeline.issuer_service.grants import (
     parse_batch,
     parse_single,
 )
-from pipeline.issuer_service.store import EXPORT_CHUNK_ROWS, ExportedGrant, IssuerStore, Outcome
+from pipeline.issuer_service.store import BATCH_GRANTS_MAX, EXPORT_CHUNK_ROWS, ExportedGrant, IssuerStore, Outcome
 
 SPEC_PATH = Path(__file__).resolve().parent.parent.parent / "schemas" / "issuer_service.openapi.json"
 DROP_EXTENSION = "entitle.drop_connection"
@@ -94,7 +94,7 @@ class Stats:
     """Counters since the service started (the store's grant count is read on demand)."""
 
     def __init__(self) -> None:
-        self.requests = {"put": 0, "batch": 0, "export": 0}
+        self.requests = {"put": 0, "batch": 0, "export": 0, "revoke": 0}
         self.grants_received = 0
         self.outcomes = {"created": 0, "exists": 0, "conflict": 0}
         self.validation_errors = 0
@@ -185,6 +185,31 @@ class IssuerService:
                 _STATUS_CODE[outcome.status],
             )
         return _json({"results": [{"grant_id": o.grant_id, "status": o.status, "detail": o.detail} for o in outcomes]})
+
+    async def post_revoke(self, request: Request) -> Response:
+        """POST /v1/grants:revoke: revoke 1..1000 grants in one transaction; per-id status in request order."""
+        self.stats.requests["revoke"] += 1
+        try:
+            body = await _read_body(request, BATCH_BODY_BYTES_MAX)
+        except _BodyTooLarge as exc:
+            return _json({"error": f"{exc}; send at most 1,000 grant ids", "index": None, "field": None}, 413)
+        decision = self.faults.decide(time.monotonic())
+        refusal = await self._before_commit(request, decision)
+        if refusal is not None:
+            return refusal
+        try:
+            grant_ids, reason = _parse_revoke(body)
+        except ValueError as exc:
+            self.stats.validation_errors += 1
+            return _json({"error": str(exc), "index": None, "field": "grant_ids"}, 422)
+        try:
+            results = await anyio.to_thread.run_sync(self.store.revoke, grant_ids, reason, dt.datetime.now(dt.UTC))
+        except SQLAlchemyError as exc:
+            self.stats.store_errors += 1
+            log.exception("the store failed on %s %s", request.method, request.url.path)
+            return _json({"error": f"the store failed ({type(exc).__name__}); retry: revoking is idempotent"}, 503)
+        await self._after_commit(request, decision)
+        return _json({"results": [{"grant_id": gid, "status": status} for gid, status in results]})
 
     async def _before_commit(self, request: Request, decision: FaultDecision) -> Response | None:
         kind = decision.before_commit
@@ -296,6 +321,7 @@ class IssuerService:
         return _json(
             {
                 "grants_stored": stored,
+                "grants_revoked": await anyio.to_thread.run_sync(self.store.count_revoked),
                 "requests": dict(s.requests),
                 "grants_received": s.grants_received,
                 "outcomes": dict(s.outcomes),
@@ -347,6 +373,27 @@ def _export_row(row: ExportedGrant) -> dict[str, Any]:
     }
 
 
+REVOKE_REASON_CHARS_MAX = 1_000
+
+
+def _parse_revoke(body: bytes) -> tuple[list[str], str]:
+    """``{"grant_ids": [...], "reason": "..."}``; ValueError saying what is wrong."""
+    try:
+        document = json.loads(body)
+    except ValueError as exc:
+        raise ValueError(f"the body is not JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise ValueError('the body must be an object {"grant_ids": [...], "reason": "..."}')
+    ids, reason = document.get("grant_ids"), document.get("reason")
+    if not isinstance(ids, list) or not 0 < len(ids) <= BATCH_GRANTS_MAX:
+        raise ValueError(f"grant_ids must be a list of 1..{BATCH_GRANTS_MAX} grant ids")
+    if not all(isinstance(i, str) and 0 < len(i) <= ID_CHARS_MAX for i in ids):
+        raise ValueError(f"every grant id must be a string of 1..{ID_CHARS_MAX} characters")
+    if not isinstance(reason, str) or not 0 < len(reason) <= REVOKE_REASON_CHARS_MAX:
+        raise ValueError(f"reason must be a string of 1..{REVOKE_REASON_CHARS_MAX} characters (it is recorded)")
+    return ids, reason
+
+
 def create_app(store: IssuerStore, faults: FaultInjector | None = None, spec_path: Path = SPEC_PATH) -> Starlette:
     """The ASGI app over ``store``; ``faults`` defaults to none injected."""
     service = IssuerService(store, faults or FaultInjector(), spec_path.read_bytes())
@@ -354,6 +401,7 @@ def create_app(store: IssuerStore, faults: FaultInjector | None = None, spec_pat
         ("/healthz", service.healthz, ["GET"]),
         ("/openapi.json", service.openapi, ["GET"]),
         ("/v1/grants:batch", service.post_batch, ["POST"]),
+        ("/v1/grants:revoke", service.post_revoke, ["POST"]),
         ("/v1/grants/export", service.export, ["GET"]),
         ("/v1/grants/{grant_id:path}", service.put_grant, ["PUT"]),
         ("/v1/stats", service.stats_endpoint, ["GET"]),

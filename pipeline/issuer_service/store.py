@@ -52,6 +52,17 @@ issued_grants = sa.Table(
     sa.Index("ix_issued_grants_campaign_grant", "campaign_id", "grant_id"),
 )
 
+# Revocations (POST /v1/grants:revoke): a revoked grant stays in issued_grants (its id stays taken: it is
+# never granted again) and leaves the export.
+revoked_grants = sa.Table(
+    "revoked_grants",
+    metadata,
+    sa.Column("grant_id", sa.String(ID_CHARS_MAX), primary_key=True),
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+)
+REVOKE_STATUSES = ("revoked", "already_revoked", "not_found")
+
 _COLUMNS = "grant_id, campaign_id, user_id, item_sku, issue_no, payload_sha256, payload, created_at"
 _PG_INSERT = (
     f"INSERT INTO issued_grants ({_COLUMNS}) "
@@ -166,6 +177,7 @@ class IssuerStore:
                 len(stored_hash) == len(unique),
                 f"{len(unique) - len(stored_hash)} grant ids neither inserted nor found in issued_grants",
             )
+            revoked = self._revoked(connection, earlier) if earlier else {}
             conflicting = sorted({g.grant_id for g in grants if stored_hash[g.grant_id] != g.payload_sha256})
             earlier_set = set(earlier)
             stored_payload = {gid: first_of[gid].payload for gid in conflicting if gid not in earlier_set}
@@ -175,7 +187,11 @@ class IssuerStore:
         outcomes: list[Outcome] = []
         for grant in grants:
             gid = grant.grant_id
-            if gid in inserted and first_of[gid] is grant:
+            if gid in revoked:
+                outcomes.append(
+                    Outcome(gid, "conflict", f"grant {gid!r} was revoked ({revoked[gid]}); not granted again")
+                )
+            elif gid in inserted and first_of[gid] is grant:
                 outcomes.append(Outcome(gid, "created"))
             elif stored_hash[gid] == grant.payload_sha256:
                 outcomes.append(Outcome(gid, "exists"))
@@ -224,6 +240,48 @@ class IssuerStore:
             result = connection.exec_driver_sql(sql, (list(grant_ids),))
         return {row[0]: row[1] for row in result}
 
+    def _revoked(self, connection: Connection, grant_ids: Sequence[str]) -> dict[str, str]:
+        """Of ``grant_ids``, the revoked ones and their reasons."""
+        t = revoked_grants.c
+        rows = connection.execute(sa.select(t.grant_id, t.reason).where(t.grant_id.in_(list(grant_ids)))).all()
+        return {str(r.grant_id): str(r.reason) for r in rows}
+
+    # ------------------------------------------------------------------ revoking
+
+    def revoke(self, grant_ids: Sequence[str], reason: str, revoked_at: dt.datetime) -> list[tuple[str, str]]:
+        """Revoke grants in one transaction: per id, in order, ``revoked``, ``already_revoked`` or ``not_found``."""
+        invariant(0 < len(grant_ids) <= BATCH_GRANTS_MAX, f"a store call takes 1..{BATCH_GRANTS_MAX} grant ids")
+        unique = sorted(set(grant_ids))
+        with self._writer, self.engine.begin() as connection:
+            issued = set(
+                connection.execute(
+                    sa.select(issued_grants.c.grant_id).where(issued_grants.c.grant_id.in_(unique))
+                ).scalars()
+            )
+            before = set(self._revoked(connection, unique))
+            new = [gid for gid in unique if gid in issued and gid not in before]
+            if new:
+                connection.execute(
+                    revoked_grants.insert(), [{"grant_id": g, "revoked_at": revoked_at, "reason": reason} for g in new]
+                )
+        answered: dict[str, str] = {}
+        results = []
+        for gid in grant_ids:
+            if gid not in issued:
+                status = "not_found"
+            elif gid in before or gid in answered:
+                status = "already_revoked"
+            else:
+                status = "revoked"
+            answered.setdefault(gid, status)
+            results.append((gid, status))
+        return results
+
+    def count_revoked(self) -> int:
+        """How many grants the store has revoked."""
+        with self.engine.connect() as connection:
+            return int(connection.execute(sa.select(sa.func.count()).select_from(revoked_grants)).scalar_one())
+
     # ------------------------------------------------------------------ reading
 
     def count_grants(self) -> int:
@@ -238,7 +296,10 @@ class IssuerStore:
         t = issued_grants.c
         query = (
             sa.select(t.grant_id, t.campaign_id, t.user_id, t.item_sku, t.issue_no, t.payload_sha256, t.created_at)
-            .where(t.campaign_id == campaign_id)
+            .where(
+                t.campaign_id == campaign_id,
+                ~sa.exists().where(revoked_grants.c.grant_id == t.grant_id),  # a revoked grant is not held
+            )
             .order_by(t.grant_id)
             .limit(rows_max)
         )
