@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pipeline.issuer_service.faults import FaultDecision, FaultInjector, FaultKind, FaultSettingsError
 from pipeline.issuer_service.grants import (
     BATCH_BODY_BYTES_MAX,
+    BATCH_GRANTS_MAX,
     ID_CHARS_MAX,
     BatchTooLargeError,
     Grant,
@@ -45,7 +46,7 @@ from pipeline.issuer_service.grants import (
     parse_batch,
     parse_single,
 )
-from pipeline.issuer_service.store import BATCH_GRANTS_MAX, EXPORT_CHUNK_ROWS, ExportedGrant, IssuerStore, Outcome
+from pipeline.issuer_service.store import EXPORT_CHUNK_ROWS, ExportedGrant, IssuerStore, Outcome
 
 SPEC_PATH = Path(__file__).resolve().parent.parent.parent / "schemas" / "issuer_service.openapi.json"
 DROP_EXTENSION = "entitle.drop_connection"
