@@ -397,7 +397,10 @@ def cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
     }
     unfinished = [r for r in reports if r.status != "done"]
     conflicts = sum(r.conflict for r in reports)
-    t = {c: sum(getattr(r, c) for r in reports) for c in ("planned", *delivery.OUTCOME_COUNTS, "sent")}
+    t = {
+        c: sum(getattr(r, c) for r in reports)
+        for c in ("planned", *delivery.OUTCOME_COUNTS, "sent", "revoked", "revoke_failed")
+    }
     document = {
         "snapshot_id": context.snapshot_id,
         "ledger": settings.describe_ledger(),
@@ -412,6 +415,11 @@ def cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
         f"deliveries done; planned {t['planned']:,} = created {t['created']:,} + exists {t['exists']:,} + conflict "
         f"{t['conflict']:,} + failed {t['failed']:,} + not attempted {t['not_attempted']:,}; sent {t['sent']:,} now",
     ]
+    if t["revoked"] or t["revoke_failed"]:
+        lines.append(
+            f"  voided grants revoked at the issuers: {t['revoked']:,}; revocations failed: {t['revoke_failed']:,}"
+            + (" (rerun `entitle deliver`)" if t["revoke_failed"] else "")
+        )
     for name, budget in budgets.items():
         rate = budget["requests_per_s"]
         lines.append(

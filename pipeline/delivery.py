@@ -23,13 +23,14 @@ flight) and one circuit breaker, shared by every partition the process delivers.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import random
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -187,8 +188,16 @@ class BatchResult:
     circuit_open: bool = False
 
 
-def send_batch(runtime: IssuerRuntime, batch: Sequence[GrantPayload]) -> BatchResult:
-    """Send one batch with retries: the same keys every time; backoff with full jitter; Retry-After honoured."""
+def send_batch(
+    runtime: IssuerRuntime,
+    batch: Sequence[GrantPayload],
+    call: Callable[[], list[Answer]] | None = None,
+) -> BatchResult:
+    """Send one batch with retries: the same keys every time; backoff with full jitter; Retry-After honoured.
+
+    ``call`` replaces ``runtime.issuer.deliver(batch)`` (revocations go through the same retries,
+    budget and breaker).
+    """
     spec = runtime.spec
     error = "not sent"
     for attempt in range(1, spec.max_attempts + 1):
@@ -199,7 +208,7 @@ def send_batch(runtime: IssuerRuntime, batch: Sequence[GrantPayload]) -> BatchRe
         runtime.budget.acquire()
         try:
             with runtime.budget.in_flight:
-                answers = runtime.issuer.deliver(batch)
+                answers = runtime.issuer.deliver(batch) if call is None else call()
         except IssuerUnavailable as exc:
             error = str(exc)
             if exc.throttled:
@@ -255,6 +264,10 @@ class DeliveryReport:
     sent: int  # grants sent by this run (each counted once, however many attempts)
     duration_s: float
     error: str | None = None
+    # Grants voided in the ledger after the issuer answered created/exists: revoked there by this run,
+    # and those whose revocation failed (rerun).
+    revoked: int = 0
+    revoke_failed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for JSON and XCom."""
@@ -320,15 +333,12 @@ def deliver_partition(
                 stop_error = result.error
     pending.close()
     counts = count_outcomes(context, entry, list(item_keys))
-    planned = entry.rows * len(items)
-    live = sum(counts.values())
-    # Grants the ledger does not hold yet (the partition is not granted) cannot be delivered yet.
-    counts["not_attempted"] += max(planned - live, 0)
-    planned = max(planned, live)
-    invariant(
-        sum(counts[c] for c in OUTCOME_COUNTS) == planned,
-        f"delivery counts {counts} of part-{entry.partition_id:04d} do not add up to {planned} planned",
-    )
+    # The plan is the live grants plus the (user, item) pairs the ledger does not hold yet (the
+    # partition is not granted): those cannot be delivered yet. A pair voided on purpose and not
+    # reissued is not planned (its grant is revoked instead, see revoke_voided).
+    not_granted = max(entry.rows * len(items) - _granted_pairs(context, entry, list(item_keys)), 0)
+    counts["not_attempted"] += not_granted
+    planned = sum(counts.values())
     left = counts["failed"] + counts["not_attempted"]
     error = stop_error if left else None
     if left and error is None:
@@ -443,6 +453,21 @@ def count_outcomes(context: DeliveryContext, entry: PartitionEntry, item_keys: S
         ):
             counts[str(outcome)] += int(n)
     return counts
+
+
+def _granted_pairs(context: DeliveryContext, entry: PartitionEntry, item_keys: Sequence[int]) -> int:
+    """(user, item) pairs of the partition with any grant row, live or voided (one range scan in key order)."""
+    statement = sa.text(
+        "SELECT count(*) FROM (SELECT 1 FROM grants AS g WHERE g.campaign_key = :c AND g.user_bucket BETWEEN :lo "
+        "AND :hi AND g.item_key IN :item_keys GROUP BY g.user_bucket, g.user_id, g.item_key) AS pairs"
+    ).bindparams(sa.bindparam("item_keys", expanding=True))
+    with context.engine.connect() as connection:
+        return int(
+            connection.execute(
+                statement,
+                {"c": context.keys.campaign_key, "lo": entry.bucket_lo, "hi": entry.bucket_hi, "item_keys": item_keys},
+            ).scalar_one()
+        )
 
 
 # SQLite takes a whole batch's answers as one JSON parameter (json_each): one statement instead
@@ -637,10 +662,109 @@ def deliver(
     for entry in entries:
         for runtime in runtimes.values():
             report = deliver_partition(context, runtime, entry, on_batch)
+            report = revoke_voided(context, runtime, entry, report)
             reports.append(report)
             if on_report is not None:
                 on_report(report)
     return reports
+
+
+# --------------------------------------------------------------------------- revocations
+
+_REVOCABLE = (
+    "SELECT g.user_bucket, g.user_id, g.item_key, g.issue_no FROM grants AS g "
+    "JOIN grant_voids AS v ON v.campaign_key = g.campaign_key AND v.user_bucket = g.user_bucket "
+    "AND v.user_id = g.user_id AND v.item_key = g.item_key AND v.issue_no = g.issue_no "
+    "LEFT JOIN delivery_answers AS a ON a.campaign_key = g.campaign_key AND a.user_bucket = g.user_bucket "
+    "AND a.user_id = g.user_id AND a.item_key = g.item_key AND a.issue_no = g.issue_no "
+    "LEFT JOIN delivery_revocations AS r ON r.campaign_key = g.campaign_key AND r.user_bucket = g.user_bucket "
+    "AND r.user_id = g.user_id AND r.item_key = g.item_key AND r.issue_no = g.issue_no "
+    "WHERE g.campaign_key = :c AND g.user_bucket BETWEEN :lo AND :hi AND g.item_key IN :item_keys "
+    "AND (a.outcome IS NULL OR a.outcome <> 'conflict') AND (r.outcome IS NULL OR r.outcome = 'failed') "
+    "ORDER BY g.user_bucket, g.user_id, g.item_key, g.issue_no"
+)
+
+
+def revoke_voided(
+    context: DeliveryContext, runtime: IssuerRuntime, entry: PartitionEntry, report: DeliveryReport
+) -> DeliveryReport:
+    """Revoke at the issuer the partition's voided grants of its items; record each outcome.
+
+    Every voided grant is revoked once, whatever delivery knew of it: a grant whose delivery
+    "failed" may have been committed before its answer was lost (the issuer answers
+    ``not_found`` for one it never got). A grant the issuer answered ``conflict`` for is never
+    revoked: the grant it holds under that id is not ours. Revocation is idempotent at the
+    issuer, so a rerun after a lost answer is safe.
+    """
+    spec = runtime.spec
+    skus = {context.keys.item_keys[i.sku]: i.sku for i in context.campaign.items_of(spec.name)}
+    statement = sa.text(_REVOCABLE).bindparams(sa.bindparam("item_keys", expanding=True))
+    with context.engine.connect() as connection:
+        keys = [
+            _Key(int(r[0]), int(r[1]), int(r[2]), int(r[3]))
+            for r in connection.execute(
+                statement,
+                {"c": context.keys.campaign_key, "lo": entry.bucket_lo, "hi": entry.bucket_hi, "item_keys": list(skus)},
+            )
+        ]
+    if not keys:
+        return report
+    revoked = failed = 0
+    error: str | None = None
+    campaign_id = context.campaign.campaign_id
+    reason = f"voided in the ledger of campaign {campaign_id}"
+    for start in range(0, len(keys), spec.batch_size):
+        batch = keys[start : start + spec.batch_size]
+        ids = [grant_id(campaign_id, k.user_id, skus[k.item_key], k.issue_no) for k in batch]
+        result = send_batch(runtime, [], functools.partial(runtime.issuer.revoke, ids, reason))
+        _record_revocations(context, spec.name, batch, result)
+        if result.answers is None:
+            failed += len(batch)
+            error = error or f"revocation: {result.error}"
+        else:
+            revoked += sum(1 for a in result.answers if a.status in ("revoked", "already_revoked"))
+        if result.circuit_open:
+            failed += len(keys) - start - len(batch)
+            break
+    if not failed:
+        return replace(report, revoked=revoked)
+    return replace(report, status="failed", revoked=revoked, revoke_failed=failed, error=report.error or error)
+
+
+def _record_revocations(context: DeliveryContext, issuer: str, keys: list[_Key], result: BatchResult) -> None:
+    """One row per grant: the issuer's answer, or failed with the error (a final answer is never replaced)."""
+    now = context.clock()
+    answers = result.answers
+    rows = [
+        {
+            "campaign_key": context.keys.campaign_key,
+            "user_bucket": k.user_bucket,
+            "user_id": k.user_id,
+            "item_key": k.item_key,
+            "issue_no": k.issue_no,
+            "issuer": issuer,
+            "outcome": "failed" if answers is None else answers[i].status,
+            "detail": (result.error if answers is None else answers[i].detail),
+            "attempts": result.attempts,
+            "answered_at": now,
+        }
+        for i, k in enumerate(keys)
+    ]
+    table = ledger.delivery_revocations
+    key_columns = ("campaign_key", "user_bucket", "user_id", "item_key", "issue_no")
+    with _delivery_transaction(context.engine) as connection:
+        for row in rows:
+            updated = connection.execute(
+                table.update()
+                .where(*(table.c[c] == row[c] for c in key_columns), table.c.outcome == "failed")
+                .values(**{c: v for c, v in row.items() if c not in key_columns})
+            ).rowcount
+            if not updated:
+                exists = connection.execute(
+                    sa.select(table.c.outcome).where(*(table.c[c] == row[c] for c in key_columns))
+                ).first()
+                if exists is None:
+                    connection.execute(table.insert().values(**row))
 
 
 def partition_states(engine: Engine, campaign_key: int) -> dict[tuple[str, int], dict[str, Any]]:
@@ -675,7 +799,9 @@ def require_delivered(reports: Sequence[DeliveryReport]) -> None:
     failed = [r for r in reports if r.status != "done"]
     if failed:
         listed = "; ".join(
-            f"part-{r.partition_id:04d} → {r.issuer}: {r.failed + r.not_attempted:,} left ({r.error})"
+            f"part-{r.partition_id:04d} → {r.issuer}: {r.failed + r.not_attempted:,} left"
+            + (f", {r.revoke_failed:,} revocation(s) failed" if r.revoke_failed else "")
+            + f" ({r.error})"
             for r in failed[:10]
         )
         raise DeliveryFailedError(

@@ -9,10 +9,10 @@ issuer delivers, on the grant id (``{campaign}:{user}:{sku}:{issue_no}``):
   as far as the ledger knows (never delivered, the last attempt failed, or the
   issuer once answered ``created``/``exists`` and has lost it since);
   ``entitle repair`` delivers these again.
-- ``issuer_unexpected``: at the issuer, not live in the ledger (voided in the
-  ledger but not revoked at the issuer, an item this issuer does not deliver,
-  or a grant the ledger never made). A person decides; nothing is revoked
-  automatically.
+- ``issuer_unexpected``: at the issuer, not live in the ledger: voided in the
+  ledger but not revoked yet (``entitle deliver`` revokes voided grants), an
+  item this issuer does not deliver, or a grant the ledger never made (a person
+  decides; the pipeline revokes only what it voided).
 
 Per issuer: ledger_live = matched + issuer_missing and issuer_held = matched +
 issuer_unexpected, where issuer_held counts the distinct grant ids exported. An
@@ -261,10 +261,13 @@ def _unexpected_rows(
 def _unexpected_detail(
     issuer: str, campaign_id: str, grant_id: str, sku: str, void_actor: str | None, delivered: set[str]
 ) -> str:
-    decide = "revoke it at the issuer if it should not exist (nothing is revoked automatically)"
     if void_actor is not None:
-        why = f"voided in the ledger by {void_actor}, still held by issuer {issuer!r}"
-    elif sku not in delivered:
+        return (
+            f"{grant_id}: voided in the ledger by {void_actor}, still held by issuer {issuer!r}; `entitle deliver` "
+            "revokes it (see delivery_revocations if it did and failed)"
+        )
+    decide = "revoke it at the issuer if it should not exist (the pipeline revokes only what it voided)"
+    if sku not in delivered:
         why = f"{sku!r} is not an item of campaign {campaign_id!r} delivered by issuer {issuer!r}"
     else:
         why = f"issuer {issuer!r} holds it, the ledger never granted it"

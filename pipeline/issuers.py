@@ -30,6 +30,7 @@ from pipeline.campaign import LEDGER_ISSUER, IssuerSpec
 from pipeline.errors import CampaignError
 
 ANSWER_STATUSES = ("created", "exists", "conflict")
+REVOKE_STATUSES = ("revoked", "already_revoked", "not_found")
 EXPORT_PARSE_BYTES = 32 * 1024 * 1024  # JSON lines parsed per Polars call while an export streams
 EXPORT_COLUMNS: dict[str, Any] = {
     "grant_id": pl.String,
@@ -114,6 +115,10 @@ class Issuer(Protocol):
         """
         ...
 
+    def revoke(self, grant_ids: Sequence[str], reason: str) -> list[Answer]:
+        """Revoke grants (idempotent); one answer per id, in order: revoked, already_revoked or not_found."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...
@@ -131,6 +136,10 @@ class LedgerIssuer:
     def export(self, campaign_id: str) -> Iterator[dict[str, Any]]:
         """The ledger itself is the export; query it (``entitle query``)."""
         return iter(())
+
+    def revoke(self, grant_ids: Sequence[str], reason: str) -> list[Answer]:
+        """The void in the ledger is the revocation."""
+        return [Answer(g, "revoked", "the ledger is the issuer") for g in grant_ids]
 
     def close(self) -> None:
         """Nothing to release."""
@@ -151,9 +160,18 @@ class HttpIssuer:
 
     def deliver(self, batch: Sequence[GrantPayload]) -> list[Answer]:
         """Send one batch; raise :class:`IssuerUnavailable` or :class:`IssuerRejected` when it has no answers."""
-        body = _encoder.encode({"grants": batch})  # msgspec writes the dataclasses' fields in order
+        response = self._post("/v1/grants:batch", _encoder.encode({"grants": batch}))  # dataclass fields in order
+        return _answers(self.url, [g.grant_id for g in batch], response, ANSWER_STATUSES)
+
+    def revoke(self, grant_ids: Sequence[str], reason: str) -> list[Answer]:
+        """``POST /v1/grants:revoke``; the same failures as :meth:`deliver`."""
+        response = self._post("/v1/grants:revoke", _encoder.encode({"grant_ids": list(grant_ids), "reason": reason}))
+        return _answers(self.url, list(grant_ids), response, REVOKE_STATUSES)
+
+    def _post(self, path: str, body: bytes) -> httpx.Response:
+        """POST a JSON body; the 200 answer, else :class:`IssuerUnavailable` (retry) or :class:`IssuerRejected`."""
         try:
-            response = self._client.post("/v1/grants:batch", content=body, headers={"content-type": "application/json"})
+            response = self._client.post(path, content=body, headers={"content-type": "application/json"})
         except httpx.TimeoutException as exc:
             raise IssuerUnavailable(f"{self.url}: no answer in time ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
@@ -165,7 +183,7 @@ class HttpIssuer:
             raise IssuerUnavailable(f"{self.url}: {code} {response.text[:ERROR_BODY_CHARS_MAX]}")
         if code != 200:
             raise IssuerRejected(f"{self.url}: {code} {response.text[:ERROR_BODY_CHARS_MAX]}")
-        return _answers(self.url, batch, response)
+        return response
 
     def export(self, campaign_id: str) -> Iterator[dict[str, Any]]:
         """Stream the issuer's JSON-lines export of the campaign (:class:`IssuerUnavailable` if unreachable)."""
@@ -230,14 +248,14 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None  # an HTTP date; the backoff applies instead
 
 
-def _answers(url: str, batch: Sequence[GrantPayload], response: httpx.Response) -> list[Answer]:
+def _answers(url: str, grant_ids: Sequence[str], response: httpx.Response, statuses: Sequence[str]) -> list[Answer]:
     try:
         answers = _results_decoder.decode(response.content).results
     except (msgspec.DecodeError, ValueError) as exc:
         raise IssuerRejected(f"{url}: an answer we cannot read ({exc})") from exc
-    if [a.grant_id for a in answers] != [g.grant_id for g in batch]:
+    if [a.grant_id for a in answers] != list(grant_ids):
         raise IssuerRejected(f"{url}: the answer's grant ids are not those of the batch, in order")
-    unknown = {a.status for a in answers} - set(ANSWER_STATUSES)
+    unknown = {a.status for a in answers} - set(statuses)
     if unknown:
         raise IssuerRejected(f"{url}: unknown answer status(es) {sorted(unknown)}")
     return answers

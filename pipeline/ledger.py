@@ -31,8 +31,8 @@ from pipeline.partitioning import BUCKET_MODULUS, BUCKET_MULTIPLIER
 
 # 2: issue_no, reconciliation tables; 3: grants partitioned (PostgreSQL); 4: delivery tables;
 # 5: three-way reconciliation; 6: first-come-first-served pass tables; 7: merchant cash claims, cases,
-# decisions and intake files. pipeline/migrations
-SCHEMA_VERSION = 7
+# decisions and intake files; 8: revocations at the issuers. pipeline/migrations
+SCHEMA_VERSION = 8
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The views of sql/<dialect>/views.sql; migrations drop them and create_schema re-applies the file.
 LEDGER_VIEWS = (
@@ -512,6 +512,28 @@ delivery_answers = sa.Table(
     sa.Column("answered_at", Instant, nullable=False),
     sa.CheckConstraint(
         "outcome IN (" + ", ".join(f"'{o}'" for o in DELIVERY_OUTCOMES) + ")", name="ck_delivery_outcome"
+    ),
+    sqlite_with_rowid=False,
+)
+
+# Revocations at the issuer (schema version 8): a grant voided in the ledger after its issuer
+# answered created/exists is revoked there by `entitle deliver`; one row per such grant.
+REVOCATION_OUTCOMES = ("revoked", "already_revoked", "not_found", "failed")
+delivery_revocations = sa.Table(
+    "delivery_revocations",
+    metadata,
+    sa.Column("campaign_key", sa.Integer, primary_key=True),
+    sa.Column("user_bucket", sa.BigInteger, primary_key=True),
+    sa.Column("user_id", sa.BigInteger, primary_key=True),
+    sa.Column("item_key", sa.Integer, primary_key=True),
+    sa.Column("issue_no", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("issuer", sa.String(63), nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("answered_at", Instant, nullable=False),
+    sa.CheckConstraint(
+        "outcome IN (" + ", ".join(f"'{o}'" for o in REVOCATION_OUTCOMES) + ")", name="ck_delivery_revocation_outcome"
     ),
     sqlite_with_rowid=False,
 )

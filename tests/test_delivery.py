@@ -151,6 +151,9 @@ class Service:
         assert response.status_code == 200
         return [json.loads(line) for line in response.text.splitlines() if line]
 
+    def export_ids(self) -> list[str]:
+        return [row["grant_id"] for row in self.export()]
+
     def stats(self) -> dict[str, Any]:
         document: dict[str, Any] = httpx.get(self.url + "/v1/stats").json()
         return document
@@ -648,7 +651,9 @@ def test_three_way_reconcile_finds_what_the_issuer_lost_or_holds_extra_and_repai
     assert all("answered created but does not hold it now" in b["detail"] for b in found["issuer_missing"])
     assert all(b["issuer"] == "shop" for rows in found.values() for b in rows)
     details = {b["user_id"]: b["detail"] for b in found["issuer_unexpected"]}
-    assert "voided in the ledger by ops-kim" in details[USERS[30]]
+    assert (
+        "voided in the ledger by ops-kim" in details[USERS[30]] and "`entitle deliver` revokes it" in details[USERS[30]]
+    )
     assert "the ledger never granted it" in details[999_999]
     exported = pl.read_parquet(result.breaks_file)
     assert (
@@ -661,11 +666,13 @@ def test_three_way_reconcile_finds_what_the_issuer_lost_or_holds_extra_and_repai
     assert done.needs_decision == {"issuer_unexpected": 2}
     assert done.issuer_delivery is not None and done.issuer_delivery["failed"] == 0
     held = {row["grant_id"] for row in service.export()}
-    assert set(lost) <= held and voided in held and stranger in held, "nothing is revoked automatically"
+    assert set(lost) <= held, "the lost grants are delivered again"
+    assert voided not in held, "the delivery run by repair revoked the voided grant"
+    assert stranger in held, "a grant the ledger never made is left to a person"
 
     after = reconciliation.reconcile(pipeline)
-    assert after.verdict == "BREAKS" and after.open_breaks == 2 and after.resolved_breaks == 5
-    assert after.breaks_by_class["issuer_missing"] == 0 and after.breaks_by_class["issuer_unexpected"] == 2
+    assert after.verdict == "BREAKS" and after.open_breaks == 1 and after.resolved_breaks == 6
+    assert after.breaks_by_class["issuer_missing"] == 0 and after.breaks_by_class["issuer_unexpected"] == 1
     assert corrections.repair(pipeline, "ops-kim").issuer_redriven == 0, "a second repair re-drives nothing"
 
     service.stop()
@@ -673,3 +680,40 @@ def test_three_way_reconcile_finds_what_the_issuer_lost_or_holds_extra_and_repai
     assert down.verdict == "INCOMPLETE"
     assert "the export of issuer 'shop' cannot be read" in down.explanation
     assert set(open_issuer_breaks(pipeline)) == {"issuer_unexpected"}, "an unread export resolves nothing"
+
+
+def test_a_grant_voided_after_delivery_is_revoked_at_the_issuer_once_and_three_way_reconciles(
+    tmp_path: Path, service: Service, granted: Callable[..., Any]
+) -> None:
+    settings = delivery_settings(tmp_path, None, write_campaign(tmp_path / "c.toml"), service.url)
+    pipeline, _run = granted(settings)
+    reports, _ = run_delivery(pipeline)
+    assert all(r.status == "done" for r in reports)
+    victims = USERS[40:43]
+    requests = [corrections.VoidRequest("granted by mistake", user_id=u, item_sku="coupon-3000") for u in victims]
+    corrections.void_grants(pipeline, requests, "ops-kim", settings.clock())
+    revoked_ids = {delivery.grant_id(CAMPAIGN, u, "coupon-3000", 0) for u in victims}
+    before = reconciliation.reconcile(pipeline)
+    assert before.verdict == "BREAKS" and before.breaks_by_class["issuer_unexpected"] == 3
+
+    service.stop()  # the issuer is down: the revocations fail, the run says so, nothing is lost
+    down, _ = run_delivery(pipeline)
+    assert sum(r.revoke_failed for r in down) == 3 and any(r.status == "failed" for r in down), down
+    assert any("revocation" in (r.error or "") for r in down), down
+    service.start()
+    service.faults(error_rate=0.3, seed=5)  # and flaky: the same revocations are retried
+    reports, _ = run_delivery(pipeline)
+    assert sum(r.revoked for r in reports) == 3 and sum(r.revoke_failed for r in reports) == 0
+    assert all(r.status == "done" for r in reports), reports
+    assert not revoked_ids & set(service.export_ids()), "revoked grants are not held any more"
+    assert service.stats()["grants_revoked"] == 3
+    with pipeline.engine.connect() as connection:
+        outcomes = connection.execute(sa.select(ledger.delivery_revocations.c.outcome)).scalars().all()
+    assert sorted(outcomes) == ["revoked"] * 3
+
+    service.faults(error_rate=0)
+    again, _ = run_delivery(pipeline)
+    assert sum(r.revoked for r in again) == 0, "a revoked grant is not revoked again"
+    after = reconciliation.reconcile(pipeline)
+    assert after.verdict == "RECONCILED", after.explanation
+    assert after.bridge["voided"] == 3

@@ -43,9 +43,9 @@ GRANT SELECT ON grant_ledger, grant_history, campaign_coverage, reconciliation_r
 -- end
 -- Delivery to issuers: the writer records the outbox, the answers and the reports (repair resets
 -- an issuer_missing grant's answer); analysts read them (query delivery_conflicts).
-GRANT INSERT, UPDATE ON delivery_batches, delivery_answers, delivery_partitions TO entitle_writer
+GRANT INSERT, UPDATE ON delivery_batches, delivery_answers, delivery_partitions, delivery_revocations TO entitle_writer
 -- end
-GRANT SELECT ON delivery_batches, delivery_answers, delivery_partitions TO entitle_analyst
+GRANT SELECT ON delivery_batches, delivery_answers, delivery_partitions, delivery_revocations TO entitle_analyst
 -- end
 -- First-come-first-served pass: the writer takes application batches in and allocates; analysts read
 -- the stock and the outcomes (queries pass_stock, pass_outcomes).
