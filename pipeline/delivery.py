@@ -661,8 +661,10 @@ def deliver(
     reports = []
     for entry in entries:
         for runtime in runtimes.values():
-            report = deliver_partition(context, runtime, entry, on_batch)
-            report = revoke_voided(context, runtime, entry, report)
+            delivered = deliver_partition(context, runtime, entry, on_batch)
+            report = revoke_voided(context, runtime, entry, delivered)
+            if report.status != delivered.status:
+                _record_partition_end(context, report)  # failed revocations: `deliver --only-failed` picks it up
             reports.append(report)
             if on_report is not None:
                 on_report(report)

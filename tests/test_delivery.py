@@ -700,9 +700,13 @@ def test_a_grant_voided_after_delivery_is_revoked_at_the_issuer_once_and_three_w
     down, _ = run_delivery(pipeline)
     assert sum(r.revoke_failed for r in down) == 3 and any(r.status == "failed" for r in down), down
     assert any("revocation" in (r.error or "") for r in down), down
+    states = delivery.partition_states(pipeline.engine, pipeline.keys.campaign_key)
+    assert {p for (_issuer, p), s in states.items() if s["status"] == "failed"} == {
+        r.partition_id for r in down if r.revoke_failed
+    }, "a failed revocation marks its partition failed, for `deliver --only-failed`"
     service.start()
     service.faults(error_rate=0.3, seed=5)  # and flaky: the same revocations are retried
-    reports, _ = run_delivery(pipeline)
+    reports, _ = run_delivery(pipeline, only_failed=True)
     assert sum(r.revoked for r in reports) == 3 and sum(r.revoke_failed for r in reports) == 0
     assert all(r.status == "done" for r in reports), reports
     assert not revoked_ids & set(service.export_ids()), "revoked grants are not held any more"
