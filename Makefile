@@ -49,6 +49,7 @@ demo: airflow-db
 		'{"snapshot_uri": "$(ENTITLE_HOME)/incoming/users.parquet"}' > $(AIRFLOW_HOME)/demo-run.log 2>&1; \
 		status=$$?; tail -n 1 $(AIRFLOW_HOME)/demo-run.log; \
 		grep -E "check: |planned [0-9,]+, written" $(AIRFLOW_HOME)/demo-run.log | sed -E 's/^.*(check: |planned )/\1/' | head -n 2; \
+		if [ $$status -ne 0 ]; then grep -E "^[A-Za-z_.]+(Error|Exception): " $(AIRFLOW_HOME)/demo-run.log | tail -n 1; fi; \
 		exit $$status
 	$(BIN)/entitle summary
 	$(BIN)/entitle status
@@ -65,7 +66,9 @@ RUN_DAG = PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python ops/run_dag.py
 define demo_dag
 	@echo "running DAG $(1) through Airflow (task logs: $(AIRFLOW_HOME)/demo-$(1).log) ..."
 	@$(RUN_DAG) $(1) '{}' $(2) > $(AIRFLOW_HOME)/demo-$(1).log 2>&1; status=$$?; \
-		tail -n 1 $(AIRFLOW_HOME)/demo-$(1).log; exit $$status
+		tail -n 1 $(AIRFLOW_HOME)/demo-$(1).log; \
+		if [ $$status -ne 0 ]; then grep -E "^[A-Za-z_.]+(Error|Exception): " $(AIRFLOW_HOME)/demo-$(1).log | tail -n 1; fi; \
+		exit $$status
 endef
 
 demo-programs: export ENTITLE_PASS_PROGRAM = $(ENTITLE_HOME)/demo/drawer_pass_demo.toml
