@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "deliver",
-        "send the ledger's grants to their issuers (items with issuer = NAME); exit 0 all delivered, "
-        "7 some grants failed or not attempted (rerun), 10 an issuer answered conflict",
+        "send the ledger's grants to their issuers (items with issuer = NAME) and revoke voided ones there; "
+        "exit 0 all delivered, 7 some grants or revocations failed or not attempted (rerun), 10 an issuer "
+        "answered conflict",
     )
     p.add_argument("--partitions", type=_partition_list, help="comma-separated partition ids, e.g. 3,17")
     p.add_argument(
@@ -169,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "repair",
-        "grant what the latest reconciliation found missing, void and reissue grants with wrong terms",
+        "grant what the latest reconciliation found missing, void and reissue grants with wrong terms, "
+        "deliver again what an issuer lost (issuer_missing)",
     )
     p.add_argument("--actor", required=True, help="who repairs (recorded on every void)")
     p.add_argument("--run-id", help="run id to record (default: a new repair__... id)")
