@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,8 +32,8 @@ from pipeline.partitioning import BUCKET_MODULUS, BUCKET_MULTIPLIER
 
 # 2: issue_no, reconciliation tables; 3: grants partitioned (PostgreSQL); 4: delivery tables;
 # 5: three-way reconciliation; 6: first-come-first-served pass tables; 7: merchant cash claims, cases,
-# decisions and intake files; 8: revocations at the issuers. pipeline/migrations
-SCHEMA_VERSION = 8
+# decisions and intake files; 8: revocations at the issuers; 9: program reconciliations. pipeline/migrations
+SCHEMA_VERSION = 9
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The views of sql/<dialect>/views.sql; migrations drop them and create_schema re-applies the file.
 LEDGER_VIEWS = (
@@ -515,6 +516,54 @@ delivery_answers = sa.Table(
     ),
     sqlite_with_rowid=False,
 )
+
+# Reconciliations of the programs that have no snapshot (schema version 9): the pass program and the
+# merchant cash programs store each run's verdict and its whole result document here.
+PROGRAM_RECON_PROGRAMS = ("pass", "merchant_cash")
+program_recon_runs = sa.Table(
+    "program_recon_runs",
+    metadata,
+    sa.Column("program_recon_key", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("campaign_key", sa.Integer, sa.ForeignKey("campaigns.campaign_key"), nullable=False),
+    sa.Column("program", sa.String(32), nullable=False),
+    sa.Column("verdict", sa.String(16), nullable=False),
+    sa.Column("explanation", sa.Text, nullable=False),
+    sa.Column("breaks", sa.BigInteger, nullable=False),
+    sa.Column("result_json", sa.Text, nullable=False),
+    sa.Column("started_at", Instant, nullable=False),
+    sa.Column("finished_at", Instant, nullable=False),
+    sa.CheckConstraint("verdict IN ('RECONCILED', 'BREAKS')", name="ck_program_recon_verdict"),
+    sa.CheckConstraint(
+        "program IN (" + ", ".join(f"'{p}'" for p in PROGRAM_RECON_PROGRAMS) + ")", name="ck_program_recon_program"
+    ),
+    sa.Index("ix_program_recon_runs_campaign", "campaign_key", "program_recon_key"),
+)
+
+
+def record_program_reconciliation(
+    engine: Engine,
+    campaign_key: int,
+    program: str,
+    result: dict[str, Any],
+    started_at: dt.datetime,
+    finished_at: dt.datetime,
+) -> None:
+    """Store one program reconciliation (``result`` has verdict, explanation and a list of breaks)."""
+    invariant(program in PROGRAM_RECON_PROGRAMS, f"unknown program kind {program!r}")
+    with write_transaction(engine) as connection:
+        connection.execute(
+            program_recon_runs.insert().values(
+                campaign_key=campaign_key,
+                program=program,
+                verdict=result["verdict"],
+                explanation=result["explanation"],
+                breaks=len(result["breaks"]),
+                result_json=json.dumps(result, default=str, sort_keys=True),
+                started_at=started_at,
+                finished_at=finished_at,
+            )
+        )
+
 
 # Revocations at the issuer (schema version 8): a grant voided in the ledger after its issuer
 # answered created/exists is revoked there by `entitle deliver`; one row per such grant.

@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from pipeline import ledger
 from pipeline.ledger import merchant_cases, merchant_claims, merchant_decisions
 from pipeline.merchant_claims import OpenProgram, accepted_contents, case_id, live_payouts, plan_case
 
@@ -68,6 +69,16 @@ def _break(merchant: int, expected: int | None, paid: list[int], break_class: st
 
 
 def reconcile(op: OpenProgram) -> MerchantReconciliation:
+    """Compare the program's live payouts with what its claims, tiers and decisions call for; store the result."""
+    started = op.settings.clock()
+    result = _compare(op)
+    ledger.record_program_reconciliation(
+        op.engine, op.campaign_key, "merchant_cash", result.as_dict(), started, op.settings.clock()
+    )
+    return result
+
+
+def _compare(op: OpenProgram) -> MerchantReconciliation:
     """Compare the program's live payouts with the payouts its claims, tiers and decisions call for."""
     program = op.program
     with op.engine.connect() as connection, connection.begin():

@@ -473,14 +473,36 @@ class PassReconciliation:
     sold_out: int
     checks: tuple[PassCheck, ...]
 
+    @property
+    def explanation(self) -> str:
+        """One sentence: what agrees, or which checks found offending rows."""
+        failed = [f"{c.name} ({c.count:,}: {c.meaning})" for c in self.checks if c.count]
+        if failed:
+            return f"{len(failed)} check(s) found breaks: " + "; ".join(failed)
+        return (
+            f"{self.ledger_passes:,} live passes = the stock counter = the allocations' records, within the cap of "
+            f"{self.stock_cap:,}, to the earliest applicants in order; {self.sold_out:,} sold_out"
+        )
+
     def as_dict(self) -> dict[str, Any]:
         """Plain values for --json."""
         values = asdict(self)
         values["breaks"] = [c.name for c in self.checks if c.count]
+        values["explanation"] = self.explanation
         return values
 
 
 def reconcile(context: PassContext) -> PassReconciliation:
+    """Compare the ledger's passes with the allocations, the counter and the application order; store the result."""
+    started = context.settings.clock()
+    result = _compare(context)
+    ledger.record_program_reconciliation(
+        context.engine, context.campaign_key, "pass", result.as_dict(), started, context.settings.clock()
+    )
+    return result
+
+
+def _compare(context: PassContext) -> PassReconciliation:
     """Compare the ledger's passes with the allocations, the stock counter and the application order."""
     key, item = context.campaign_key, context.item_key
     params = {"c": key, "i": item}

@@ -581,6 +581,10 @@ def test_reconciliation_finds_every_kind_of_break(op: OpenProgram, tmp_path: Pat
     tiers = {t.tier: (t.cases, t.expected_payouts, t.paid, t.paid_krw) for t in result.tiers}
     assert tiers["up-to-300k"] == (2, 2, 1, TIER_1_KRW)
     assert tiers["review-pending"] == (1, 0, 1, 50_000)
+    stored = queries.run_query(op.engine, "program_reconciliations", {})
+    latest = dict(zip(stored.columns, stored.rows[0], strict=True))
+    assert (latest["program"], latest["verdict"], latest["breaks"]) == ("merchant_cash", "BREAKS", 5)
+    assert latest["explanation"] == result.explanation, "each reconciliation is stored for the analysts"
 
 
 def test_analyst_queries(op: OpenProgram, tmp_path: Path) -> None:

@@ -388,6 +388,16 @@ def test_reconcile_exits_8_when_the_counter_disagrees_with_the_ledger(tmp_path: 
     broken = run_entitle(["pass", "reconcile", "--json"], env)
     assert broken.returncode == 8
     assert json.loads(broken.stdout)["breaks"] == ["counter_mismatch"]
+    assert "counter_mismatch (1:" in json.loads(broken.stdout)["explanation"]
+    # Every reconciliation is stored for the analysts, newest first.
+    listed = run_entitle(["query", "program_reconciliations", "--format", "json"], env)
+    assert listed.returncode == 0, listed.stderr
+    document = json.loads(listed.stdout)
+    rows = [dict(zip(document["columns"], row, strict=True)) for row in document["rows"]]
+    assert [(r["program"], r["verdict"], r["breaks"]) for r in rows] == [
+        ("pass", "BREAKS", 1),
+        ("pass", "RECONCILED", 0),
+    ]
     future = run_entitle(["pass", "allocate", "--through", "2999-01-01T00:00:00+09:00"], env)
     assert future.returncode == 2 and "is in the future" in future.stderr
 

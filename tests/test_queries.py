@@ -46,6 +46,7 @@ def test_every_query_file_is_listed_and_parsed() -> None:
         "pass_outcomes",
         "pass_stock",
         "payouts_per_tier",
+        "program_reconciliations",
         "reconciliations",
         "user_grants",
         "user_history",

@@ -47,6 +47,11 @@ GRANT INSERT, UPDATE ON delivery_batches, delivery_answers, delivery_partitions,
 -- end
 GRANT SELECT ON delivery_batches, delivery_answers, delivery_partitions, delivery_revocations TO entitle_analyst
 -- end
+-- Reconciliations of the pass and merchant cash programs (query program_reconciliations).
+GRANT INSERT ON program_recon_runs TO entitle_writer
+-- end
+GRANT SELECT ON program_recon_runs TO entitle_analyst
+-- end
 -- First-come-first-served pass: the writer takes application batches in and allocates; analysts read
 -- the stock and the outcomes (queries pass_stock, pass_outcomes).
 GRANT INSERT, UPDATE ON pass_programs, pass_batches, pass_applications, pass_allocations TO entitle_writer
