@@ -497,16 +497,24 @@ delivery_batches = sa.Table(
     sa.Index("ix_delivery_batches_partition", "campaign_key", "issuer", "partition_id", "batch_key"),
 )
 
+
+def _grant_key_columns() -> list[sa.Column[Any]]:
+    """A grant's ledger key as the primary key of a table that records something per grant."""
+    return [
+        sa.Column("campaign_key", sa.Integer, primary_key=True),
+        sa.Column("user_bucket", sa.BigInteger, primary_key=True),
+        sa.Column("user_id", sa.BigInteger, primary_key=True),
+        sa.Column("item_key", sa.Integer, primary_key=True),
+        sa.Column("issue_no", sa.SmallInteger, primary_key=True, autoincrement=False),
+    ]
+
+
 delivery_answers = sa.Table(
     "delivery_answers",
     metadata,
     # The grant's ledger key: "what is left to deliver in partition P" is one range scan of
     # grants merged with one range scan of this table.
-    sa.Column("campaign_key", sa.Integer, primary_key=True),
-    sa.Column("user_bucket", sa.BigInteger, primary_key=True),
-    sa.Column("user_id", sa.BigInteger, primary_key=True),
-    sa.Column("item_key", sa.Integer, primary_key=True),
-    sa.Column("issue_no", sa.SmallInteger, primary_key=True, autoincrement=False),
+    *_grant_key_columns(),
     sa.Column("outcome", sa.String(16), nullable=False),
     sa.Column("detail", sa.Text, nullable=True),
     sa.Column("batch_key", sa.Integer, nullable=False),
@@ -565,17 +573,13 @@ def record_program_reconciliation(
         )
 
 
-# Revocations at the issuer (schema version 8): a grant voided in the ledger after its issuer
-# answered created/exists is revoked there by `entitle deliver`; one row per such grant.
+# Revocations at the issuer (schema version 8): `entitle deliver` revokes every voided grant of an
+# issuer's items (except one the issuer answered conflict for); one row per such grant.
 REVOCATION_OUTCOMES = ("revoked", "already_revoked", "not_found", "failed")
 delivery_revocations = sa.Table(
     "delivery_revocations",
     metadata,
-    sa.Column("campaign_key", sa.Integer, primary_key=True),
-    sa.Column("user_bucket", sa.BigInteger, primary_key=True),
-    sa.Column("user_id", sa.BigInteger, primary_key=True),
-    sa.Column("item_key", sa.Integer, primary_key=True),
-    sa.Column("issue_no", sa.SmallInteger, primary_key=True, autoincrement=False),
+    *_grant_key_columns(),
     sa.Column("issuer", sa.String(63), nullable=False),
     sa.Column("outcome", sa.String(16), nullable=False),
     sa.Column("detail", sa.Text, nullable=True),
