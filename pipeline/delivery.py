@@ -36,6 +36,8 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
 from pipeline import ledger
@@ -385,9 +387,7 @@ def _pending_batches(
         mark = "%s" if connection.dialect.name == "postgresql" else "?"
         statement = (
             "SELECT g.user_bucket, g.user_id, g.item_key, g.issue_no, g.amount_krw, g.valid_from, g.valid_until "
-            "FROM grants AS g LEFT JOIN delivery_answers AS a ON a.campaign_key = g.campaign_key "
-            "AND a.user_bucket = g.user_bucket AND a.user_id = g.user_id AND a.item_key = g.item_key "
-            "AND a.issue_no = g.issue_no "
+            f"FROM grants AS g LEFT JOIN delivery_answers AS a ON {ledger.same_grant('a')} "
             f"WHERE g.campaign_key = {mark} AND g.user_bucket BETWEEN {mark} AND {mark} "
             f"AND g.item_key IN ({', '.join(str(int(k)) for k in sorted(item_keys))}) "
             "AND (a.outcome IS NULL OR a.outcome = 'failed') "
@@ -422,20 +422,14 @@ def _pending_batches(
             yield keys, payloads
 
 
-_NOT_VOIDED = (
-    "AND NOT EXISTS (SELECT 1 FROM grant_voids AS v WHERE v.campaign_key = g.campaign_key "
-    "AND v.user_bucket = g.user_bucket AND v.user_id = g.user_id AND v.item_key = g.item_key "
-    "AND v.issue_no = g.issue_no) "
-)
+_NOT_VOIDED = f"AND {ledger.LIVE_GRANT_SQL} "
 
 
 def count_outcomes(context: DeliveryContext, entry: PartitionEntry, item_keys: Sequence[int]) -> dict[str, int]:
     """Live grants of the partition for these items by their delivery state (one range scan)."""
     statement = sa.text(
         "SELECT COALESCE(a.outcome, 'not_attempted') AS outcome, count(*) AS n "
-        "FROM grants AS g LEFT JOIN delivery_answers AS a ON a.campaign_key = g.campaign_key "
-        "AND a.user_bucket = g.user_bucket AND a.user_id = g.user_id AND a.item_key = g.item_key "
-        "AND a.issue_no = g.issue_no "
+        f"FROM grants AS g LEFT JOIN delivery_answers AS a ON {ledger.same_grant('a')} "
         "WHERE g.campaign_key = :campaign_key AND g.user_bucket BETWEEN :lo AND :hi AND g.item_key IN :item_keys "
         + _NOT_VOIDED
         + "GROUP BY COALESCE(a.outcome, 'not_attempted')"
@@ -675,12 +669,9 @@ def deliver(
 
 _REVOCABLE = (
     "SELECT g.user_bucket, g.user_id, g.item_key, g.issue_no FROM grants AS g "
-    "JOIN grant_voids AS v ON v.campaign_key = g.campaign_key AND v.user_bucket = g.user_bucket "
-    "AND v.user_id = g.user_id AND v.item_key = g.item_key AND v.issue_no = g.issue_no "
-    "LEFT JOIN delivery_answers AS a ON a.campaign_key = g.campaign_key AND a.user_bucket = g.user_bucket "
-    "AND a.user_id = g.user_id AND a.item_key = g.item_key AND a.issue_no = g.issue_no "
-    "LEFT JOIN delivery_revocations AS r ON r.campaign_key = g.campaign_key AND r.user_bucket = g.user_bucket "
-    "AND r.user_id = g.user_id AND r.item_key = g.item_key AND r.issue_no = g.issue_no "
+    f"JOIN grant_voids AS v ON {ledger.same_grant('v')} "
+    f"LEFT JOIN delivery_answers AS a ON {ledger.same_grant('a')} "
+    f"LEFT JOIN delivery_revocations AS r ON {ledger.same_grant('r')} "
     "WHERE g.campaign_key = :c AND g.user_bucket BETWEEN :lo AND :hi AND g.item_key IN :item_keys "
     "AND (a.outcome IS NULL OR a.outcome <> 'conflict') AND (r.outcome IS NULL OR r.outcome = 'failed') "
     "ORDER BY g.user_bucket, g.user_id, g.item_key, g.issue_no"
@@ -753,20 +744,14 @@ def _record_revocations(context: DeliveryContext, issuer: str, keys: list[_Key],
         for i, k in enumerate(keys)
     ]
     table = ledger.delivery_revocations
-    key_columns = ("campaign_key", "user_bucket", "user_id", "item_key", "issue_no")
+    insert = (sqlite_insert if context.engine.dialect.name == "sqlite" else postgresql_insert)(table).values(rows)
+    upsert = insert.on_conflict_do_update(
+        index_elements=list(ledger.GRANT_KEY),
+        set_={c: insert.excluded[c] for c in ("issuer", "outcome", "detail", "attempts", "answered_at")},
+        where=table.c.outcome == "failed",
+    )
     with _delivery_transaction(context.engine) as connection:
-        for row in rows:
-            updated = connection.execute(
-                table.update()
-                .where(*(table.c[c] == row[c] for c in key_columns), table.c.outcome == "failed")
-                .values(**{c: v for c, v in row.items() if c not in key_columns})
-            ).rowcount
-            if not updated:
-                exists = connection.execute(
-                    sa.select(table.c.outcome).where(*(table.c[c] == row[c] for c in key_columns))
-                ).first()
-                if exists is None:
-                    connection.execute(table.insert().values(**row))
+        connection.execute(upsert)
 
 
 def partition_states(engine: Engine, campaign_key: int) -> dict[tuple[str, int], dict[str, Any]]:

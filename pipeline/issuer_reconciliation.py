@@ -33,7 +33,7 @@ from typing import Any
 import polars as pl
 import sqlalchemy as sa
 
-from pipeline import jobs
+from pipeline import jobs, ledger
 from pipeline.campaign import IssuerSpec
 from pipeline.issuers import IssuerRejected, IssuerUnavailable, build_issuer
 from pipeline.partitioning import BUCKET_MODULUS, user_bucket_expr
@@ -153,10 +153,8 @@ def _ledger_side(pipeline: jobs.Pipeline, skus: dict[int, str]) -> pl.DataFrame:
     statement = sa.text(
         "SELECT g.user_bucket, g.user_id, g.item_key, g.issue_no, v.actor IS NOT NULL AS voided, v.actor, "
         "a.outcome, a.detail FROM grants AS g "
-        "LEFT JOIN grant_voids AS v ON v.campaign_key = g.campaign_key AND v.user_bucket = g.user_bucket "
-        "AND v.user_id = g.user_id AND v.item_key = g.item_key AND v.issue_no = g.issue_no "
-        "LEFT JOIN delivery_answers AS a ON a.campaign_key = g.campaign_key AND a.user_bucket = g.user_bucket "
-        "AND a.user_id = g.user_id AND a.item_key = g.item_key AND a.issue_no = g.issue_no "
+        f"LEFT JOIN grant_voids AS v ON {ledger.same_grant('v')} "
+        f"LEFT JOIN delivery_answers AS a ON {ledger.same_grant('a')} "
         "WHERE g.campaign_key = :campaign_key AND g.item_key IN :item_keys"
     ).bindparams(sa.bindparam("item_keys", expanding=True))
     frames = []

@@ -195,9 +195,7 @@ def _live_rows(
         f"SELECT g.user_id, g.item_key, g.amount_krw, {granted_at} FROM grants AS g "
         "WHERE g.campaign_key = :c AND g.user_bucket BETWEEN :lo AND :hi AND "
         + condition
-        + " AND NOT EXISTS (SELECT 1 FROM grant_voids AS v WHERE v.campaign_key = g.campaign_key "
-        "AND v.user_bucket = g.user_bucket AND v.user_id = g.user_id AND v.item_key = g.item_key "
-        "AND v.issue_no = g.issue_no)"
+        + f" AND {ledger.LIVE_GRANT_SQL}"
     )
     if expanding:
         statement = statement.bindparams(sa.bindparam(expanding, expanding=True))

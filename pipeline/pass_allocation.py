@@ -386,8 +386,7 @@ def stock(context: PassContext) -> StockReport:
 
 _USER_STATUS = sa.text(
     "SELECT a.user_id, a.applied_at, a.user_bucket, b.source_file, g.valid_from, g.valid_until, g.run_key, "
-    "(SELECT count(*) FROM grant_voids AS v WHERE v.campaign_key = g.campaign_key AND v.user_bucket = g.user_bucket "
-    " AND v.user_id = g.user_id AND v.item_key = g.item_key AND v.issue_no = g.issue_no) AS voided "
+    f"(SELECT count(*) FROM grant_voids AS v WHERE {ledger.same_grant('v')}) AS voided "
     "FROM pass_applications AS a JOIN pass_batches AS b ON b.batch_key = a.batch_key "
     "LEFT JOIN grants AS g ON g.campaign_key = a.campaign_key AND g.user_bucket = a.user_bucket "
     " AND g.user_id = a.user_id AND g.item_key = :item_key AND g.issue_no = 0 "

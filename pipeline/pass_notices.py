@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 import sqlalchemy as sa
 
-from pipeline import schemas
+from pipeline import ledger, schemas
 from pipeline.errors import ConfigError
 from pipeline.ledger import Instant
 from pipeline.notices import COMPLETE_MARKER, NoticeExport
@@ -30,9 +30,7 @@ REMINDER_FILE = "pass.parquet"
 
 _LIVE_PASSES = sa.text(
     "SELECT g.user_id, g.valid_from, g.valid_until FROM grants AS g "
-    "WHERE g.campaign_key = :c AND g.item_key = :i AND NOT EXISTS (SELECT 1 FROM grant_voids AS v "
-    "WHERE v.campaign_key = g.campaign_key AND v.user_bucket = g.user_bucket AND v.user_id = g.user_id "
-    "AND v.item_key = g.item_key AND v.issue_no = g.issue_no)"
+    f"WHERE g.campaign_key = :c AND g.item_key = :i AND {ledger.LIVE_GRANT_SQL}"
 ).columns(sa.column("user_id", sa.BigInteger), sa.column("valid_from", Instant()), sa.column("valid_until", Instant()))
 
 
