@@ -232,11 +232,15 @@ def _insert_batch(
     return int(connection.execute(pass_batches.insert().values(**values)).inserted_primary_key[0])  # type: ignore[index]
 
 
-_SQLITE_UPSERT = (
-    "INSERT INTO pass_applications (campaign_key, user_id, user_bucket, applied_at, batch_key) VALUES (?, ?, ?, ?, ?) "
+# A repeated application keeps the earliest applied_at (both backends).
+_KEEP_EARLIEST = (
     "ON CONFLICT (campaign_key, user_id) DO UPDATE SET applied_at = excluded.applied_at, "
     "user_bucket = excluded.user_bucket, batch_key = excluded.batch_key "
     "WHERE excluded.applied_at < pass_applications.applied_at"
+)
+_SQLITE_UPSERT = (
+    "INSERT INTO pass_applications (campaign_key, user_id, user_bucket, applied_at, batch_key) VALUES (?, ?, ?, ?, ?) "
+    + _KEEP_EARLIEST
 )
 
 
@@ -266,10 +270,7 @@ _PG_STAGE = "CREATE TEMPORARY TABLE pass_stage (user_id BIGINT, user_bucket BIGI
 _PG_UPSERT = (
     "WITH stored AS (INSERT INTO pass_applications (campaign_key, user_id, user_bucket, applied_at, batch_key) "
     "SELECT %(c)s, s.user_id, s.user_bucket, timestamptz 'epoch' + s.applied_us * interval '1 microsecond', %(b)s "
-    "FROM pass_stage AS s ORDER BY s.user_id "
-    "ON CONFLICT (campaign_key, user_id) DO UPDATE SET applied_at = excluded.applied_at, "
-    "user_bucket = excluded.user_bucket, batch_key = excluded.batch_key "
-    "WHERE excluded.applied_at < pass_applications.applied_at RETURNING (xmax = 0) AS inserted) "
+    "FROM pass_stage AS s ORDER BY s.user_id " + _KEEP_EARLIEST + " RETURNING (xmax = 0) AS inserted) "
     "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM stored"
 )
 
