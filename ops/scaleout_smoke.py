@@ -473,6 +473,24 @@ def tail(path: Path, lines: int = 40) -> str:
 # --------------------------------------------------------------------------- services
 
 
+def task_log_errors(path: Path) -> list[str]:
+    """The exceptions in an Airflow 3 task log (JSON lines): ``Type: message (at file:line in function)``."""
+    found = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        for error in record.get("error_detail") or [] if isinstance(record, dict) else []:
+            frames = error.get("frames") or [{}]
+            where = frames[-1]
+            found.append(
+                f"{error.get('exc_type')}: {error.get('exc_value')} "
+                f"(at {Path(str(where.get('filename'))).name}:{where.get('lineno')} in {where.get('name')})"
+            )
+    return found
+
+
 def check_prerequisites(cfg: SmokeConfig) -> None:
     """Everything the run needs that this tool does not start; raises EnvironmentProblem."""
     from importlib import metadata
@@ -803,6 +821,7 @@ def smoke(cfg: SmokeConfig, rep: Reporter, outcome: dict[str, Any]) -> None:
         {"work_dir": str(cfg.work_dir), "api_url": f"http://127.0.0.1:{ports.api}", "logs": str(cfg.logs_dir)}
     )
     passed = False
+    failed_logs: list[Path] = []
     try:
         write_env_file(cfg, env)
         with rep.phase("databases"):
@@ -850,12 +869,15 @@ def smoke(cfg: SmokeConfig, rep: Reporter, outcome: dict[str, Any]) -> None:
         if state != "success":
             failed = [t for t in tis if t["state"] not in ("success",)]
             outcome["failed_task_instances"] = [f"{t['task_id']}[{t['map_index']}] {t['state']}" for t in failed]
-            for t in failed[:3]:
-                for log in sorted(
-                    (cfg.airflow_home / "logs").glob(f"dag_id={DAG_ID}/run_id={run_id}/task_id={t['task_id']}/**/*.log")
-                ):
-                    rep.say(f"task log {log}:\n{tail(log, 30)}")
-            raise SmokeFailed(f"the DAG run {run_id} ended {state}: {', '.join(outcome['failed_task_instances'])}")
+            run_logs = cfg.airflow_home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}"
+            for t in [t for t in failed if t["state"] == "failed"][:3]:
+                mapped = f"map_index={t['map_index']}/" if t["map_index"] >= 0 else ""
+                failed_logs.extend(sorted(run_logs.glob(f"task_id={t['task_id']}/{mapped}*.log")))
+            errors = [f"{log.parent.name}/{log.name}: {e}" for log in failed_logs for e in task_log_errors(log)]
+            raise SmokeFailed(
+                f"the DAG run {run_id} ended {state}: {', '.join(outcome['failed_task_instances'])}"
+                + "".join(f"\n  {e}" for e in errors)
+            )
         with rep.phase("checks (Celery, ledger)"):
             outcome["celery"] = check_celery(cfg, deployment, tis)
             outcome["ledger"] = check_ledger(cfg, env)
@@ -868,6 +890,8 @@ def smoke(cfg: SmokeConfig, rep: Reporter, outcome: dict[str, Any]) -> None:
         for name in PROCESS_NAMES:
             if name in deployment.processes:
                 rep.say(f"--- tail of {deployment.log_path(name)}:\n{tail(deployment.log_path(name))}")
+        for log in failed_logs:  # last, so that a CI log cut to its tail still shows why the task failed
+            rep.say(f"--- failed task's log {log}:\n{tail(log, 60)}")
         raise
     finally:
         # Cleanup must not be cut short by a second Ctrl-C or SIGTERM.

@@ -681,12 +681,25 @@ def _configure_sqlite(engine: Engine) -> None:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
+# The PostgreSQL advisory lock (one-bigint key space, apart from the two-int locks keyed by campaign)
+# that serialises the ledger's "read, then insert if absent" registrations: schema, campaign, snapshot, run.
+_REGISTRATION_LOCK = 0x656E_7469_746C_65  # "entitle"
+
+
 @contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """One write transaction: BEGIN IMMEDIATE on SQLite, a normal one elsewhere."""
+def write_transaction(engine: Engine, serialized: bool = False) -> Iterator[Connection]:
+    """One write transaction: BEGIN IMMEDIATE on SQLite, a normal one elsewhere.
+
+    ``serialized`` makes concurrent registrations wait for each other on PostgreSQL too
+    (SQLite's BEGIN IMMEDIATE already does): two Airflow tasks of one run start at the
+    same instant, both find no run row, and without the lock the second insert fails
+    on the unique key instead of reading the first one's row.
+    """
     with engine.connect() as connection:
         writer = connection.execution_options(sqlite_begin="IMMEDIATE")
         with writer.begin():
+            if serialized and engine.dialect.name == "postgresql":
+                writer.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _REGISTRATION_LOCK})
             yield writer
 
 
@@ -703,7 +716,7 @@ def create_schema(engine: Engine) -> None:
     try:
         if _schema_is_current(engine, views_digest):
             return
-        with write_transaction(engine) as connection:
+        with write_transaction(engine, serialized=True) as connection:
             existing = _recorded_version(connection)
             if existing is None:
                 metadata.create_all(connection)
@@ -880,7 +893,7 @@ def register_campaign(engine: Engine, campaign: Campaign, now: dt.datetime) -> C
     registered = _registered_unchanged(engine, campaign)
     if registered is not None:
         return registered
-    with write_transaction(engine) as connection:
+    with write_transaction(engine, serialized=True) as connection:
         row = connection.execute(
             sa.select(campaigns.c.campaign_key).where(campaigns.c.campaign_id == campaign.campaign_id)
         ).first()
@@ -989,7 +1002,7 @@ def register_run(
         row = connection.execute(sa.select(runs.c.run_key, runs.c.snapshot_id).where(runs.c.run_id == run_id)).first()
     if row is not None and row[1] == snapshot_id:
         return int(row[0])
-    with write_transaction(engine) as connection:
+    with write_transaction(engine, serialized=True) as connection:
         row = connection.execute(sa.select(runs.c.run_key, runs.c.snapshot_id).where(runs.c.run_id == run_id)).first()
         if row is not None:
             if row[1] != snapshot_id:
@@ -1014,7 +1027,7 @@ def register_snapshot(
     now: dt.datetime,
 ) -> None:
     """Record a frozen snapshot (idempotent); the latest registered is the campaign's current one."""
-    with write_transaction(engine) as connection:
+    with write_transaction(engine, serialized=True) as connection:
         exists = connection.execute(
             sa.select(snapshots.c.snapshot_id).where(
                 snapshots.c.campaign_key == campaign_key, snapshots.c.snapshot_id == snapshot_id

@@ -14,8 +14,10 @@ import json
 import random
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,51 @@ def reconciled(env: dict[str, str], partitions: int) -> str:
         return reconciliation.reconcile(pipeline).verdict
     finally:
         pipeline.engine.dispose()
+
+
+def test_tasks_starting_at_the_same_instant_register_one_schema_campaign_and_run(
+    backend: dict[str, str], tmp_path: Path, write_users: Callable[..., Path]
+) -> None:
+    """Mapped Airflow tasks of one run start together: every one opens an empty ledger and
+    registers the same run id. All succeed with the same keys; one run row (found by the
+    scale-out smoke on PostgreSQL, where the second insert used to fail on the unique key)."""
+    from pipeline import ledger
+
+    workers = 8
+    settings = settings_of(backend, 4)
+    settings.home.mkdir(parents=True)
+    engines = [ledger.create_ledger_engine(settings.ledger_url) for _ in range(workers)]
+    campaign = settings.campaign()
+    start = threading.Barrier(workers, timeout=60)
+
+    def open_and_register(engine: Engine, run_id: str) -> tuple[int, int]:
+        try:
+            start.wait()
+            ledger.create_schema(engine)
+            keys = ledger.register_campaign(engine, campaign, settings.clock())
+            start.wait()  # every worker now races for the same new run id
+            return keys.campaign_key, ledger.register_run(
+                engine, run_id, keys.campaign_key, "0123456789abcdef", "airflow", settings.clock()
+            )
+        except Exception:
+            start.abort()  # the others stop waiting; the real error is reported below
+            raise
+
+    try:
+        for attempt in range(5):
+            run_id = f"manual__race_{attempt}"
+            with ThreadPoolExecutor(workers) as pool:
+                futures = [pool.submit(open_and_register, engine, run_id) for engine in engines]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            assert not errors, [e for e in errors if not isinstance(e, threading.BrokenBarrierError)] or errors
+            results = [f.result() for f in futures]
+            assert len(set(results)) == 1, results
+        with engines[0].connect() as connection:
+            assert connection.exec_driver_sql("SELECT count(*) FROM campaigns").scalar_one() == 1
+            assert connection.exec_driver_sql("SELECT count(*) FROM runs").scalar_one() == 5
+    finally:
+        for engine in engines:
+            engine.dispose()
 
 
 @pytest.mark.slow

@@ -226,3 +226,28 @@ def test_the_final_sweep_finds_and_kills_only_this_runs_processes(
     assert smoke.marked_pids(marker + "0") == []
     assert smoke.kill_marked(marker) == 1
     assert proc.wait(timeout=10) == -9
+
+
+def test_a_failed_tasks_exception_is_read_from_its_json_log(smoke: ModuleType, tmp_path: Path) -> None:
+    """CI keeps the tail of the smoke's output: the failure line itself names the task's exception."""
+    error = {
+        "exc_type": "LedgerError",
+        "exc_value": "duplicate key value violates unique constraint",
+        "frames": [
+            {"filename": "/x/airflow/sdk/execution_time/task_runner.py", "lineno": 1579, "name": "_run"},
+            {"filename": "/x/pipeline/ledger.py", "lineno": 1001, "name": "register_run"},
+        ],
+    }
+    log = tmp_path / "attempt=1.log"
+    log.write_text(
+        "\n".join(
+            [
+                json.dumps({"level": "info", "event": "::group::Pre Execute"}),
+                "not json: a line some handler wrote",
+                json.dumps({"level": "error", "event": "Task failed with exception", "error_detail": [error]}),
+            ]
+        )
+    )
+    assert smoke.task_log_errors(log) == [
+        "LedgerError: duplicate key value violates unique constraint (at ledger.py:1001 in register_run)"
+    ]
