@@ -130,8 +130,8 @@ def grant_dag(
             context["partition_label"] = partition["label"]  # type: ignore[typeddict-unknown-key]
             return dag_tasks.grant_one(context["run_id"], partition, params or {}, campaign)
 
-        # One delivery task at a time per run: the issuer's rate budget is per process, so it holds
-        # for the run only if its deliveries do not overlap.
+        # One delivery task at a time per run: the issuer's rate budget is shared through the ledger,
+        # but its bound on requests in flight is per process.
         @task(max_active_tis_per_dagrun=1, map_index_template="{{ partition_label }}")
         def deliver(outcome: dict[str, Any]) -> dict[str, Any]:
             from pipeline import dag_tasks

@@ -376,7 +376,7 @@ def cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
     """Deliver grants to issuers."""
     pipeline = jobs.open_pipeline(settings)
     context, entries = jobs.delivery_selection(pipeline, args.partitions, args.only_failed)
-    runtimes = delivery.open_issuers(pipeline.campaign, args.issuer)
+    runtimes = delivery.open_issuers(pipeline.campaign, args.issuer, pipeline.engine)
     if not runtimes or not entries:
         reason = "no partition selected" if runtimes else "every item's issuer is the ledger (nothing to send)"
         _emit(args, {"snapshot_id": context.snapshot_id, "partitions": 0, "reports": []}, [f"nothing to do: {reason}"])

@@ -446,7 +446,7 @@ def _redeliver(pipeline: jobs.Pipeline, breaks: list[Any], actor: str, now: dt.d
                 )
             )
     context, entries = jobs.delivery_selection(pipeline, sorted({int(b.partition_id) for b in breaks}))
-    runtimes = delivery.open_issuers(pipeline.campaign, sorted({str(b.issuer) for b in breaks}))
+    runtimes = delivery.open_issuers(pipeline.campaign, sorted({str(b.issuer) for b in breaks}), pipeline.engine)
     try:
         reports = delivery.deliver(context, runtimes, entries)
     finally:

@@ -130,7 +130,7 @@ def deliver_one(outcome: Mapping[str, Any], campaign: str | None = None) -> dict
     if outcome.get("status") == "dry_run" or not any(loaded.items_of(s.name) for s in loaded.issuers):
         return {"partition_id": outcome["partition_id"], "reports": [], "skipped": True}
     pipeline = jobs.open_pipeline(settings)
-    runtimes = delivery.open_issuers(pipeline.campaign)
+    runtimes = delivery.open_issuers(pipeline.campaign, engine=pipeline.engine)
     try:
         context, entries = jobs.delivery_selection(pipeline, [int(outcome["partition_id"])])
         reports = delivery.deliver(context, runtimes, entries)

@@ -101,6 +101,31 @@ class RateBudget:
         return (len(self.starts) - 1) / (self.starts[-1] - self.starts[0])
 
 
+class SharedRateBudget(RateBudget):
+    """The issuer's request rate shared by every process delivering from the ledger.
+
+    The next free instant lives in the ledger's ``issuer_budgets`` row for the issuer's name: each
+    request reserves its slot with one upsert and sleeps until it, so two ``entitle deliver``
+    processes, or the deliver tasks of two DAG runs, together stay within ``requests_per_s``; a
+    Retry-After holds every process. Requests in flight are bounded per process.
+    """
+
+    def __init__(self, engine: Engine, issuer: str, requests_per_s: float, concurrency: int) -> None:
+        super().__init__(requests_per_s, concurrency)
+        self.engine = engine
+        self.issuer = issuer
+
+    def hold(self, seconds: float) -> None:
+        ledger.hold_issuer(self.engine, self.issuer, seconds)
+
+    def acquire(self) -> None:
+        wait_s = ledger.take_issuer_slot(self.engine, self.issuer, self.interval_s)
+        with self._lock:
+            self.starts.append(self._clock() + wait_s)
+        if wait_s > 0:
+            time.sleep(wait_s)
+
+
 class CircuitBreaker:
     """Opens after ``failures_max`` consecutive failed calls; lets one trial call through after the cooldown."""
 
@@ -160,8 +185,14 @@ class IssuerRuntime:
         self.issuer.close()
 
 
-def open_issuers(campaign: Campaign, only: Iterable[str] | None = None) -> dict[str, IssuerRuntime]:
-    """A runtime per declared issuer that has items (``only``: these names)."""
+def open_issuers(
+    campaign: Campaign, only: Iterable[str] | None = None, engine: Engine | None = None
+) -> dict[str, IssuerRuntime]:
+    """A runtime per declared issuer that has items (``only``: these names).
+
+    With the ledger's ``engine`` each issuer's rate budget is shared through the ledger with every
+    other process delivering from it (:class:`SharedRateBudget`); without, it holds in this process only.
+    """
     wanted = None if only is None else set(only)
     runtimes = {}
     for spec in campaign.issuers:
@@ -170,7 +201,9 @@ def open_issuers(campaign: Campaign, only: Iterable[str] | None = None) -> dict[
         runtimes[spec.name] = IssuerRuntime(
             spec,
             build_issuer(spec),
-            RateBudget(spec.requests_per_s, spec.concurrency),
+            RateBudget(spec.requests_per_s, spec.concurrency)
+            if engine is None
+            else SharedRateBudget(engine, spec.name, spec.requests_per_s, spec.concurrency),
             CircuitBreaker(spec.breaker_failures, spec.breaker_cooldown_s),
             ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix=f"issuer-{spec.name}"),
         )

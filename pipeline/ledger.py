@@ -16,6 +16,7 @@ import datetime as dt
 import hashlib
 import json
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,8 +33,9 @@ from pipeline.partitioning import BUCKET_MODULUS, BUCKET_MULTIPLIER
 
 # 2: issue_no, reconciliation tables; 3: grants partitioned (PostgreSQL); 4: delivery tables;
 # 5: three-way reconciliation; 6: first-come-first-served pass tables; 7: merchant cash claims, cases,
-# decisions and intake files; 8: revocations at the issuers; 9: program reconciliations. pipeline/migrations
-SCHEMA_VERSION = 9
+# decisions and intake files; 8: revocations at the issuers; 9: program reconciliations; 10: the issuers'
+# shared rate budgets. pipeline/migrations
+SCHEMA_VERSION = 10
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The views of sql/<dialect>/views.sql; migrations drop them and create_schema re-applies the file.
 LEDGER_VIEWS = (
@@ -582,6 +584,55 @@ def record_program_reconciliation(
                 started_at=started_at,
                 finished_at=finished_at,
             )
+        )
+
+
+# The issuers' rate budgets (schema version 10), shared by every process that delivers from this
+# ledger: one row per issuer name holding the instant (µs since the epoch; on PostgreSQL by the
+# database's clock, so that workers on several machines agree) before which no further request may
+# start. Each request reserves the next free slot with one upsert (take_issuer_slot).
+issuer_budgets = sa.Table(
+    "issuer_budgets",
+    metadata,
+    sa.Column("issuer", sa.String(63), primary_key=True),
+    sa.Column("next_at_us", sa.BigInteger, nullable=False),
+)
+
+
+def _budget_upsert(engine: Engine, new_value: str, update: str, returning: str = "") -> str:
+    """The upsert on an issuer's budget row; ``{now}`` and ``{greatest}`` are filled in per dialect."""
+    postgres = engine.dialect.name == "postgresql"
+    now = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)" if postgres else ":now"
+    sql = (
+        f"INSERT INTO issuer_budgets (issuer, next_at_us) VALUES (:issuer, {new_value}) "
+        f"ON CONFLICT (issuer) DO UPDATE SET next_at_us = {update}" + (f" RETURNING {returning}" if returning else "")
+    )
+    return sql.format(now=now, greatest="GREATEST" if postgres else "MAX")
+
+
+def take_issuer_slot(engine: Engine, issuer: str, interval_s: float) -> float:
+    """Reserve the issuer's next request slot, ``interval_s`` after the previous one; seconds to wait for it."""
+    step = max(1, round(interval_s * 1_000_000))
+    sql = _budget_upsert(
+        engine,
+        "{now} + :step",
+        "{greatest}(issuer_budgets.next_at_us, {now}) + :step",
+        "issuer_budgets.next_at_us - :step - {now}",
+    )
+    with write_transaction(engine) as connection:
+        wait_us = connection.execute(
+            sa.text(sql), {"issuer": issuer, "step": step, "now": int(time.time() * 1_000_000)}
+        ).scalar_one()
+    return max(0.0, int(wait_us) / 1_000_000)
+
+
+def hold_issuer(engine: Engine, issuer: str, seconds: float) -> None:
+    """Let no request to the issuer start for ``seconds`` (its Retry-After), from any process."""
+    sql = _budget_upsert(engine, "{now} + :hold", "{greatest}(issuer_budgets.next_at_us, {now} + :hold)")
+    with write_transaction(engine) as connection:
+        connection.execute(
+            sa.text(sql),
+            {"issuer": issuer, "hold": round(seconds * 1_000_000), "now": int(time.time() * 1_000_000)},
         )
 
 

@@ -206,7 +206,7 @@ def granted(
 
 def run_delivery(pipeline: jobs.Pipeline, **only: Any) -> tuple[list[delivery.DeliveryReport], dict[str, Any]]:
     context, entries = jobs.delivery_selection(pipeline, **only)
-    runtimes = delivery.open_issuers(pipeline.campaign)
+    runtimes = delivery.open_issuers(pipeline.campaign, engine=pipeline.engine)
     try:
         reports = delivery.deliver(context, runtimes, entries)
     finally:
@@ -423,10 +423,10 @@ def test_an_issuer_that_is_down_opens_the_circuit_and_a_later_run_finishes(
     assert_service_holds_exactly_the_plan(service, pipeline)
 
 
-def test_sigkill_of_entitle_deliver_at_random_moments_then_rerun_gives_exactly_the_plan(
-    tmp_path: Path, service: Service, write_users: Callable[..., Path]
-) -> None:
-    campaign_file = write_campaign(tmp_path / "c.toml", batch_size=10, concurrency=2, requests_per_s=200)
+def granted_by_the_cli(
+    tmp_path: Path, campaign_file: Path, service: Service, write_users: Callable[..., Path]
+) -> dict[str, str]:
+    """`entitle run` over USERS in 4 partitions, the shop issuer at ``service``; the CLI's environment."""
     env = cli_environment(
         ENTITLE_HOME=str(tmp_path / "var"),
         ENTITLE_PARTITIONS="4",
@@ -435,6 +435,14 @@ def test_sigkill_of_entitle_deliver_at_random_moments_then_rerun_gives_exactly_t
     )
     users = write_users(tmp_path / "users.parquet", USERS)
     assert run_entitle(["run", "--users", str(users), "--no-progress"], env).returncode == 0
+    return env
+
+
+def test_sigkill_of_entitle_deliver_at_random_moments_then_rerun_gives_exactly_the_plan(
+    tmp_path: Path, service: Service, write_users: Callable[..., Path]
+) -> None:
+    campaign_file = write_campaign(tmp_path / "c.toml", batch_size=10, concurrency=2, requests_per_s=200)
+    env = granted_by_the_cli(tmp_path, campaign_file, service, write_users)
     service.faults(latency_ms=60)  # 80 requests × 60 ms / 2 in flight: ~2.4 s per full delivery
     rng = random.Random(6)
     entitle = Path(sys.executable).parent / "entitle"
@@ -491,6 +499,50 @@ def test_the_rate_budget_holds_within_5_percent(tmp_path: Path, service: Service
     for i in range(len(starts)):
         in_one_second = sum(1 for t in starts[i:] if t - starts[i] < 1.0)
         assert in_one_second <= 21, "no one-second window holds more than the budget"
+
+
+def test_two_deliver_processes_share_the_issuers_rate_budget(
+    tmp_path: Path, service: Service, write_users: Callable[..., Path]
+) -> None:
+    """Two `entitle deliver` processes on different partitions at once send, together, at the budget:
+    each reserves its requests' slots in the ledger's issuer_budgets row (not one budget each)."""
+    budget = 20
+    campaign_file = write_campaign(tmp_path / "c.toml", requests_per_s=budget, batch_size=5, concurrency=4)
+    env = granted_by_the_cli(tmp_path, campaign_file, service, write_users)
+    # Hold the issuer (as a Retry-After would) while both processes start, so that they compete from
+    # the same instant however long each takes to start on a loaded machine.
+    engine = ledger.create_ledger_engine(
+        load_settings({k: v for k, v in env.items() if k.startswith("ENTITLE_")}).ledger_url
+    )
+    ledger.hold_issuer(engine, "shop", 8.0)
+    engine.dispose()
+    entitle = Path(sys.executable).parent / "entitle"
+    processes = [
+        subprocess.Popen(
+            [str(entitle), "deliver", "--json", "--no-progress", "--partitions", selection],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for selection in ("0,1", "2,3")
+    ]
+    documents = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+        documents.append(json.loads(stdout))
+    assert sum(d["totals"]["created"] for d in documents) == len(USERS) * len(COUPONS)
+    arrivals = sorted(service.stats()["arrivals"])
+    assert len(arrivals) == sum(d["budgets"]["shop"]["requests"] for d in documents)
+    together = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    assert together <= budget * 1.05, f"{len(arrivals)} requests at {together:.1f} req/s together"
+    for i in range(len(arrivals)):
+        # Slots are 1/budget apart; a request that starts late (the machine is busy) can land next to
+        # the following one, so a one-second window of arrivals may hold a couple more than the budget.
+        assert sum(1 for t in arrivals[i:] if t - arrivals[i] < 1.0) <= budget + 3, "a one-second window over budget"
+    own = [d["budgets"]["shop"]["requests_per_s"] for d in documents]
+    assert all(rate < budget * 0.75 for rate in own), f"each process had the budget to itself: {own} req/s"
 
 
 # --------------------------------------------------------------------------- retries and the breaker, in-process

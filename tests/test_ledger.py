@@ -497,3 +497,17 @@ def test_a_run_id_belongs_to_one_snapshot(engine: Engine) -> None:
     assert ledger.register_run(engine, "run-1", keys.campaign_key, "aaaa", "test", now) == run_key
     with pytest.raises(LedgerError, match="run 'run-1' already belongs to snapshot aaaa, not bbbb"):
         ledger.register_run(engine, "run-1", keys.campaign_key, "bbbb", "test", now)
+
+
+def test_issuer_slots_are_spaced_by_the_interval_and_a_hold_delays_the_next(engine: Engine) -> None:
+    """The shared rate budget's row: slots taken back to back are one interval apart (what each
+    caller must wait grows by the interval), other issuers are independent, a hold pushes the next."""
+    waits = [ledger.take_issuer_slot(engine, "shop", 0.5) for _ in range(4)]
+    assert waits[0] < 0.05, "the first request of an idle issuer goes at once"
+    for earlier, later in zip(waits, waits[1:], strict=False):
+        assert 0.4 < later - earlier <= 0.5, waits  # the interval, less the time the call itself took
+    assert ledger.take_issuer_slot(engine, "emoticons", 0.5) < 0.05, "another issuer has its own budget"
+    ledger.hold_issuer(engine, "emoticons", 3.0)
+    assert 2.8 < ledger.take_issuer_slot(engine, "emoticons", 0.5) <= 3.0, "a Retry-After holds every caller"
+    ledger.hold_issuer(engine, "shop", 0.1)
+    assert 1.8 < ledger.take_issuer_slot(engine, "shop", 0.5) <= 2.0, "a hold shorter than the queue changes nothing"

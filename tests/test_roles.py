@@ -136,6 +136,10 @@ def test_roles_separate_writer_operator_and_analyst(
         result = reconciliation.reconcile(as_writer)
         assert result.verdict == "RECONCILED" and result.bridge["voided"] == 1
         writer = as_writer.engine
+        # Delivery's shared rate budget: the writer reserves slots and holds an issuer.
+        ledger.hold_issuer(writer, "shop", 5.0)
+        assert 4.0 < ledger.take_issuer_slot(writer, "shop", 0.01) <= 5.0
+        assert denied(analyst, "SELECT * FROM issuer_budgets")
         assert denied(writer, "DELETE FROM grants")
         assert denied(writer, "UPDATE grants SET amount_krw = 1")
         assert denied(writer, "DROP TABLE grants")

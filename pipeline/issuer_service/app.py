@@ -20,6 +20,7 @@ import logging
 import os
 import tempfile
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,9 @@ async def _read_body(request: Request, limit_bytes: int) -> bytes:
     return b"".join(parts)
 
 
+ARRIVALS_KEPT = 100_000
+
+
 class Stats:
     """Counters since the service started (the store's grant count is read on demand)."""
 
@@ -100,6 +104,9 @@ class Stats:
         self.outcomes = {"created": 0, "exists": 0, "conflict": 0}
         self.validation_errors = 0
         self.store_errors = 0
+        # When each of the last batch and revoke requests arrived (Unix seconds): the rate the callers
+        # really sent at, whatever they believe their budget to be.
+        self.arrivals: deque[float] = deque(maxlen=ARRIVALS_KEPT)
 
     def record(self, outcomes: list[Outcome]) -> None:
         """Count the outcomes of one committed request."""
@@ -145,6 +152,7 @@ class IssuerService:
     async def post_batch(self, request: Request) -> Response:
         """POST /v1/grants:batch: grant 1..1000 in one transaction; per-grant outcomes in request order."""
         self.stats.requests["batch"] += 1
+        self.stats.arrivals.append(time.time())
         return await self._grant(request, BATCH_BODY_BYTES_MAX, single=False)
 
     async def _grant(self, request: Request, body_bytes_max: int, *, single: bool) -> Response:
@@ -190,6 +198,7 @@ class IssuerService:
     async def post_revoke(self, request: Request) -> Response:
         """POST /v1/grants:revoke: revoke 1..1000 grants in one transaction; per-id status in request order."""
         self.stats.requests["revoke"] += 1
+        self.stats.arrivals.append(time.time())
         try:
             body = await _read_body(request, BATCH_BODY_BYTES_MAX)
         except _BodyTooLarge as exc:
@@ -329,6 +338,7 @@ class IssuerService:
                 "validation_errors": s.validation_errors,
                 "store_errors": s.store_errors,
                 "faults": dict(self.faults.counts),
+                "arrivals": list(s.arrivals),
             }
         )
 

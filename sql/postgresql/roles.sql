@@ -47,6 +47,10 @@ GRANT INSERT, UPDATE ON delivery_batches, delivery_answers, delivery_partitions,
 -- end
 GRANT SELECT ON delivery_batches, delivery_answers, delivery_partitions, delivery_revocations TO entitle_analyst
 -- end
+-- The issuers' rate budgets, shared by every delivering process (schema version 10); operational
+-- state, not read by analysts.
+GRANT SELECT, INSERT, UPDATE ON issuer_budgets TO entitle_writer
+-- end
 -- Reconciliations of the pass and merchant cash programs (query program_reconciliations).
 GRANT INSERT ON program_recon_runs TO entitle_writer
 -- end

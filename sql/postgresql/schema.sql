@@ -72,6 +72,12 @@ CREATE TABLE grants (
 )
  PARTITION BY LIST (campaign_key);
 
+CREATE TABLE issuer_budgets (
+	issuer VARCHAR(63) NOT NULL, 
+	next_at_us BIGINT NOT NULL, 
+	PRIMARY KEY (issuer)
+);
+
 CREATE TABLE ledger_meta (
 	meta_key VARCHAR(64) NOT NULL, 
 	meta_value VARCHAR(256) NOT NULL, 

@@ -75,6 +75,12 @@ CREATE TABLE grants (
 )
  WITHOUT ROWID;
 
+CREATE TABLE issuer_budgets (
+	issuer VARCHAR(63) NOT NULL, 
+	next_at_us BIGINT NOT NULL, 
+	PRIMARY KEY (issuer)
+);
+
 CREATE TABLE ledger_meta (
 	meta_key VARCHAR(64) NOT NULL, 
 	meta_value VARCHAR(256) NOT NULL, 
