@@ -164,11 +164,9 @@ def main() -> int:
         stats = httpx.get(url + "/v1/stats").json()
         # Three-way reconciliation: snapshot x campaign vs ledger vs the service's export.
         started = time.perf_counter()
-        checked = subprocess.run(
-            [entitle, "reconcile", "--json", "--no-progress"], env=env, capture_output=True, text=True
-        )
+        checked, reconcile_rss_kib = _run_measured([entitle, "reconcile", "--json", "--no-progress"], env, args.home)
         reconcile_s = time.perf_counter() - started
-        reconciled: dict[str, Any] = json.loads(checked.stdout)
+        reconciled: dict[str, Any] = json.loads(checked)
     finally:
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=30)
@@ -206,9 +204,19 @@ def main() -> int:
     print(
         f"three-way reconcile: {reconciled['verdict']} in {reconcile_s:.1f} s (process start to exit; "
         f"{reconciled['bridge']['ledger']:,} ledger grants checked, issuer {issuer['issuer']!r}: "
-        f"{issuer['issuer_held']:,} exported grants compared in {issuer['duration_s']:.1f} s)"
+        f"{issuer['issuer_held']:,} exported grants compared in {issuer['duration_s']:.1f} s); "
+        f"peak memory {reconcile_rss_kib / 1024:,.0f} MiB"
     )
     return 0
+
+
+def _run_measured(command: list[str], env: dict[str, str], home: Path) -> tuple[str, int]:
+    """Run ``command``; its standard output and its own peak resident memory (KiB, from wait4)."""
+    out = home / "measured.out"
+    with out.open("w") as stdout:
+        process = subprocess.Popen(command, env=env, stdout=stdout)
+        _pid, _status, usage = os.wait4(process.pid, 0)
+    return out.read_text(), int(usage.ru_maxrss)
 
 
 def _cpu_s(pid: int) -> float:

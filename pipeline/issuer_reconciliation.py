@@ -18,9 +18,11 @@ Per issuer: ledger_live = matched + issuer_missing and issuer_held = matched +
 issuer_unexpected, where issuer_held counts the distinct grant ids exported. An
 issuer whose export cannot be read makes the reconciliation ``INCOMPLETE``.
 
-The ledger side is read into memory (about 40 bytes a grant, with its grant id),
-and so is the export: at 48 million users with two delivered items that is
-about 4 GB on each side; the comparison is one Polars join.
+Both sides are compared on the grant's integer key (user_id, item_key,
+issue_no), never its id string: the ledger side holds about 26 bytes a grant,
+the export is reduced chunk by chunk to 16 bytes a grant (rows whose id is not
+the canonical one of their fields are kept whole, as issuer_unexpected), and
+the texts a break's detail needs are read for the breaks only.
 """
 
 from __future__ import annotations
@@ -35,12 +37,20 @@ import sqlalchemy as sa
 
 from pipeline import jobs, ledger
 from pipeline.campaign import IssuerSpec
-from pipeline.issuers import IssuerRejected, IssuerUnavailable, build_issuer
+from pipeline.issuers import Issuer, IssuerRejected, IssuerUnavailable, build_issuer
 from pipeline.partitioning import BUCKET_MODULUS, user_bucket_expr
 
 ISSUER_BREAK_CLASSES = ("issuer_missing", "issuer_unexpected")
 EXPORT_FRAME_ROWS = 200_000  # export rows gathered per frame while streaming
+EXPORT_SCHEMA: dict[str, Any] = {
+    "grant_id": pl.String,
+    "user_id": pl.Int64,
+    "item_sku": pl.String,
+    "issue_no": pl.Int32,
+}
 LEDGER_FETCH_ROWS = 200_000
+TEXT_LOOKUP_USERS = 500  # user ids per query when reading the breaks' texts
+KEY = ["user_id", "item_key", "issue_no"]  # a grant within the campaign (with the campaign's key)
 ANSWER_DETAIL_CHARS = 200
 UNKNOWN_ITEM_KEY = -1  # an exported sku the campaign does not know
 
@@ -90,18 +100,15 @@ def check_issuer(pipeline: jobs.Pipeline, spec: IssuerSpec, partition_count: int
     started = time.monotonic()
     skus = {pipeline.keys.item_keys[i.sku]: i.sku for i in pipeline.campaign.items_of(spec.name)}
     ledger_rows = _ledger_side(pipeline, skus)
+    live = ledger_rows.filter(~pl.col("voided"))
     issuer = build_issuer(spec)
     try:
-        export_frame = getattr(issuer, "export_frame", None)
-        if callable(export_frame):
-            exported = export_frame(pipeline.campaign.campaign_id)
-        else:
-            exported = _export_frame(issuer.export(pipeline.campaign.campaign_id))
+        exported, odd = _compact_export(pipeline, issuer)
     except (IssuerUnavailable, IssuerRejected, OSError, ValueError, KeyError, TypeError) as exc:
         return IssuerCheck(
             spec.name,
             "unreadable",
-            ledger_rows.filter(~pl.col("voided")).height,
+            live.height,
             0,
             0,
             0,
@@ -112,15 +119,13 @@ def check_issuer(pipeline: jobs.Pipeline, spec: IssuerSpec, partition_count: int
         )
     finally:
         issuer.close()
-    live = ledger_rows.filter(~pl.col("voided"))
-    held = exported.unique("grant_id", keep="first")
-    missing = live.join(held.select("grant_id"), on="grant_id", how="anti")
-    unexpected = held.join(live.select("grant_id"), on="grant_id", how="anti")
+    missing = live.join(exported, on=KEY, how="anti")
+    unexpected = exported.join(live.select(KEY), on=KEY, how="anti")
     matched = live.height - missing.height
     breaks = pl.concat(
         [
-            _missing_rows(missing, spec.name, partition_count),
-            _unexpected_rows(unexpected, ledger_rows, pipeline, spec.name, skus, partition_count),
+            _missing_rows(pipeline, missing, spec.name, skus, partition_count),
+            _unexpected_rows(pipeline, unexpected, odd, ledger_rows, spec.name, skus, partition_count),
         ],
         how="vertical_relaxed",
     )
@@ -128,10 +133,10 @@ def check_issuer(pipeline: jobs.Pipeline, spec: IssuerSpec, partition_count: int
         spec.name,
         "compared",
         live.height,
-        held.height,
+        exported.height + odd.height,
         matched,
         missing.height,
-        unexpected.height,
+        unexpected.height + odd.height,
         breaks,
         None,
         time.monotonic() - started,
@@ -139,20 +144,23 @@ def check_issuer(pipeline: jobs.Pipeline, spec: IssuerSpec, partition_count: int
 
 
 def _ledger_side(pipeline: jobs.Pipeline, skus: dict[int, str]) -> pl.DataFrame:
-    """Every grant of the issuer's items (live or voided) with its grant id and its last delivery answer."""
+    """Every grant of the issuer's items (live or voided) by its integer key, with its last delivery answer.
+
+    About 26 bytes a grant: the key, ``voided`` and the answer as a small code; the texts the
+    break details need (who voided, why a delivery failed) are read for the breaks only.
+    """
     schema: dict[str, Any] = {
         "user_bucket": pl.Int64,
         "user_id": pl.Int64,
         "item_key": pl.Int32,
         "issue_no": pl.Int32,
         "voided": pl.Boolean,
-        "void_actor": pl.String,
-        "outcome": pl.String,
-        "answer_detail": pl.String,
+        "outcome": pl.Int8,
     }
+    codes = " ".join(f"WHEN '{o}' THEN {i}" for i, o in enumerate(ledger.DELIVERY_OUTCOMES))
     statement = sa.text(
-        "SELECT g.user_bucket, g.user_id, g.item_key, g.issue_no, v.actor IS NOT NULL AS voided, v.actor, "
-        "a.outcome, a.detail FROM grants AS g "
+        "SELECT g.user_bucket, g.user_id, g.item_key, g.issue_no, v.actor IS NOT NULL AS voided, "
+        f"CASE a.outcome {codes} END AS outcome FROM grants AS g "
         f"LEFT JOIN grant_voids AS v ON {ledger.same_grant('v')} "
         f"LEFT JOIN delivery_answers AS a ON {ledger.same_grant('a')} "
         "WHERE g.campaign_key = :campaign_key AND g.item_key IN :item_keys"
@@ -164,11 +172,90 @@ def _ledger_side(pipeline: jobs.Pipeline, skus: dict[int, str]) -> pl.DataFrame:
         )
         while rows := result.fetchmany(LEDGER_FETCH_ROWS):
             frames.append(pl.DataFrame([tuple(r) for r in rows], schema=schema, orient="row"))
-    frame = pl.concat(frames) if frames else pl.DataFrame(schema=schema)
-    sku_names = pl.DataFrame(
-        {"item_key": list(skus), "item_sku": list(skus.values())}, schema={"item_key": pl.Int32, "item_sku": pl.String}
+    return pl.concat(frames) if frames else pl.DataFrame(schema=schema)
+
+
+def _export_chunks(pipeline: jobs.Pipeline, issuer: Issuer) -> Iterator[pl.DataFrame]:
+    """The issuer's export in chunks of :data:`EXPORT_COLUMNS` (its own ``export_frames`` when it has one)."""
+    campaign_id = pipeline.campaign.campaign_id
+    export_frames = getattr(issuer, "export_frames", None)
+    if callable(export_frames):
+        yield from export_frames(campaign_id)
+        return
+    chunk: list[tuple[str, int, str, int]] = []
+    for row in issuer.export(campaign_id):
+        chunk.append((str(row["grant_id"]), int(row["user_id"]), str(row["item_sku"]), int(row["issue_no"])))
+        if len(chunk) >= EXPORT_FRAME_ROWS:
+            yield pl.DataFrame(chunk, schema=EXPORT_SCHEMA, orient="row")
+            chunk = []
+    yield pl.DataFrame(chunk, schema=EXPORT_SCHEMA, orient="row")
+
+
+def _compact_export(pipeline: jobs.Pipeline, issuer: Issuer) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The export reduced chunk by chunk to the distinct integer keys (16 bytes a grant), and the odd rows.
+
+    A row is kept by key when its grant id is the canonical ``{campaign}:{user}:{sku}:{issue_no}``
+    of its fields and its sku an item of the campaign; any other row ("odd": a foreign id, an
+    unknown sku) cannot be a ledger grant and is kept whole, as issuer_unexpected.
+    """
+    campaign_id = pipeline.campaign.campaign_id
+    known = dict(pipeline.keys.item_keys)
+    canonical = pl.concat_str(
+        [
+            pl.lit(campaign_id),
+            pl.col("user_id").cast(pl.String),
+            pl.col("item_sku"),
+            pl.col("issue_no").cast(pl.String),
+        ],
+        separator=":",
     )
-    return frame.join(sku_names, on="item_key", how="left").with_columns(
+    keyed, odd = [], []
+    for chunk in _export_chunks(pipeline, issuer):
+        ok = (pl.col("grant_id") == canonical) & pl.col("item_sku").is_in(list(known))
+        marked = chunk.with_columns(ok.fill_null(False).alias("ok"))
+        keyed.append(
+            marked.filter(pl.col("ok")).select(
+                "user_id",
+                pl.col("item_sku").replace_strict(known, return_dtype=pl.Int32).alias("item_key"),
+                pl.col("issue_no").cast(pl.Int32),
+            )
+        )
+        odd.append(marked.filter(~pl.col("ok")).select("grant_id", "user_id", "item_sku", "issue_no"))
+    return (
+        pl.concat(keyed).unique(KEY),
+        pl.concat(odd).unique("grant_id", keep="first").cast({"issue_no": pl.Int32}),
+    )
+
+
+def _partition_expr(partition_count: int) -> pl.Expr:
+    return (pl.col("user_bucket") * partition_count // BUCKET_MODULUS).cast(pl.Int32)
+
+
+def _missing_rows(
+    pipeline: jobs.Pipeline, missing: pl.DataFrame, issuer: str, skus: dict[int, str], partition_count: int
+) -> pl.DataFrame:
+    failed = ledger.DELIVERY_OUTCOMES.index("failed")
+    why_failed = _failure_details(pipeline, missing.filter(pl.col("outcome") == failed))
+    frame = _with_grant_ids(pipeline, missing, skus).join(why_failed, on=KEY, how="left")
+    details = [
+        _missing_detail(issuer, gid, None if code is None else ledger.DELIVERY_OUTCOMES[code], detail)
+        for gid, code, detail in frame.select("grant_id", "outcome", "answer_detail").iter_rows()
+    ]
+    return _break_frame(
+        frame.with_columns(
+            pl.lit("issuer_missing").alias("break_class"),
+            pl.Series("detail", details, dtype=pl.String),
+            _partition_expr(partition_count).alias("partition_id"),
+        ),
+        issuer,
+    )
+
+
+def _with_grant_ids(pipeline: jobs.Pipeline, keys: pl.DataFrame, skus: dict[int, str]) -> pl.DataFrame:
+    """``keys`` (user_id, item_key, issue_no) with item_sku and the canonical grant_id."""
+    return keys.with_columns(
+        pl.col("item_key").replace_strict(skus, return_dtype=pl.String).alias("item_sku")
+    ).with_columns(
         pl.concat_str(
             [
                 pl.lit(pipeline.campaign.campaign_id),
@@ -181,36 +268,30 @@ def _ledger_side(pipeline: jobs.Pipeline, skus: dict[int, str]) -> pl.DataFrame:
     )
 
 
-def _export_frame(rows: Iterator[dict[str, Any]]) -> pl.DataFrame:
-    """The issuer's export as a frame, gathered in chunks so that a long export streams."""
-    schema: dict[str, Any] = {"grant_id": pl.String, "user_id": pl.Int64, "item_sku": pl.String, "issue_no": pl.Int32}
-    frames = []
-    chunk: list[tuple[str, int, str, int]] = []
-    for row in rows:
-        chunk.append((str(row["grant_id"]), int(row["user_id"]), str(row["item_sku"]), int(row["issue_no"])))
-        if len(chunk) >= EXPORT_FRAME_ROWS:
-            frames.append(pl.DataFrame(chunk, schema=schema, orient="row"))
-            chunk = []
-    frames.append(pl.DataFrame(chunk, schema=schema, orient="row"))
-    return pl.concat(frames)
+def _texts_for(pipeline: jobs.Pipeline, keys: pl.DataFrame, table: sa.Table, column: str, where: Any) -> pl.DataFrame:
+    """``column`` of ``table`` for the grants in ``keys`` (normally a handful: the breaks), by their key."""
+    schema: dict[str, Any] = {"user_id": pl.Int64, "item_key": pl.Int32, "issue_no": pl.Int32, column: pl.String}
+    found: list[tuple[int, int, int, str]] = []
+    t = table.c
+    with pipeline.engine.connect() as connection:
+        for start in range(0, keys.height, TEXT_LOOKUP_USERS):
+            users = keys["user_id"].slice(start, TEXT_LOOKUP_USERS).unique().to_list()
+            found.extend(
+                tuple(row)
+                for row in connection.execute(
+                    sa.select(t.user_id, t.item_key, t.issue_no, t[column]).where(
+                        t.campaign_key == pipeline.keys.campaign_key, t.user_id.in_(users), where
+                    )
+                )
+            )
+    return pl.DataFrame(found, schema=schema, orient="row").join(keys.select(KEY), on=KEY, how="semi")
 
 
-def _partition_expr(partition_count: int) -> pl.Expr:
-    return (pl.col("user_bucket") * partition_count // BUCKET_MODULUS).cast(pl.Int32)
-
-
-def _missing_rows(missing: pl.DataFrame, issuer: str, partition_count: int) -> pl.DataFrame:
-    details = [
-        _missing_detail(issuer, gid, outcome, detail)
-        for gid, outcome, detail in missing.select("grant_id", "outcome", "answer_detail").iter_rows()
-    ]
-    return _break_frame(
-        missing.with_columns(
-            pl.lit("issuer_missing").alias("break_class"),
-            pl.Series("detail", details, dtype=pl.String),
-            _partition_expr(partition_count).alias("partition_id"),
-        ),
-        issuer,
+def _failure_details(pipeline: jobs.Pipeline, keys: pl.DataFrame) -> pl.DataFrame:
+    """The last failed delivery's detail of each grant in ``keys``."""
+    answers = ledger.delivery_answers
+    return _texts_for(pipeline, keys, answers, "detail", answers.c.outcome == "failed").rename(
+        {"detail": "answer_detail"}
     )
 
 
@@ -225,23 +306,30 @@ def _missing_detail(issuer: str, grant_id: str, outcome: str | None, detail: str
 
 
 def _unexpected_rows(
-    unexpected: pl.DataFrame,
-    ledger_rows: pl.DataFrame,
     pipeline: jobs.Pipeline,
+    unexpected: pl.DataFrame,
+    odd: pl.DataFrame,
+    ledger_rows: pl.DataFrame,
     issuer: str,
     skus: dict[int, str],
     partition_count: int,
 ) -> pl.DataFrame:
-    voided = ledger_rows.filter(pl.col("voided")).select("grant_id", "void_actor")
-    known = dict(pipeline.keys.item_keys)
-    frame = (
-        unexpected.join(voided, on="grant_id", how="left")
-        .with_columns(
-            pl.col("item_sku").replace_strict(known, default=UNKNOWN_ITEM_KEY, return_dtype=pl.Int32).alias("item_key"),
-            user_bucket_expr("user_id").alias("user_bucket"),
-        )
-        .with_columns(_partition_expr(partition_count).alias("partition_id"))
-    )
+    voided_keys = unexpected.join(ledger_rows.filter(pl.col("voided")).select(KEY), on=KEY, how="semi")
+    voided = ledger.grant_voids
+    actors = _texts_for(pipeline, voided_keys, voided, "actor", sa.true()).rename({"actor": "void_actor"})
+    every_sku = {key: sku for sku, key in pipeline.keys.item_keys.items()}
+    frame = pl.concat(
+        [
+            _with_grant_ids(pipeline, unexpected, every_sku)
+            .join(actors, on=KEY, how="left")
+            .select("grant_id", "user_id", "item_sku", "issue_no", "item_key", "void_actor"),
+            odd.with_columns(
+                pl.lit(UNKNOWN_ITEM_KEY, dtype=pl.Int32).alias("item_key"),
+                pl.lit(None, dtype=pl.String).alias("void_actor"),
+            ).select("grant_id", "user_id", "item_sku", "issue_no", "item_key", "void_actor"),
+        ]
+    ).with_columns(user_bucket_expr("user_id").alias("user_bucket"))
+    frame = frame.with_columns(_partition_expr(partition_count).alias("partition_id"))
     delivered = set(skus.values())
     campaign_id = pipeline.campaign.campaign_id
     details = [

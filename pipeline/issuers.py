@@ -110,8 +110,8 @@ class Issuer(Protocol):
     def export(self, campaign_id: str) -> Iterator[dict[str, Any]]:
         """Every grant the issuer holds for the campaign (grant_id, user_id, item_sku, issue_no, payload_sha256).
 
-        An issuer may also offer ``export_frame(campaign_id) -> polars.DataFrame`` with the
-        columns of :data:`EXPORT_COLUMNS`; reconciliation uses it when present (faster).
+        An issuer may also offer ``export_frames(campaign_id) -> Iterator[polars.DataFrame]``, chunks
+        with the columns of :data:`EXPORT_COLUMNS`; reconciliation uses it when present (faster).
         """
         ...
 
@@ -200,8 +200,15 @@ class HttpIssuer:
             raise IssuerUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
 
     def export_frame(self, campaign_id: str) -> pl.DataFrame:
-        """The JSON-lines export parsed by Polars in chunks of about 32 MiB, as :data:`EXPORT_COLUMNS`."""
-        frames = []
+        """The whole JSON-lines export as one frame of :data:`EXPORT_COLUMNS`."""
+        return pl.concat(list(self.export_frames(campaign_id)))
+
+    def export_frames(self, campaign_id: str) -> Iterator[pl.DataFrame]:
+        """The JSON-lines export parsed by Polars in chunks of about 32 MiB, as frames of :data:`EXPORT_COLUMNS`.
+
+        A caller that reduces each chunk (the three-way reconciliation keeps integer keys only) never
+        holds the whole export's text or strings.
+        """
         chunks: list[bytes] = []
         size = 0
         pending = b""
@@ -215,15 +222,14 @@ class HttpIssuer:
                     if size >= EXPORT_PARSE_BYTES:
                         pending = b"".join(chunks)
                         cut = pending.rfind(b"\n") + 1
-                        frames.append(_parse_export(self.url, pending[:cut]))
+                        yield _parse_export(self.url, pending[:cut])
                         chunks, size = [pending[cut:]], len(pending) - cut
                 pending = b"".join(chunks)
         except httpx.TimeoutException as exc:
             raise IssuerUnavailable(f"{self.url}: the export did not answer in time ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
             raise IssuerUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
-        frames.append(_parse_export(self.url, pending))
-        return pl.concat(frames)
+        yield _parse_export(self.url, pending)
 
     def close(self) -> None:
         """Close the connection pool."""

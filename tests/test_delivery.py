@@ -8,6 +8,7 @@ down, SIGKILLs of ``entitle deliver``, and under a rate budget.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import random
@@ -33,6 +34,7 @@ from pipeline.config import Settings, load_settings
 from pipeline.errors import CampaignError, DeliveryConflictError
 from pipeline.issuer_service.grants import payload_sha256
 from pipeline.issuers import Answer, GrantPayload, IssuerRejected, IssuerUnavailable, build_issuer
+from pipeline.partitioning import partition_of, user_bucket
 
 SERVICE_START_TIMEOUT_S = 20
 USERS = list(range(1_000, 1_400))  # 400 users: 800 coupon grants for the shop
@@ -773,3 +775,91 @@ def test_a_grant_voided_after_delivery_is_revoked_at_the_issuer_once_and_three_w
     after = reconciliation.reconcile(pipeline)
     assert after.verdict == "RECONCILED", after.explanation
     assert after.bridge["voided"] == 3
+
+
+# --------------------------------------------------------------------------- three-way on integer keys
+
+CRAFTED_EXPORT: list[dict[str, Any]] = []  # what CraftedIssuer exports; set by the test below
+
+
+class CraftedIssuer(ScriptedIssuer):
+    """A python issuer whose export is whatever the test put in CRAFTED_EXPORT."""
+
+    def export(self, campaign_id: str) -> Iterator[dict[str, Any]]:
+        return iter(CRAFTED_EXPORT)
+
+
+def make_crafted(spec: IssuerSpec) -> CraftedIssuer:
+    """``factory = "test_delivery:make_crafted"``."""
+    return CraftedIssuer([])
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_three_way_compares_integer_keys_and_keeps_odd_export_rows_whole(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, granted: Callable[..., Any]
+) -> None:
+    """Duplicates count once; a row whose id is not the canonical one of its fields, or whose sku the
+    campaign does not know, is unexpected as exported (and its fields do not match a ledger grant);
+    a never-delivered grant and one whose last delivery failed are missing with the ledger's reason."""
+    from pipeline import issuer_reconciliation
+
+    text = write_campaign(tmp_path / "c.toml").read_text(encoding="utf-8")
+    text = text.replace(
+        'kind = "http"\nurl = "http://127.0.0.1:9"', 'kind = "python"\nfactory = "test_delivery:make_crafted"'
+    )
+    campaign_file = tmp_path / "crafted.toml"
+    campaign_file.write_text(text, encoding="utf-8")
+    ledger_url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    pipeline, _run = granted(delivery_settings(tmp_path, ledger_url, campaign_file, "http://127.0.0.1:9"))
+
+    def row(user: int, sku: str, grant_id: str | None = None) -> dict[str, Any]:
+        gid = grant_id or delivery.grant_id(CAMPAIGN, user, sku, 0)
+        return {"grant_id": gid, "user_id": user, "item_sku": sku, "issue_no": 0, "payload_sha256": "x"}
+
+    CRAFTED_EXPORT[:] = [row(u, "coupon-2000") for u in USERS[:10]] + [
+        row(USERS[0], "coupon-2000"),  # exported twice
+        row(USERS[10], "coupon-2000", grant_id="foreign-1"),  # not the canonical id of its fields
+        row(USERS[11], "coupon-9999"),  # an sku the campaign does not have
+        row(USERS[12], "emoticon-permanent"),  # the campaign's, but not this issuer's
+    ]
+    coupon = pipeline.keys.item_keys["coupon-2000"]
+    with ledger.write_transaction(pipeline.engine) as connection:
+        connection.execute(
+            ledger.delivery_answers.insert().values(
+                campaign_key=pipeline.keys.campaign_key,
+                user_bucket=user_bucket(USERS[13]),
+                user_id=USERS[13],
+                item_key=coupon,
+                issue_no=0,
+                outcome="failed",
+                detail="503 the shop is down",
+                batch_key=1,
+                answered_at=dt.datetime.now(dt.UTC),
+            )
+        )
+    spec = pipeline.campaign.issuers[0]
+    check = issuer_reconciliation.check_issuer(pipeline, spec, 4)
+    CRAFTED_EXPORT.clear()
+    planned = len(USERS) * len(COUPONS)
+    assert (check.state, check.ledger_live, check.issuer_held) == ("compared", planned, 13)
+    assert (check.matched, check.issuer_missing, check.issuer_unexpected) == (10, planned - 10, 3)
+    assert check.breaks is not None
+    rows = {(b["break_class"], b["user_id"], b["item_sku"]): b for b in check.breaks.iter_rows(named=True)}
+    unexpected = {k: v for k, v in rows.items() if k[0] == "issuer_unexpected"}
+    assert set(unexpected) == {
+        ("issuer_unexpected", USERS[10], "coupon-2000"),
+        ("issuer_unexpected", USERS[11], "coupon-9999"),
+        ("issuer_unexpected", USERS[12], "emoticon-permanent"),
+    }
+    assert unexpected[("issuer_unexpected", USERS[10], "coupon-2000")]["detail"].startswith("foreign-1: ")
+    assert "'coupon-9999' is not an item" in unexpected[("issuer_unexpected", USERS[11], "coupon-9999")]["detail"]
+    emoticon = unexpected[("issuer_unexpected", USERS[12], "emoticon-permanent")]
+    assert (
+        "not an item of campaign" in emoticon["detail"]
+        and emoticon["item_key"] == pipeline.keys.item_keys["emoticon-permanent"]
+    )
+    assert all(b["partition_id"] == partition_of(b["user_id"], 4) for b in rows.values())
+    failed = rows[("issuer_missing", USERS[13], "coupon-2000")]["detail"]
+    assert "the last delivery to issuer 'shop' failed (503 the shop is down)" in failed
+    never = rows[("issuer_missing", USERS[10], "coupon-2000")]["detail"]
+    assert never.startswith(f"{CAMPAIGN}:{USERS[10]}:coupon-2000:0 was never delivered")
