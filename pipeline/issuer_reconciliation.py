@@ -19,10 +19,15 @@ issuer_unexpected, where issuer_held counts the distinct grant ids exported. An
 issuer whose export cannot be read makes the reconciliation ``INCOMPLETE``.
 
 Both sides are compared on the grant's integer key (user_id, item_key,
-issue_no), never its id string: the ledger side holds about 26 bytes a grant,
-the export is reduced chunk by chunk to 16 bytes a grant (rows whose id is not
-the canonical one of their fields are kept whole, as issuer_unexpected), and
-the texts a break's detail needs are read for the breaks only.
+issue_no), never its id string. The export is reduced chunk by chunk to that
+key and its partition (rows whose id is not the canonical one of their
+fields, whose sku the campaign does not know or whose user id is not
+positive cannot be ledger grants and are kept whole, as issuer_unexpected);
+then each partition's bucket range of the ledger is read and compared with
+that partition's keys, so memory grows with the export (about 35 bytes a
+grant measured, bench/bench_three_way.py), not with both sides and their join
+tables. The texts a break's detail needs (who voided it, why its delivery
+failed) are read for the breaks only.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import sqlalchemy as sa
 from pipeline import jobs, ledger
 from pipeline.campaign import IssuerSpec
 from pipeline.issuers import Issuer, IssuerRejected, IssuerUnavailable, build_issuer
-from pipeline.partitioning import BUCKET_MODULUS, user_bucket_expr
+from pipeline.partitioning import BUCKET_MODULUS, bucket_range, user_bucket_expr
 
 ISSUER_BREAK_CLASSES = ("issuer_missing", "issuer_unexpected")
 EXPORT_FRAME_ROWS = 200_000  # export rows gathered per frame while streaming
@@ -51,6 +56,7 @@ EXPORT_SCHEMA: dict[str, Any] = {
 LEDGER_FETCH_ROWS = 200_000
 TEXT_LOOKUP_USERS = 500  # user ids per query when reading the breaks' texts
 KEY = ["user_id", "item_key", "issue_no"]  # a grant within the campaign (with the campaign's key)
+_EMPTY_KEYS = pl.DataFrame(schema={"user_id": pl.Int64, "item_key": pl.Int32, "issue_no": pl.Int32})
 ANSWER_DETAIL_CHARS = 200
 UNKNOWN_ITEM_KEY = -1  # an exported sku the campaign does not know
 
@@ -96,19 +102,22 @@ def check_issuers(pipeline: jobs.Pipeline, partition_count: int) -> list[IssuerC
 
 
 def check_issuer(pipeline: jobs.Pipeline, spec: IssuerSpec, partition_count: int) -> IssuerCheck:
-    """One issuer: read the ledger side, then the export, and classify every difference."""
+    """One issuer: read its export, then compare it with the ledger partition by partition.
+
+    The export is held as integer keys (16 bytes a grant, plus its partition); the ledger side
+    is read one partition's bucket range at a time, so memory grows with the export, not with
+    both sides and their join tables.
+    """
     started = time.monotonic()
     skus = {pipeline.keys.item_keys[i.sku]: i.sku for i in pipeline.campaign.items_of(spec.name)}
-    ledger_rows = _ledger_side(pipeline, skus)
-    live = ledger_rows.filter(~pl.col("voided"))
     issuer = build_issuer(spec)
     try:
-        exported, odd = _compact_export(pipeline, issuer)
+        exported, odd = _compact_export(pipeline, issuer, partition_count)
     except (IssuerUnavailable, IssuerRejected, OSError, ValueError, KeyError, TypeError) as exc:
         return IssuerCheck(
             spec.name,
             "unreadable",
-            live.height,
+            _live_count(pipeline, skus),
             0,
             0,
             0,
@@ -119,22 +128,35 @@ def check_issuer(pipeline: jobs.Pipeline, spec: IssuerSpec, partition_count: int
         )
     finally:
         issuer.close()
-    missing = live.join(exported, on=KEY, how="anti")
-    unexpected = exported.join(live.select(KEY), on=KEY, how="anti")
-    matched = live.height - missing.height
+    groups = exported.partition_by("partition_id", as_dict=True, include_key=False)
+    del exported
+    ledger_live = issuer_held = 0
+    missing_parts, unexpected_parts, voided_parts = [], [], []
+    for partition_id in range(partition_count):
+        held = groups.pop((partition_id,), _EMPTY_KEYS).unique(KEY)
+        rows = _ledger_side(pipeline, skus, bucket_range(partition_id, partition_count))
+        live = rows.filter(~pl.col("voided"))
+        missing_parts.append(live.join(held, on=KEY, how="anti"))
+        unexpected = held.join(live.select(KEY), on=KEY, how="anti")
+        unexpected_parts.append(unexpected)
+        voided_parts.append(unexpected.join(rows.filter(pl.col("voided")).select(KEY), on=KEY, how="semi"))
+        ledger_live += live.height
+        issuer_held += held.height
+    missing = pl.concat(missing_parts)
+    unexpected = pl.concat(unexpected_parts)
     breaks = pl.concat(
         [
             _missing_rows(pipeline, missing, spec.name, skus, partition_count),
-            _unexpected_rows(pipeline, unexpected, odd, ledger_rows, spec.name, skus, partition_count),
+            _unexpected_rows(pipeline, unexpected, odd, pl.concat(voided_parts), spec.name, skus, partition_count),
         ],
         how="vertical_relaxed",
     )
     return IssuerCheck(
         spec.name,
         "compared",
-        live.height,
-        exported.height + odd.height,
-        matched,
+        ledger_live,
+        issuer_held + odd.height,
+        ledger_live - missing.height,
         missing.height,
         unexpected.height + odd.height,
         breaks,
@@ -143,8 +165,22 @@ def check_issuer(pipeline: jobs.Pipeline, spec: IssuerSpec, partition_count: int
     )
 
 
-def _ledger_side(pipeline: jobs.Pipeline, skus: dict[int, str]) -> pl.DataFrame:
-    """Every grant of the issuer's items (live or voided) by its integer key, with its last delivery answer.
+def _live_count(pipeline: jobs.Pipeline, skus: dict[int, str]) -> int:
+    """The ledger's live grants of the issuer's items (for the report when the export is unreadable)."""
+    statement = sa.text(
+        f"SELECT count(*) FROM grants AS g LEFT JOIN grant_voids AS v ON {ledger.same_grant('v')} "
+        "WHERE g.campaign_key = :campaign_key AND g.item_key IN :item_keys AND v.actor IS NULL"
+    ).bindparams(sa.bindparam("item_keys", expanding=True))
+    with pipeline.engine.connect() as connection:
+        return int(
+            connection.execute(
+                statement, {"campaign_key": pipeline.keys.campaign_key, "item_keys": sorted(skus)}
+            ).scalar_one()
+        )
+
+
+def _ledger_side(pipeline: jobs.Pipeline, skus: dict[int, str], buckets: tuple[int, int]) -> pl.DataFrame:
+    """The grants of the issuer's items in a bucket range (live or voided) by integer key, with the last answer.
 
     About 26 bytes a grant: the key, ``voided`` and the answer as a small code; the texts the
     break details need (who voided, why a delivery failed) are read for the breaks only.
@@ -164,7 +200,8 @@ def _ledger_side(pipeline: jobs.Pipeline, skus: dict[int, str]) -> pl.DataFrame:
         f"CASE a.outcome {codes} END FROM grants AS g "
         f"LEFT JOIN grant_voids AS v ON {ledger.same_grant('v')} "
         f"LEFT JOIN delivery_answers AS a ON {ledger.same_grant('a')} "
-        f"WHERE g.campaign_key = {int(pipeline.keys.campaign_key)} AND g.item_key IN ({item_keys})"
+        f"WHERE g.campaign_key = {int(pipeline.keys.campaign_key)} AND g.item_key IN ({item_keys}) "
+        f"AND g.user_bucket BETWEEN {int(buckets[0])} AND {int(buckets[1])}"
     )
     frames = []
     with pipeline.engine.connect() as connection:
@@ -204,7 +241,7 @@ def _export_chunks(pipeline: jobs.Pipeline, issuer: Issuer) -> Iterator[pl.DataF
     yield pl.DataFrame(chunk, schema=EXPORT_SCHEMA, orient="row")
 
 
-def _compact_export(pipeline: jobs.Pipeline, issuer: Issuer) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _compact_export(pipeline: jobs.Pipeline, issuer: Issuer, partition_count: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The export reduced chunk by chunk to the distinct integer keys (16 bytes a grant), and the odd rows.
 
     A row is kept by key when its grant id is the canonical ``{campaign}:{user}:{sku}:{issue_no}``
@@ -222,20 +259,25 @@ def _compact_export(pipeline: jobs.Pipeline, issuer: Issuer) -> tuple[pl.DataFra
         ],
         separator=":",
     )
-    keyed, odd = [], []
+    # An empty frame of each kind first: an issuer that holds nothing may yield no chunk at all.
+    keyed = [_EMPTY_KEYS.with_columns(pl.lit(0, dtype=pl.Int32).alias("partition_id"))]
+    odd = [pl.DataFrame(schema=EXPORT_SCHEMA)]
     for chunk in _export_chunks(pipeline, issuer):
-        ok = (pl.col("grant_id") == canonical) & pl.col("item_sku").is_in(list(known))
+        ok = (pl.col("grant_id") == canonical) & pl.col("item_sku").is_in(list(known)) & (pl.col("user_id") > 0)
         marked = chunk.with_columns(ok.fill_null(False).alias("ok"))
         keyed.append(
             marked.filter(pl.col("ok")).select(
                 "user_id",
                 pl.col("item_sku").replace_strict(known, return_dtype=pl.Int32).alias("item_key"),
                 pl.col("issue_no").cast(pl.Int32),
+                (user_bucket_expr("user_id") * partition_count // BUCKET_MODULUS).cast(pl.Int32).alias("partition_id"),
             )
         )
-        odd.append(marked.filter(~pl.col("ok")).select("grant_id", "user_id", "item_sku", "issue_no"))
+        odd.append(
+            marked.filter(~pl.col("ok")).select("grant_id", "user_id", "item_sku", pl.col("issue_no").cast(pl.Int32))
+        )
     return (
-        pl.concat(keyed).unique(KEY),
+        pl.concat(keyed),
         pl.concat(odd).unique("grant_id", keep="first").cast({"issue_no": pl.Int32}),
     )
 
@@ -322,12 +364,11 @@ def _unexpected_rows(
     pipeline: jobs.Pipeline,
     unexpected: pl.DataFrame,
     odd: pl.DataFrame,
-    ledger_rows: pl.DataFrame,
+    voided_keys: pl.DataFrame,
     issuer: str,
     skus: dict[int, str],
     partition_count: int,
 ) -> pl.DataFrame:
-    voided_keys = unexpected.join(ledger_rows.filter(pl.col("voided")).select(KEY), on=KEY, how="semi")
     voided = ledger.grant_voids
     actors = _texts_for(pipeline, voided_keys, voided, "actor", sa.true()).rename({"actor": "void_actor"})
     every_sku = {key: sku for sku, key in pipeline.keys.item_keys.items()}
