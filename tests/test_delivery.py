@@ -788,6 +788,11 @@ class CraftedIssuer(ScriptedIssuer):
     def export(self, campaign_id: str) -> Iterator[dict[str, Any]]:
         return iter(CRAFTED_EXPORT)
 
+    def export_frames(self, campaign_id: str) -> Iterator[pl.DataFrame]:
+        """The same rows as frames; nothing at all (not even an empty frame) when it holds nothing."""
+        if CRAFTED_EXPORT:
+            yield pl.DataFrame(CRAFTED_EXPORT).select("grant_id", "user_id", "item_sku", "issue_no")
+
 
 def make_crafted(spec: IssuerSpec) -> CraftedIssuer:
     """``factory = "test_delivery:make_crafted"``."""
@@ -863,3 +868,7 @@ def test_three_way_compares_integer_keys_and_keeps_odd_export_rows_whole(
     assert "the last delivery to issuer 'shop' failed (503 the shop is down)" in failed
     never = rows[("issuer_missing", USERS[10], "coupon-2000")]["detail"]
     assert never.startswith(f"{CAMPAIGN}:{USERS[10]}:coupon-2000:0 was never delivered")
+
+    # An issuer that holds nothing is compared (everything missing), not "unreadable".
+    empty = issuer_reconciliation.check_issuer(pipeline, spec, 4)
+    assert (empty.state, empty.issuer_held, empty.matched, empty.issuer_missing) == ("compared", 0, 0, planned)
