@@ -378,7 +378,9 @@ def _unexpected_rows(
             .join(actors, on=KEY, how="left")
             .select("grant_id", "user_id", "item_sku", "issue_no", "item_key", "void_actor"),
             odd.with_columns(
-                pl.lit(UNKNOWN_ITEM_KEY, dtype=pl.Int32).alias("item_key"),
+                pl.col("item_sku")
+                .replace_strict(dict(pipeline.keys.item_keys), default=UNKNOWN_ITEM_KEY, return_dtype=pl.Int32)
+                .alias("item_key"),
                 pl.lit(None, dtype=pl.String).alias("void_actor"),
             ).select("grant_id", "user_id", "item_sku", "issue_no", "item_key", "void_actor"),
         ]

@@ -856,7 +856,9 @@ def test_three_way_compares_integer_keys_and_keeps_odd_export_rows_whole(
         ("issuer_unexpected", USERS[11], "coupon-9999"),
         ("issuer_unexpected", USERS[12], "emoticon-permanent"),
     }
-    assert unexpected[("issuer_unexpected", USERS[10], "coupon-2000")]["detail"].startswith("foreign-1: ")
+    foreign = unexpected[("issuer_unexpected", USERS[10], "coupon-2000")]
+    assert foreign["detail"].startswith("foreign-1: ") and foreign["item_key"] == coupon
+    assert unexpected[("issuer_unexpected", USERS[11], "coupon-9999")]["item_key"] == -1, "no such item"
     assert "'coupon-9999' is not an item" in unexpected[("issuer_unexpected", USERS[11], "coupon-9999")]["detail"]
     emoticon = unexpected[("issuer_unexpected", USERS[12], "emoticon-permanent")]
     assert (
