@@ -43,7 +43,15 @@ from sqlalchemy.engine import Connection, Engine
 from pipeline import ledger
 from pipeline.campaign import Campaign, IssuerSpec
 from pipeline.errors import DeliveryConflictError, DeliveryFailedError, invariant
-from pipeline.issuers import Answer, GrantPayload, Issuer, IssuerRejected, IssuerUnavailable, build_issuer
+from pipeline.issuers import (
+    RETRY_AFTER_S_MAX,
+    Answer,
+    GrantPayload,
+    Issuer,
+    IssuerRejected,
+    IssuerUnavailable,
+    build_issuer,
+)
 from pipeline.ledger import CampaignKeys, delivery_batches, delivery_partitions, write_transaction
 from pipeline.partitioning import PartitionEntry
 
@@ -119,7 +127,9 @@ class SharedRateBudget(RateBudget):
         ledger.hold_issuer(self.engine, self.issuer, seconds)
 
     def acquire(self) -> None:
-        wait_s = ledger.take_issuer_slot(self.engine, self.issuer, self.interval_s)
+        # No real wait exceeds the longest Retry-After plus a thousand queued requests.
+        wait_max_s = RETRY_AFTER_S_MAX + 1_000 * self.interval_s
+        wait_s = ledger.take_issuer_slot(self.engine, self.issuer, self.interval_s, wait_max_s)
         with self._lock:
             self.starts.append(self._clock() + wait_s)
         if wait_s > 0:

@@ -610,8 +610,12 @@ def _budget_upsert(engine: Engine, new_value: str, update: str, returning: str =
     return sql.format(now=now, greatest="GREATEST" if postgres else "MAX")
 
 
-def take_issuer_slot(engine: Engine, issuer: str, interval_s: float) -> float:
-    """Reserve the issuer's next request slot, ``interval_s`` after the previous one; seconds to wait for it."""
+def take_issuer_slot(engine: Engine, issuer: str, interval_s: float, wait_max_s: float = float("inf")) -> float:
+    """Reserve the issuer's next request slot, ``interval_s`` after the previous one; seconds to wait for it.
+
+    A wait above ``wait_max_s`` cannot come from the budget or a Retry-After (the clock went
+    back, or the row was edited by hand): the row restarts from now and the request goes at once.
+    """
     step = max(1, round(interval_s * 1_000_000))
     sql = _budget_upsert(
         engine,
@@ -619,11 +623,14 @@ def take_issuer_slot(engine: Engine, issuer: str, interval_s: float) -> float:
         "{greatest}(issuer_budgets.next_at_us, {now}) + :step",
         "issuer_budgets.next_at_us - :step - {now}",
     )
+    now = int(time.time() * 1_000_000)
     with write_transaction(engine) as connection:
-        wait_us = connection.execute(
-            sa.text(sql), {"issuer": issuer, "step": step, "now": int(time.time() * 1_000_000)}
-        ).scalar_one()
-    return max(0.0, int(wait_us) / 1_000_000)
+        wait_us = int(connection.execute(sa.text(sql), {"issuer": issuer, "step": step, "now": now}).scalar_one())
+        if wait_us > wait_max_s * 1_000_000:
+            restart = _budget_upsert(engine, "{now} + :step", "{now} + :step")
+            connection.execute(sa.text(restart), {"issuer": issuer, "step": step, "now": now})
+            return 0.0
+    return max(0.0, wait_us / 1_000_000)
 
 
 def hold_issuer(engine: Engine, issuer: str, seconds: float) -> None:

@@ -511,3 +511,7 @@ def test_issuer_slots_are_spaced_by_the_interval_and_a_hold_delays_the_next(engi
     assert 2.8 < ledger.take_issuer_slot(engine, "emoticons", 0.5) <= 3.0, "a Retry-After holds every caller"
     ledger.hold_issuer(engine, "shop", 0.1)
     assert 1.8 < ledger.take_issuer_slot(engine, "shop", 0.5) <= 2.0, "a hold shorter than the queue changes nothing"
+    # A wait no budget or Retry-After can explain (the clock went back an hour): start again from now.
+    ledger.hold_issuer(engine, "shop", 3_600.0)
+    assert ledger.take_issuer_slot(engine, "shop", 0.5, wait_max_s=60.0) == 0.0
+    assert 0.4 < ledger.take_issuer_slot(engine, "shop", 0.5, wait_max_s=60.0) <= 0.5, "and the spacing goes on"
