@@ -250,15 +250,7 @@ def _compact_export(pipeline: jobs.Pipeline, issuer: Issuer, partition_count: in
     """
     campaign_id = pipeline.campaign.campaign_id
     known = dict(pipeline.keys.item_keys)
-    canonical = pl.concat_str(
-        [
-            pl.lit(campaign_id),
-            pl.col("user_id").cast(pl.String),
-            pl.col("item_sku"),
-            pl.col("issue_no").cast(pl.String),
-        ],
-        separator=":",
-    )
+    canonical = _grant_id_expr(campaign_id)
     # An empty frame of each kind first: an issuer that holds nothing may yield no chunk at all.
     keyed = [_EMPTY_KEYS.with_columns(pl.lit(0, dtype=pl.Int32).alias("partition_id"))]
     odd = [pl.DataFrame(schema=EXPORT_SCHEMA)]
@@ -270,7 +262,7 @@ def _compact_export(pipeline: jobs.Pipeline, issuer: Issuer, partition_count: in
                 "user_id",
                 pl.col("item_sku").replace_strict(known, return_dtype=pl.Int32).alias("item_key"),
                 pl.col("issue_no").cast(pl.Int32),
-                (user_bucket_expr("user_id") * partition_count // BUCKET_MODULUS).cast(pl.Int32).alias("partition_id"),
+                _partition_expr(partition_count, user_bucket_expr("user_id")).alias("partition_id"),
             )
         )
         odd.append(
@@ -282,8 +274,23 @@ def _compact_export(pipeline: jobs.Pipeline, issuer: Issuer, partition_count: in
     )
 
 
-def _partition_expr(partition_count: int) -> pl.Expr:
-    return (pl.col("user_bucket") * partition_count // BUCKET_MODULUS).cast(pl.Int32)
+def _partition_expr(partition_count: int, bucket: pl.Expr | None = None) -> pl.Expr:
+    """The partition of each row from its bucket (default: the ``user_bucket`` column)."""
+    bucket = pl.col("user_bucket") if bucket is None else bucket
+    return (bucket * partition_count // BUCKET_MODULUS).cast(pl.Int32)
+
+
+def _grant_id_expr(campaign_id: str) -> pl.Expr:
+    """The canonical grant id ``{campaign}:{user}:{sku}:{issue_no}`` from a row's fields."""
+    return pl.concat_str(
+        [
+            pl.lit(campaign_id),
+            pl.col("user_id").cast(pl.String),
+            pl.col("item_sku"),
+            pl.col("issue_no").cast(pl.String),
+        ],
+        separator=":",
+    )
 
 
 def _missing_rows(
@@ -310,17 +317,7 @@ def _with_grant_ids(pipeline: jobs.Pipeline, keys: pl.DataFrame, skus: dict[int,
     """``keys`` (user_id, item_key, issue_no) with item_sku and the canonical grant_id."""
     return keys.with_columns(
         pl.col("item_key").replace_strict(skus, return_dtype=pl.String).alias("item_sku")
-    ).with_columns(
-        pl.concat_str(
-            [
-                pl.lit(pipeline.campaign.campaign_id),
-                pl.col("user_id").cast(pl.String),
-                pl.col("item_sku"),
-                pl.col("issue_no").cast(pl.String),
-            ],
-            separator=":",
-        ).alias("grant_id")
-    )
+    ).with_columns(_grant_id_expr(pipeline.campaign.campaign_id).alias("grant_id"))
 
 
 def _texts_for(pipeline: jobs.Pipeline, keys: pl.DataFrame, table: sa.Table, column: str, where: Any) -> pl.DataFrame:
