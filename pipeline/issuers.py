@@ -199,10 +199,6 @@ class HttpIssuer:
         except httpx.TransportError as exc:
             raise IssuerUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
 
-    def export_frame(self, campaign_id: str) -> pl.DataFrame:
-        """The whole JSON-lines export as one frame of :data:`EXPORT_COLUMNS`."""
-        return pl.concat(list(self.export_frames(campaign_id)))
-
     def export_frames(self, campaign_id: str) -> Iterator[pl.DataFrame]:
         """The JSON-lines export parsed by Polars in chunks of about 32 MiB, as frames of :data:`EXPORT_COLUMNS`.
 
