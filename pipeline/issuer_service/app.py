@@ -23,7 +23,6 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import anyio.to_thread
 import msgspec
@@ -47,7 +46,7 @@ from pipeline.issuer_service.grants import (
     parse_batch,
     parse_single,
 )
-from pipeline.issuer_service.store import EXPORT_CHUNK_ROWS, ExportedGrant, IssuerStore, Outcome
+from pipeline.issuer_service.store import EXPORT_CHUNK_ROWS, IssuerStore, Outcome
 
 SPEC_PATH = Path(__file__).resolve().parent.parent.parent / "schemas" / "issuer_service.openapi.json"
 DROP_EXTENSION = "entitle.drop_connection"
@@ -72,10 +71,6 @@ class _BodyTooLarge(Exception):
 
 def _json(document: object, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(_encoder.encode(document), status_code=status_code, headers=headers, media_type="application/json")
-
-
-def _utc_text(instant: dt.datetime) -> str:
-    return instant.astimezone(dt.UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 async def _read_body(request: Request, limit_bytes: int) -> bytes:
@@ -288,13 +283,12 @@ class IssuerService:
     async def _jsonl(self, campaign_id: str) -> AsyncIterator[bytes]:
         after: str | None = None
         while True:
-            chunk = await anyio.to_thread.run_sync(self.store.export_chunk, campaign_id, after, EXPORT_CHUNK_ROWS)
-            if not chunk:
+            page = await anyio.to_thread.run_sync(self.store.export_lines, campaign_id, after, EXPORT_CHUNK_ROWS)
+            if page.rows:
+                yield page.text
+            if page.rows < EXPORT_CHUNK_ROWS:
                 return
-            yield b"".join([_encoder.encode(_export_row(row)) + b"\n" for row in chunk])
-            if len(chunk) < EXPORT_CHUNK_ROWS:
-                return
-            after = chunk[-1].grant_id
+            after = page.last_grant_id
 
     def _write_parquet(self, campaign_id: str) -> Path:
         import pyarrow as pa
@@ -370,18 +364,6 @@ class IssuerService:
             return _json({"error": str(exc), "field": exc.field}, 422)
         log.info("fault settings now %s", json.dumps(settings.as_dict()))
         return _json(settings.as_dict())
-
-
-def _export_row(row: ExportedGrant) -> dict[str, Any]:
-    return {
-        "grant_id": row.grant_id,
-        "campaign_id": row.campaign_id,
-        "user_id": row.user_id,
-        "item_sku": row.item_sku,
-        "issue_no": row.issue_no,
-        "payload_sha256": row.payload_sha256,
-        "created_at": _utc_text(row.created_at),
-    }
 
 
 REVOKE_REASON_CHARS_MAX = 1_000

@@ -97,6 +97,15 @@ class ExportedGrant:
     created_at: dt.datetime
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportLines:
+    """One page of the JSON-lines export: its text, the last grant id on it (for the next page), its row count."""
+
+    text: bytes
+    last_grant_id: str | None
+    rows: int
+
+
 def store_url(text: str) -> sa.URL:
     """The SQLAlchemy URL of ``text``: a URL (sqlite:///…, postgresql+psycopg://…) or a path to an SQLite file."""
     if "://" not in text:
@@ -319,6 +328,40 @@ class IssuerStore:
             )
             for r in rows
         ]
+
+    def export_lines(
+        self, campaign_id: str, after_grant_id: str | None, rows_max: int = EXPORT_CHUNK_ROWS
+    ) -> ExportLines:
+        """The same page as :meth:`export_chunk`, as JSON lines the database writes (the JSON-lines export's path).
+
+        SQLite's ``json_object`` and PostgreSQL's ``json_build_object`` build each line, so no row becomes a
+        Python object: about four times the typed path's rate. ``created_at`` is written as
+        :meth:`export_chunk`'s value in UTC, ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (the stored text on SQLite,
+        which this store always writes in UTC with microseconds).
+        """
+        created = (
+            "replace(g.created_at, ' ', 'T') || 'Z'"
+            if self.is_sqlite
+            else """to_char(g.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+        )
+        build = "json_object" if self.is_sqlite else "json_build_object"
+        cast = "" if self.is_sqlite else "::text"
+        query = sa.text(
+            f"SELECT g.grant_id, {build}('grant_id', g.grant_id, 'campaign_id', g.campaign_id, "
+            "'user_id', g.user_id, 'item_sku', g.item_sku, 'issue_no', g.issue_no, "
+            f"'payload_sha256', g.payload_sha256, 'created_at', {created}){cast} "
+            "FROM issued_grants g WHERE g.campaign_id = :campaign_id AND g.grant_id > :after "
+            "AND NOT EXISTS (SELECT 1 FROM revoked_grants r WHERE r.grant_id = g.grant_id) "
+            "ORDER BY g.grant_id LIMIT :rows_max"
+        )
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                query, {"campaign_id": campaign_id, "after": after_grant_id or "", "rows_max": rows_max}
+            ).all()
+        if not rows:
+            return ExportLines(b"", None, 0)
+        text = "\n".join([line for _gid, line in rows]) + "\n"
+        return ExportLines(text.encode(), rows[-1][0], len(rows))
 
     def export(self, campaign_id: str, rows_max: int = EXPORT_CHUNK_ROWS) -> Iterator[list[ExportedGrant]]:
         """Every grant of ``campaign_id`` in chunks of at most ``rows_max`` (grants added meanwhile may appear)."""
