@@ -14,13 +14,14 @@ import datetime as dt
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import polars as pl
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from pipeline import delivery, jobs, ledger
+from pipeline.campaign import Campaign
 from pipeline.errors import CorrectionError
 from pipeline.ledger import delivery_answers, grant_voids, grants, recon_breaks, recon_runs, write_transaction
 from pipeline.partitioning import partition_of, user_bucket
@@ -66,9 +67,23 @@ def _check_text(value: str, name: str, limit: int, where: str) -> str:
     return text
 
 
-def void_grants(
-    pipeline: jobs.Pipeline, requests: list[VoidRequest], actor: str, now: dt.datetime
-) -> list[VoidedGrant]:
+class VoidScope(Protocol):
+    """What voiding needs of a campaign: a :class:`jobs.Pipeline`, or a merchant program (``claims void``)."""
+
+    @property
+    def engine(self) -> Engine:
+        """The ledger."""
+
+    @property
+    def keys(self) -> ledger.CampaignKeys:
+        """The campaign's keys in the ledger."""
+
+    @property
+    def campaign(self) -> Campaign:
+        """The campaign (its id and items name the grants in messages)."""
+
+
+def void_grants(pipeline: VoidScope, requests: list[VoidRequest], actor: str, now: dt.datetime) -> list[VoidedGrant]:
     """Void every grant the requests name, in one transaction; refuse the whole batch on any bad request."""
     actor = _check_text(actor, "actor", ACTOR_CHARS_MAX, "--actor")
     if not requests:
@@ -123,7 +138,7 @@ def void_grants(
     ]
 
 
-def _void_targets(connection: Connection, pipeline: jobs.Pipeline, request: VoidRequest) -> list[dict[str, Any]]:
+def _void_targets(connection: Connection, pipeline: VoidScope, request: VoidRequest) -> list[dict[str, Any]]:
     """The live grant rows a request names; :class:`CorrectionError` when there are none."""
     campaign_key = pipeline.keys.campaign_key
     if request.break_id is not None:
@@ -167,16 +182,7 @@ def _void_targets(connection: Connection, pipeline: jobs.Pipeline, request: Void
 
 def _grants_and_their_voids() -> sa.Join:
     """Grants left-joined to the void of the same issue (void columns are NULL for a live grant)."""
-    return grants.outerjoin(
-        grant_voids,
-        sa.and_(
-            grant_voids.c.campaign_key == grants.c.campaign_key,
-            grant_voids.c.user_bucket == grants.c.user_bucket,
-            grant_voids.c.user_id == grants.c.user_id,
-            grant_voids.c.item_key == grants.c.item_key,
-            grant_voids.c.issue_no == grants.c.issue_no,
-        ),
-    )
+    return grants.outerjoin(grant_voids, ledger.void_of_grant())
 
 
 def _live_rows(

@@ -696,6 +696,17 @@ class CampaignKeys:
         return hashlib.sha256(parts.encode()).hexdigest()[:16]
 
 
+def void_of_grant() -> sa.ColumnElement[bool]:
+    """The join condition of a grant and its void (the same campaign, user, item and issue)."""
+    return sa.and_(
+        grant_voids.c.campaign_key == grants.c.campaign_key,
+        grant_voids.c.user_bucket == grants.c.user_bucket,
+        grant_voids.c.user_id == grants.c.user_id,
+        grant_voids.c.item_key == grants.c.item_key,
+        grant_voids.c.issue_no == grants.c.issue_no,
+    )
+
+
 def epoch_us_sql(column: str, dialect: str) -> str:
     """An instant column as UTC epoch microseconds in SQL (SQLite stores them so already)."""
     if dialect == "postgresql":

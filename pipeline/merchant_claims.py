@@ -32,6 +32,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from pipeline import ledger, pgcopy, schemas
+from pipeline.campaign import Campaign
 from pipeline.config import Settings
 from pipeline.errors import EntitleError, SnapshotError, invariant
 from pipeline.ledger import (
@@ -90,6 +91,11 @@ class OpenProgram:
     def item_key(self) -> int:
         """The key of the program's cash item."""
         return self.keys.item_keys[self.program.item_sku]
+
+    @property
+    def campaign(self) -> Campaign:
+        """The program as the ledger's campaign (its one item is the cash payout)."""
+        return self.program.campaign()
 
     @property
     def folder(self) -> Path:
@@ -790,13 +796,7 @@ def _granted(connection: Connection, op: OpenProgram, merchants: Sequence[int]) 
 
 def live_payouts(connection: Connection, op: OpenProgram) -> dict[int, list[int]]:
     """Live (not voided) payout amounts per merchant."""
-    voided = sa.exists().where(
-        grant_voids.c.campaign_key == grants.c.campaign_key,
-        grant_voids.c.user_bucket == grants.c.user_bucket,
-        grant_voids.c.user_id == grants.c.user_id,
-        grant_voids.c.item_key == grants.c.item_key,
-        grant_voids.c.issue_no == grants.c.issue_no,
-    )
+    voided = sa.exists().where(ledger.void_of_grant())
     found: dict[int, list[int]] = {}
     for user, amount in connection.execute(
         sa.select(grants.c.user_id, grants.c.amount_krw).where(
@@ -804,4 +804,30 @@ def live_payouts(connection: Connection, op: OpenProgram) -> dict[int, list[int]
         )
     ):
         found.setdefault(int(user), []).append(int(amount or 0))
+    return found
+
+
+@dataclass(frozen=True)
+class VoidedPayout:
+    """A payout voided on purpose (`entitle claims void`): the amount taken back, who, when and why."""
+
+    amount_krw: int
+    actor: str
+    reason: str
+    voided_at: dt.datetime
+
+
+def voided_payouts(connection: Connection, op: OpenProgram) -> dict[int, VoidedPayout]:
+    """Voided payouts per merchant (the last one, should a merchant have several)."""
+    joined = grants.join(grant_voids, ledger.void_of_grant())
+    found: dict[int, VoidedPayout] = {}
+    for row in connection.execute(
+        sa.select(
+            grants.c.user_id, grants.c.amount_krw, grant_voids.c.actor, grant_voids.c.reason, grant_voids.c.voided_at
+        )
+        .select_from(joined)
+        .where(grants.c.campaign_key == op.campaign_key, grants.c.item_key == op.item_key)
+        .order_by(grant_voids.c.voided_at)
+    ):
+        found[int(row.user_id)] = VoidedPayout(int(row.amount_krw or 0), str(row.actor), str(row.reason), row.voided_at)
     return found

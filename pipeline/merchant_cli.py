@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import merchant_claims, merchant_reconciliation, merchant_review
+from pipeline import corrections, merchant_claims, merchant_reconciliation, merchant_review
 from pipeline.config import Settings
+from pipeline.errors import CorrectionError
 from pipeline.merchant_claims import OpenProgram
 from pipeline.merchant_program import PROGRAM_FILE_VARIABLE, program_file_from
 
@@ -32,7 +33,7 @@ def register(command: Command) -> None:
     claims = command(
         "claims",
         "merchant cash claims: `ingest` a CSV/Parquet claims file, `assign` tiers, `pay` decided cases, "
-        "`reconcile` payouts (exit 0 RECONCILED, 8 BREAKS)",
+        "`void` a payout, `reconcile` payouts (exit 0 RECONCILED, 8 BREAKS)",
     )
     actions = claims.add_subparsers(dest="claims_action", metavar="ACTION", required=True)
     p = _action(actions, "ingest", "validate a claims file, quarantine bad rows, record new claims and their cases")
@@ -51,6 +52,16 @@ def register(command: Command) -> None:
     p.set_defaults(handler=cmd_claims_pay)
     p = _action(actions, "reconcile", "payouts per tier against claims and decisions; exit 0 RECONCILED, 8 BREAKS")
     p.set_defaults(handler=cmd_claims_reconcile)
+    p = _action(
+        actions,
+        "void",
+        "take back the payout of one or more cases by a compensating entry (never a delete); all-or-nothing; "
+        "the case is never paid again and the reconciliation counts it as voided",
+    )
+    p.add_argument("cases", nargs="+", metavar="CASE", help="case id, e.g. mc-1234")
+    p.add_argument("--actor", required=True, help="who voids (recorded)")
+    p.add_argument("--reason", required=True, help="why (recorded), e.g. 'fraud case 118'")
+    p.set_defaults(handler=cmd_claims_void)
 
     review = command(
         "review",
@@ -165,16 +176,43 @@ def cmd_claims_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         op.engine.dispose()
     lines = [f"{result.verdict}: {result.explanation}", f"program {result.program_id}"]
     lines.append("  claims: " + (", ".join(f"{s} {n:,}" for s, n in result.claims_by_status.items()) or "none"))
-    lines.append(f"  {'tier':<20} {'cases':>8} {'due':>8} {'due KRW':>14} {'paid':>8} {'paid KRW':>14}")
+    lines.append(
+        f"  {'tier':<20} {'cases':>8} {'due':>8} {'due KRW':>14} {'paid':>8} {'paid KRW':>14} {'voided':>7} "
+        f"{'voided KRW':>12}"
+    )
     for t in result.tiers:
         lines.append(
             f"  {t.tier:<20} {t.cases:>8,} {t.expected_payouts:>8,} {t.expected_krw:>14,} {t.paid:>8,} "
-            f"{t.paid_krw:>14,}"
+            f"{t.paid_krw:>14,} {t.voided:>7,} {t.voided_krw:>12,}"
         )
     for b in result.breaks[:OPEN_REVIEWS_SHOWN_MAX]:
         lines.append(f"  {b.break_class:<12} {b.case_id}: {b.detail}")
     _emit(args, result.as_dict(), lines)
     return 0 if result.verdict == "RECONCILED" else EXIT_BREAKS
+
+
+def cmd_claims_void(args: argparse.Namespace, settings: Settings) -> int:
+    """Void the payouts of the named cases (exit 5, nothing written, when one of them has none)."""
+    requests = []
+    for text in args.cases:
+        merchant = merchant_claims.parse_case_id(text)
+        if merchant is None:
+            raise CorrectionError(f"{text!r} is not a case id; case ids look like mc-1234; nothing was voided")
+        requests.append(
+            corrections.VoidRequest(args.reason, merchant, None, source=f"case {merchant_claims.case_id(merchant)}")
+        )
+    op = _open(args, settings)
+    try:
+        voided = corrections.void_grants(op, requests, args.actor, settings.clock())
+    finally:
+        op.engine.dispose()
+    lines = [f"voided {len(voided):,} payout(s) of program {op.program.program_id} by {args.actor}:"]
+    lines += [
+        f"  case {merchant_claims.case_id(v.user_id)}: {v.amount_krw or 0:,} KRW taken back: {v.reason}" for v in voided
+    ]
+    lines.append("  these cases are not paid again; `entitle claims reconcile` counts them as voided")
+    _emit(args, {"voided": [v.as_dict() for v in voided], "actor": args.actor}, lines)
+    return 0
 
 
 def cmd_review_list(args: argparse.Namespace, settings: Settings) -> int:

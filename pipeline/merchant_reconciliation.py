@@ -6,7 +6,10 @@ without trusting the case table's state; then compared with the live grants
 of the program's cash item.  Every auto-tier case must be paid exactly its
 tier amount, every approved case its approved amount, nothing may be paid for
 a rejected, pending or outside-window claim, and no merchant more than once.
-Anything else is a break with its class and detail.
+A payout voided on purpose (`entitle claims void`: who, when and why are in
+the ledger) is an explained difference, counted as ``voided``, not a break,
+as a voided grant is in a campaign's reconciliation; the case is never paid
+again. Anything else is a break with its class and detail.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ import sqlalchemy as sa
 
 from pipeline import ledger
 from pipeline.ledger import merchant_cases, merchant_claims, merchant_decisions
-from pipeline.merchant_claims import OpenProgram, accepted_contents, case_id, live_payouts, plan_case
+from pipeline.merchant_claims import (
+    OpenProgram,
+    accepted_contents,
+    case_id,
+    live_payouts,
+    plan_case,
+    voided_payouts,
+)
 
 BREAK_CLASSES = ("unpaid", "wrong_amount", "unexpected", "duplicate", "case_state")
 APPROVED, REJECTED, PENDING, NO_CLAIM = "review-approved", "review-rejected", "review-pending", "no-accepted-claim"
@@ -46,6 +56,8 @@ class TierLine:
     expected_krw: int = 0
     paid: int = 0
     paid_krw: int = 0
+    voided: int = 0  # due, paid, then voided on purpose: explained, never paid again
+    voided_krw: int = 0
 
 
 @dataclass
@@ -108,6 +120,7 @@ def _compare(op: OpenProgram) -> MerchantReconciliation:
             )
         }
         payouts = live_payouts(connection, op)
+        voids = voided_payouts(connection, op)
     lines = {t.name: TierLine(t.name) for t in program.tiers}
     for extra in (APPROVED, REJECTED, PENDING, NO_CLAIM):
         lines[extra] = TierLine(extra)
@@ -133,12 +146,16 @@ def _compare(op: OpenProgram) -> MerchantReconciliation:
         tally.paid += len(paid)
         tally.paid_krw += sum(paid)
         name = case_id(merchant)
+        void = voids.get(merchant) if not paid else None
+        if void is not None and expected is not None:
+            tally.voided += 1
+            tally.voided_krw += void.amount_krw
 
         if len(paid) > 1:
             breaks.append(
                 _break(merchant, expected, paid, "duplicate", f"{len(paid)} live payouts: all but one must be voided")
             )
-        if expected is not None and not paid:
+        if expected is not None and not paid and void is None:
             breaks.append(
                 _break(
                     merchant,
@@ -157,7 +174,7 @@ def _compare(op: OpenProgram) -> MerchantReconciliation:
                 _break(merchant, expected, paid, "wrong_amount", f"{line}: paid {paid[0]:,} KRW, due {expected:,} KRW")
             )
         state = states.get(merchant)
-        if state is not None and (state == "paid") != bool(paid):
+        if state is not None and (state == "paid") != (bool(paid) or void is not None):
             breaks.append(
                 _break(
                     merchant,
@@ -175,7 +192,13 @@ def _compare(op: OpenProgram) -> MerchantReconciliation:
     else:
         verdict = "RECONCILED"
         due = sum(line.expected_payouts for line in lines.values())
+        voided = sum(line.voided for line in lines.values())
         explanation = f"every one of {due:,} due payouts is paid exactly once with its amount, nothing else is paid"
+        if voided:
+            explanation = (
+                f"every one of {due - voided:,} due payouts is paid exactly once with its amount, nothing else is "
+                f"paid; {voided:,} more were paid and voided on purpose (`entitle query voids_by_actor`)"
+            )
     return MerchantReconciliation(
         program.program_id, verdict, explanation, dict(sorted(by_status.items())), used, breaks
     )

@@ -25,9 +25,9 @@ from conftest import ENTITLE_SCRIPT, cli_environment, run_entitle
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from test_dags import airflow_env  # noqa: F401  (fixture: a project-local, migrated Airflow metadata DB)
 
-from pipeline import ledger, merchant_claims, merchant_reconciliation, merchant_review, queries
+from pipeline import corrections, ledger, merchant_claims, merchant_reconciliation, merchant_review, queries
 from pipeline.config import Settings
-from pipeline.errors import CampaignError
+from pipeline.errors import CampaignError, CorrectionError
 from pipeline.merchant_claims import ClaimsInputError, OpenProgram
 from pipeline.merchant_program import load_program, parse_program
 from pipeline.merchant_review import ReviewRefusedError
@@ -557,8 +557,8 @@ def test_reconciliation_finds_every_kind_of_break(op: OpenProgram, tmp_path: Pat
     )
     merchant_claims.pay(op)
     with op.engine.begin() as connection:
-        # Behind the program's back: a payout to a merchant in review, one to a claim outside the window,
-        # and merchant 62's payout voided.
+        # Behind the program's back: a payout to a merchant in review, one to a claim outside the window;
+        # and merchant 62's payout voided (a void, however written, is explained: it says who and why).
         connection.execute(ledger.grants.insert(), [_grant_row(op, 63, 50_000), _grant_row(op, 64, 30_000)])
         row = _grant_row(op, 62, 0)
         connection.execute(
@@ -572,19 +572,53 @@ def test_reconciliation_finds_every_kind_of_break(op: OpenProgram, tmp_path: Pat
     result = merchant_reconciliation.reconcile(op)
     assert result.verdict == "BREAKS"
     assert sorted((b.break_class, b.case_id) for b in result.breaks) == [
-        ("case_state", "mc-62"),
         ("case_state", "mc-63"),
         ("unexpected", "mc-63"),
         ("unexpected", "mc-64"),
-        ("unpaid", "mc-62"),
     ]
-    tiers = {t.tier: (t.cases, t.expected_payouts, t.paid, t.paid_krw) for t in result.tiers}
-    assert tiers["up-to-300k"] == (2, 2, 1, TIER_1_KRW)
-    assert tiers["review-pending"] == (1, 0, 1, 50_000)
+    tiers = {t.tier: (t.cases, t.expected_payouts, t.paid, t.paid_krw, t.voided, t.voided_krw) for t in result.tiers}
+    assert tiers["up-to-300k"] == (2, 2, 1, TIER_1_KRW, 1, TIER_1_KRW)
+    assert tiers["review-pending"] == (1, 0, 1, 50_000, 0, 0)
     stored = queries.run_query(op.engine, "program_reconciliations", {})
     latest = dict(zip(stored.columns, stored.rows[0], strict=True))
-    assert (latest["program"], latest["verdict"], latest["breaks"]) == ("merchant_cash", "BREAKS", 5)
+    assert (latest["program"], latest["verdict"], latest["breaks"]) == ("merchant_cash", "BREAKS", 3)
     assert latest["explanation"] == result.explanation, "each reconciliation is stored for the analysts"
+
+
+def test_a_voided_payout_is_explained_and_never_paid_again(op: OpenProgram, tmp_path: Path) -> None:
+    merchant_claims.ingest_file(
+        op, write_claims(tmp_path / "claims.csv", [claim("a", 91, 1000), claim("b", 92, 400_000), claim("c", 93, 1)])
+    )
+    merchant_claims.pay(op)
+    now = op.settings.clock()
+    voided = corrections.void_grants(op, [corrections.VoidRequest("fraud case 118", 92)], "ops-kim", now)
+    assert [(v.user_id, v.amount_krw, v.issue_no) for v in voided] == [(92, TIER_2_KRW, 0)]
+
+    result = merchant_reconciliation.reconcile(op)
+    assert (result.verdict, result.breaks) == ("RECONCILED", []), result.breaks
+    assert "2 due payouts is paid exactly once" in result.explanation
+    assert "1 more were paid and voided on purpose" in result.explanation
+    tiers = {t.tier: (t.expected_payouts, t.paid, t.voided, t.voided_krw) for t in result.tiers}
+    assert tiers["up-to-500k"] == (1, 0, 1, TIER_2_KRW)
+    assert tiers["up-to-300k"] == (2, 2, 0, 0)
+
+    again = merchant_claims.pay(op)
+    assert (again.paid, again.paid_krw) == (0, 0), "a voided payout is never paid again"
+    assert payouts(op) == [(91, 0, TIER_1_KRW), (92, 0, TIER_2_KRW), (93, 0, TIER_1_KRW)], "nothing deleted"
+    with pytest.raises(CorrectionError, match=r"already voided: issue 0 voided .* by ops-kim"):
+        corrections.void_grants(op, [corrections.VoidRequest("twice", 92)], "ops-lee", now)
+    with pytest.raises(CorrectionError, match="nothing was voided: .*user 94 has no live grant"):
+        corrections.void_grants(
+            op, [corrections.VoidRequest("x", 91), corrections.VoidRequest("x", 94)], "ops-lee", now
+        )
+    assert merchant_reconciliation.reconcile(op).verdict == "RECONCILED", "the refused batch wrote nothing"
+
+    by_tier = queries.run_query(op.engine, "payouts_per_tier", {"program_id": "merchant-cash-2022"})
+    rows = {r[1]: dict(zip(by_tier.columns, r, strict=True)) for r in by_tier.rows}
+    assert {t: (r["paid"], r["paid_krw"], r["voided"], r["voided_krw"]) for t, r in rows.items()} == {
+        "up-to-300k": (2, 2 * TIER_1_KRW, 0, 0),
+        "up-to-500k": (0, 0, 1, TIER_2_KRW),
+    }
 
 
 def test_analyst_queries(op: OpenProgram, tmp_path: Path) -> None:
@@ -650,6 +684,20 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
     assert json.loads(reconciled.stdout)["verdict"] == "RECONCILED"
     query = run_entitle(["query", "open_reviews", "--format", "csv"], env)
     assert query.returncode == 0 and query.stdout.splitlines()[1].startswith("merchant-cash-2022,mc-83,83,tier_review")
+
+    # Taking a payout back: all-or-nothing, audited, explained by the reconciliation, never paid again.
+    refused = run_entitle(["claims", "void", "mc-81", "mc-83", "--actor", "lee", "--reason", "fraud case 118"], env)
+    assert refused.returncode == 5 and "case mc-83: user 83 has no live grant to void" in refused.stderr
+    assert "nothing was voided" in refused.stderr and "Traceback" not in refused.stderr
+    assert run_entitle(["claims", "void", "81x", "--actor", "lee", "--reason", "r"], env).returncode == 5
+    voided = run_entitle(["claims", "void", "mc-81", "--actor", "lee", "--reason", "fraud case 118", "--json"], env)
+    assert voided.returncode == 0, voided.stderr
+    assert [(v["user_id"], v["amount_krw"]) for v in json.loads(voided.stdout)["voided"]] == [(81, TIER_1_KRW)]
+    twice = run_entitle(["claims", "void", "mc-81", "--actor", "kim", "--reason", "again"], env)
+    assert twice.returncode == 5 and "already voided: issue 0 voided" in twice.stderr and "by lee" in twice.stderr
+    after = run_entitle(["claims", "reconcile"], env)
+    assert after.returncode == 0 and "1 more were paid and voided on purpose" in after.stdout, after.stdout
+    assert json.loads(run_entitle(["claims", "pay", "--json"], env).stdout)["paid"] == 0
     broken = tmp_path / "broken.csv"
     broken.write_text("claim_id\nx\n")
     bad = run_entitle(["claims", "ingest", "--from", str(broken)], env)
