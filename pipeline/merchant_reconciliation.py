@@ -56,8 +56,9 @@ class TierLine:
     expected_krw: int = 0
     paid: int = 0
     paid_krw: int = 0
-    voided: int = 0  # due, paid, then voided on purpose: explained, never paid again
+    voided: int = 0  # paid, then voided on purpose (no live payout left): explained, never paid again
     voided_krw: int = 0
+    voided_due: int = 0  # of those, payouts that were due
 
 
 @dataclass
@@ -147,9 +148,10 @@ def _compare(op: OpenProgram) -> MerchantReconciliation:
         tally.paid_krw += sum(paid)
         name = case_id(merchant)
         void = voids.get(merchant) if not paid else None
-        if void is not None and expected is not None:
+        if void is not None:
             tally.voided += 1
             tally.voided_krw += void.amount_krw
+            tally.voided_due += expected is not None
 
         if len(paid) > 1:
             breaks.append(
@@ -174,7 +176,9 @@ def _compare(op: OpenProgram) -> MerchantReconciliation:
                 _break(merchant, expected, paid, "wrong_amount", f"{line}: paid {paid[0]:,} KRW, due {expected:,} KRW")
             )
         state = states.get(merchant)
-        if state is not None and (state == "paid") != (bool(paid) or void is not None):
+        # A paid case holds a live payout, or one voided on purpose; no other case holds a live payout.
+        unpaid_case = state == "paid" and not paid and void is None
+        if state is not None and (unpaid_case or (state != "paid" and bool(paid))):
             breaks.append(
                 _break(
                     merchant,
@@ -193,11 +197,13 @@ def _compare(op: OpenProgram) -> MerchantReconciliation:
         verdict = "RECONCILED"
         due = sum(line.expected_payouts for line in lines.values())
         voided = sum(line.voided for line in lines.values())
+        voided_due = sum(line.voided_due for line in lines.values())
         explanation = f"every one of {due:,} due payouts is paid exactly once with its amount, nothing else is paid"
         if voided:
             explanation = (
-                f"every one of {due - voided:,} due payouts is paid exactly once with its amount, nothing else is "
-                f"paid; {voided:,} more were paid and voided on purpose (`entitle query voids_by_actor`)"
+                f"every one of {due - voided_due:,} due payouts is paid exactly once with its amount, nothing else is "
+                f"live; voided on purpose: {voided:,} payout(s), {voided_due:,} of them due "
+                "(`entitle query voids_by_actor`)"
             )
     return MerchantReconciliation(
         program.program_id, verdict, explanation, dict(sorted(by_status.items())), used, breaks

@@ -586,30 +586,35 @@ def test_reconciliation_finds_every_kind_of_break(op: OpenProgram, tmp_path: Pat
 
 
 def test_a_voided_payout_is_explained_and_never_paid_again(op: OpenProgram, tmp_path: Path) -> None:
-    merchant_claims.ingest_file(
-        op, write_claims(tmp_path / "claims.csv", [claim("a", 91, 1000), claim("b", 92, 400_000), claim("c", 93, 1)])
-    )
+    rows = [claim("a", 91, 1000), claim("b", 92, 400_000), claim("c", 93, 1), claim("d", 94, 900_000)]
+    merchant_claims.ingest_file(op, write_claims(tmp_path / "claims.csv", rows))
     merchant_claims.pay(op)
+    with op.engine.begin() as connection:  # a payout to a case in review, behind the program's back
+        connection.execute(ledger.grants.insert(), [_grant_row(op, 94, 70_000)])
+    assert [b.break_class for b in merchant_reconciliation.reconcile(op).breaks] == ["unexpected", "case_state"]
     now = op.settings.clock()
-    voided = corrections.void_grants(op, [corrections.VoidRequest("fraud case 118", 92)], "ops-kim", now)
-    assert [(v.user_id, v.amount_krw, v.issue_no) for v in voided] == [(92, TIER_2_KRW, 0)]
+    voided = corrections.void_grants(
+        op, [corrections.VoidRequest("fraud case 118", 92), corrections.VoidRequest("paid by mistake", 94)], "kim", now
+    )
+    assert [(v.user_id, v.amount_krw, v.issue_no) for v in voided] == [(92, TIER_2_KRW, 0), (94, 70_000, 0)]
 
     result = merchant_reconciliation.reconcile(op)
     assert (result.verdict, result.breaks) == ("RECONCILED", []), result.breaks
     assert "2 due payouts is paid exactly once" in result.explanation
-    assert "1 more were paid and voided on purpose" in result.explanation
-    tiers = {t.tier: (t.expected_payouts, t.paid, t.voided, t.voided_krw) for t in result.tiers}
-    assert tiers["up-to-500k"] == (1, 0, 1, TIER_2_KRW)
-    assert tiers["up-to-300k"] == (2, 2, 0, 0)
+    assert "voided on purpose: 2 payout(s), 1 of them due" in result.explanation
+    tiers = {t.tier: (t.expected_payouts, t.paid, t.voided, t.voided_krw, t.voided_due) for t in result.tiers}
+    assert tiers["up-to-500k"] == (1, 0, 1, TIER_2_KRW, 1)
+    assert tiers["up-to-300k"] == (2, 2, 0, 0, 0)
+    assert tiers["review-pending"] == (0, 0, 1, 70_000, 0)
 
     again = merchant_claims.pay(op)
     assert (again.paid, again.paid_krw) == (0, 0), "a voided payout is never paid again"
-    assert payouts(op) == [(91, 0, TIER_1_KRW), (92, 0, TIER_2_KRW), (93, 0, TIER_1_KRW)], "nothing deleted"
-    with pytest.raises(CorrectionError, match=r"already voided: issue 0 voided .* by ops-kim"):
+    assert payouts(op) == [(91, 0, TIER_1_KRW), (92, 0, TIER_2_KRW), (93, 0, TIER_1_KRW), (94, 0, 70_000)]
+    with pytest.raises(CorrectionError, match=r"already voided: issue 0 voided .* by kim"):
         corrections.void_grants(op, [corrections.VoidRequest("twice", 92)], "ops-lee", now)
-    with pytest.raises(CorrectionError, match="nothing was voided: .*user 94 has no live grant"):
+    with pytest.raises(CorrectionError, match="nothing was voided: .*user 95 has no live grant"):
         corrections.void_grants(
-            op, [corrections.VoidRequest("x", 91), corrections.VoidRequest("x", 94)], "ops-lee", now
+            op, [corrections.VoidRequest("x", 91), corrections.VoidRequest("x", 95)], "ops-lee", now
         )
     assert merchant_reconciliation.reconcile(op).verdict == "RECONCILED", "the refused batch wrote nothing"
 
@@ -618,6 +623,7 @@ def test_a_voided_payout_is_explained_and_never_paid_again(op: OpenProgram, tmp_
     assert {t: (r["paid"], r["paid_krw"], r["voided"], r["voided_krw"]) for t, r in rows.items()} == {
         "up-to-300k": (2, 2 * TIER_1_KRW, 0, 0),
         "up-to-500k": (0, 0, 1, TIER_2_KRW),
+        "above-500k": (0, 0, 1, 70_000),
     }
 
 
@@ -696,7 +702,7 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
     twice = run_entitle(["claims", "void", "mc-81", "--actor", "kim", "--reason", "again"], env)
     assert twice.returncode == 5 and "already voided: issue 0 voided" in twice.stderr and "by lee" in twice.stderr
     after = run_entitle(["claims", "reconcile"], env)
-    assert after.returncode == 0 and "1 more were paid and voided on purpose" in after.stdout, after.stdout
+    assert after.returncode == 0 and "voided on purpose: 1 payout(s), 1 of them due" in after.stdout, after.stdout
     assert json.loads(run_entitle(["claims", "pay", "--json"], env).stdout)["paid"] == 0
     broken = tmp_path / "broken.csv"
     broken.write_text("claim_id\nx\n")
