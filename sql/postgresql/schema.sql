@@ -94,8 +94,6 @@ CREATE TABLE pass_applications (
 	CONSTRAINT ck_pass_applications_user_id_positive CHECK (user_id > 0)
 );
 
-CREATE INDEX ix_pass_applications_applied ON pass_applications (campaign_key, applied_at);
-
 CREATE TABLE campaign_items (
 	item_key SERIAL NOT NULL, 
 	campaign_key INTEGER NOT NULL, 

@@ -98,8 +98,6 @@ CREATE TABLE pass_applications (
 )
  WITHOUT ROWID;
 
-CREATE INDEX ix_pass_applications_applied ON pass_applications (campaign_key, applied_at);
-
 CREATE TABLE campaign_items (
 	item_key INTEGER NOT NULL, 
 	campaign_key INTEGER NOT NULL, 
