@@ -807,27 +807,13 @@ def live_payouts(connection: Connection, op: OpenProgram) -> dict[int, list[int]
     return found
 
 
-@dataclass(frozen=True)
-class VoidedPayout:
-    """A payout voided on purpose (`entitle claims void`): the amount taken back, who, when and why."""
-
-    amount_krw: int
-    actor: str
-    reason: str
-    voided_at: dt.datetime
-
-
-def voided_payouts(connection: Connection, op: OpenProgram) -> dict[int, VoidedPayout]:
-    """Voided payouts per merchant (the last one, should a merchant have several)."""
-    joined = grants.join(grant_voids, ledger.void_of_grant())
-    found: dict[int, VoidedPayout] = {}
-    for row in connection.execute(
-        sa.select(
-            grants.c.user_id, grants.c.amount_krw, grant_voids.c.actor, grant_voids.c.reason, grant_voids.c.voided_at
-        )
-        .select_from(joined)
+def voided_payouts(connection: Connection, op: OpenProgram) -> dict[int, int]:
+    """The amount of each merchant's voided payout (who, when and why are in grant_voids and grant_history)."""
+    found: dict[int, int] = {}
+    for user, amount in connection.execute(
+        sa.select(grants.c.user_id, grants.c.amount_krw)
+        .select_from(grants.join(grant_voids, ledger.void_of_grant()))
         .where(grants.c.campaign_key == op.campaign_key, grants.c.item_key == op.item_key)
-        .order_by(grant_voids.c.voided_at)
     ):
-        found[int(row.user_id)] = VoidedPayout(int(row.amount_krw or 0), str(row.actor), str(row.reason), row.voided_at)
+        found[int(user)] = found.get(int(user), 0) + int(amount or 0)
     return found

@@ -147,10 +147,10 @@ def _compare(op: OpenProgram) -> MerchantReconciliation:
         tally.paid += len(paid)
         tally.paid_krw += sum(paid)
         name = case_id(merchant)
-        void = voids.get(merchant) if not paid else None
+        void = voids.get(merchant) if not paid else None  # the amount taken back; explained by the void
         if void is not None:
             tally.voided += 1
-            tally.voided_krw += void.amount_krw
+            tally.voided_krw += void
             tally.voided_due += expected is not None
 
         if len(paid) > 1:
