@@ -34,7 +34,7 @@ from pipeline.partitioning import BUCKET_MODULUS, BUCKET_MULTIPLIER
 # 2: issue_no, reconciliation tables; 3: grants partitioned (PostgreSQL); 4: delivery tables;
 # 5: three-way reconciliation; 6: first-come-first-served pass tables; 7: merchant cash claims, cases,
 # decisions and intake files; 8: revocations at the issuers; 9: program reconciliations; 10: the issuers'
-# shared rate budgets. pipeline/migrations
+# shared rate budgets; 11: no applied_at index on pass_applications. pipeline/migrations
 SCHEMA_VERSION = 11
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The views of sql/<dialect>/views.sql; migrations drop them and create_schema re-applies the file.
