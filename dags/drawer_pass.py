@@ -18,16 +18,11 @@ Operators see the stock with `entitle pass status` and one user with `entitle pa
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
 from typing import Any
 
 import pendulum
 from airflow.sdk import dag, task
-
-LEDGER_WRITERS_POOL = "ledger_writers"
-TASK_RETRIES = int(os.environ.get("ENTITLE_TASK_RETRIES", "3"))
-RETRY_DELAY_S = float(os.environ.get("ENTITLE_RETRY_DELAY_S", "20"))
+from entitle_airflow.defaults import LEDGER_WRITERS_POOL, default_args
 
 
 @dag(
@@ -38,14 +33,7 @@ RETRY_DELAY_S = float(os.environ.get("ENTITLE_RETRY_DELAY_S", "20"))
     max_active_runs=1,
     tags=["entitlements", "ledger", "pass"],
     doc_md=__doc__,
-    default_args={
-        "owner": "entitlements",
-        "retries": TASK_RETRIES,
-        "retry_delay": timedelta(seconds=RETRY_DELAY_S),
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": timedelta(minutes=10),
-        "execution_timeout": timedelta(hours=1),
-    },
+    default_args=default_args(execution_timeout_s=3600),
 )
 def drawer_pass() -> None:
     # Task bodies import pipeline lazily: the scheduler re-imports this file often.

@@ -1,44 +1,56 @@
 """
 ### entitlement_grant — grant a campaign's items to every eligible user, nightly
 
-Freezes the user file into a snapshot, partitions it, grants each partition in
-its own mapped task instance (label `part-0042`), checks the ledger and prints
-a summary. After the grants, `deliver` (one mapped task per partition, one at a
-time) sends the grants of items whose issuer is a downstream service; with only
-the built-in `ledger` issuer it returns at once. `reconcile` runs after every delivery and, for
-campaigns with issuers, compares each issuer's export with the ledger too. Every task body is
-one call into `pipeline.dag_tasks`; only references (paths, ids, counts) pass between tasks.
-`notify` writes the run's "granted" notices for the messaging system (one Parquet file per
-partition under `$ENTITLE_HOME/campaigns/<campaign>/notices/granted/<run_id>/`).
+Freezes the user file into a snapshot, partitions it (about one partition per
+million users), and runs one mapped `grant` task instance per partition that
+still has work (label `part-0042`): it grants the partition and then delivers
+its grants to the campaign's downstream issuers, if it has any. A failed
+partition fails alone: the others are granted and delivered. `reconcile` and
+`notify` run once every partition has finished, successfully or not:
+`reconcile` checks the ledger (and the issuers' exports) against the snapshot
+and fails with INCOMPLETE naming the failed partitions; `notify` writes the
+"granted" notices for what was granted (one Parquet file per partition under
+`$ENTITLE_HOME/campaigns/<campaign>/notices/granted/<run_id>/`). `summary` logs
+the run, marks the ledger asset `entitle_ledger` updated, and fails the run
+unless it reconciled. Only references (paths, ids, counts) pass between tasks.
 
-**Nightly** at 02:00 Asia/Seoul. A night with nothing new writes nothing;
-a night after new sign-ups grants only them; a night after a failure grants
-what was left. Nothing is granted before the campaign start (2023-01-05
-00:00 Asia/Seoul), which `pipeline` itself enforces.
+**Nightly** at 02:00 Asia/Seoul. A night with nothing new maps no grant task
+instance and writes nothing; a night after new sign-ups grants only them; a
+night after a failure grants what was left. Nothing is granted before the
+campaign start (2023-01-05 00:00 Asia/Seoul), which `pipeline` itself enforces.
 
-**Operators** redo only failed partitions by clearing the failed task
-instances of the run ("Clear → Only failed", or
-`airflow dags clear entitlement_grant --run-id RUN --only-failed -y`), or by
-triggering a run with `{"partitions": [3, 17]}`. See the README runbook.
+**Operators** fix the cause, then clear the failed task instances of the run
+("Clear → Only failed", or `POST /api/v2/dags/entitlement_grant/clearTaskInstances`
+with `{"dag_run_id": RUN, "only_failed": true, "dry_run": false}`): the failed
+partitions, `reconcile`, `notify` and `summary` run again and the run ends green.
+Errors that cannot pass by retrying (bad input, edited terms, a changed
+partition file, reconciliation breaks) fail at once; a locked or unreachable
+database and an issuer that is down are retried with backoff. See the README runbook.
 
-**Params**: `snapshot_uri` (user file; empty = `$ENTITLE_HOME/incoming/users.parquet`),
-`exclusion_uri`, `partitions` (ids to restrict the run to), `dry_run`, `verify`.
+**Params** (an unknown key is refused before any work): `snapshot_uri` (user
+file; empty = `$ENTITLE_HOME/incoming/users.parquet`), `exclusion_uri`,
+`partitions` (ids to restrict the run to), `dry_run`, `verify`.
 """
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
+from entitle_airflow.defaults import (
+    LEDGER_ASSET,
+    LEDGER_WRITERS_POOL,
+    default_args,
+    failing_fast,
+    ledger_connection_url,
+)
+from entitle_airflow.notifier import FailedPartitionsNotifier
 
-LEDGER_WRITERS_POOL = "ledger_writers"
 PARTITION_ID_MAX = 1023
-# Retries with exponential backoff: 20 s, 40 s, 80 s (capped at 10 min). Tests shorten them.
-TASK_RETRIES = int(os.environ.get("ENTITLE_TASK_RETRIES", "3"))
-RETRY_DELAY_S = float(os.environ.get("ENTITLE_RETRY_DELAY_S", "20"))
+# The partition's label, rendered when the task instance starts (and again when it ends), so the
+# grid shows part-0042 while it runs and retries; before it starts Airflow shows the map index.
+PARTITION_LABEL_TEMPLATE = "{{ task.op_kwargs['partition']['label'] }}"
 
 
 CHANNEL_CREDIT_DOC = """
@@ -63,6 +75,20 @@ with `ENTITLE_CAMPAIGN=channel-credit-2022 entitle summary` or `entitle query
 """
 
 
+def the_plan(ti: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The run's snapshot and planned partitions, from the XCom of freeze_snapshot and plan_partitions."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    prepared = ti.xcom_pull(task_ids="freeze_snapshot")
+    planned = ti.xcom_pull(task_ids="plan_partitions")
+    if prepared is None or planned is None:
+        raise AirflowFailException(
+            "there is no plan to check: freeze_snapshot or plan_partitions did not finish (their log says why); "
+            "clear the failed task instances of this run once the cause is fixed"
+        )
+    return prepared, list(planned)
+
+
 def grant_dag(
     dag_id: str,
     *,
@@ -75,6 +101,23 @@ def grant_dag(
 ) -> Any:
     """A grant DAG for one campaign (``campaign`` None: ENTITLE_CAMPAIGN, as the nightly user run)."""
 
+    params = {
+        "snapshot_uri": Param(
+            "", type="string", description=f"{id_label.capitalize()} file (.parquet or .csv); empty = default"
+        ),
+        "exclusion_uri": Param("", type="string", description=f"Optional file of {id_label} ids to exclude"),
+        "partitions": Param(
+            [],
+            type="array",
+            items={"type": "integer", "minimum": 0, "maximum": PARTITION_ID_MAX},
+            uniqueItems=True,
+            description="Partition ids to restrict the run to; empty = all",
+        ),
+        "dry_run": Param(False, type="boolean", description="Plan only: count, write nothing to the ledger"),
+        "verify": Param(False, type="boolean", description="Check every planned grant row by row"),
+    }
+    param_names = sorted(params)
+
     @dag(
         dag_id=dag_id,
         schedule=schedule,
@@ -83,29 +126,8 @@ def grant_dag(
         max_active_runs=1,
         tags=tags,
         doc_md=doc_md,
-        default_args={
-            "owner": "entitlements",
-            "retries": TASK_RETRIES,
-            "retry_delay": timedelta(seconds=RETRY_DELAY_S),
-            "retry_exponential_backoff": 2.0,
-            "max_retry_delay": timedelta(minutes=10),
-            "execution_timeout": timedelta(hours=2),
-        },
-        params={
-            "snapshot_uri": Param(
-                "", type="string", description=f"{id_label.capitalize()} file (.parquet or .csv); empty = default"
-            ),
-            "exclusion_uri": Param("", type="string", description=f"Optional file of {id_label} ids to exclude"),
-            "partitions": Param(
-                [],
-                type="array",
-                items={"type": "integer", "minimum": 0, "maximum": PARTITION_ID_MAX},
-                uniqueItems=True,
-                description="Partition ids to restrict the run to; empty = all",
-            ),
-            "dry_run": Param(False, type="boolean", description="Plan only: count, write nothing to the ledger"),
-            "verify": Param(False, type="boolean", description="Check every planned grant row by row"),
-        },
+        default_args=default_args(),
+        params=params,
     )
     def grant_pipeline() -> None:
         # Task bodies import pipeline lazily: the scheduler re-imports this file often,
@@ -114,63 +136,74 @@ def grant_dag(
         def freeze_snapshot(params: dict[str, Any] | None = None) -> dict[str, Any]:
             from pipeline import dag_tasks
 
-            return dag_tasks.freeze_and_partition(params or {}, campaign, input_file)
+            with failing_fast():
+                dag_tasks.check_conf(get_current_context()["dag_run"].conf or {}, param_names)
+                return dag_tasks.freeze_and_partition(params or {}, campaign, input_file, ledger_connection_url())
 
         @task
         def plan_partitions(prepared: dict[str, Any], params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
             from pipeline import dag_tasks
 
-            return dag_tasks.partitions_to_grant(prepared, params or {}, campaign)
+            with failing_fast():
+                return dag_tasks.partitions_to_grant(prepared, params or {}, campaign, ledger_connection_url())
 
-        @task(pool=LEDGER_WRITERS_POOL, map_index_template="{{ partition_label }}")
+        # Grant, then deliver, one partition: a chain per partition, so a failed one holds up no other.
+        @task(pool=LEDGER_WRITERS_POOL, map_index_template=PARTITION_LABEL_TEMPLATE)
         def grant(partition: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
             from pipeline import dag_tasks
 
-            context = get_current_context()
-            context["partition_label"] = partition["label"]  # type: ignore[typeddict-unknown-key]
-            return dag_tasks.grant_one(context["run_id"], partition, params or {}, campaign)
+            run_id = get_current_context()["run_id"]
+            with failing_fast():
+                return dag_tasks.grant_partition(run_id, partition, params or {}, campaign, ledger_connection_url())
 
-        # One delivery task at a time per run: the issuer's rate budget is shared through the ledger,
-        # but its bound on requests in flight is per process.
-        @task(max_active_tis_per_dagrun=1, map_index_template="{{ partition_label }}")
-        def deliver(outcome: dict[str, Any]) -> dict[str, Any]:
+        # reconcile, notify and summary run once every partition finished, whatever its state (a night
+        # with nothing new maps no partition: grant is skipped). They read the plan from XCom instead of
+        # taking it as arguments, so that they depend on grant alone and say why when there is no plan.
+        @task(trigger_rule=TriggerRule.ALL_DONE)
+        def reconcile() -> dict[str, Any]:
+            from pipeline import dag_tasks
+
+            ti = get_current_context()["ti"]
+            prepared, planned = the_plan(ti)
+            with failing_fast():
+                checked = dag_tasks.check(prepared, planned, campaign, ledger_connection_url())
+                ti.xcom_push(key="reconciliation", value=checked)  # before failing: summary logs what was found
+                dag_tasks.require_reconciled(checked)
+            return checked
+
+        @task(trigger_rule=TriggerRule.ALL_DONE)
+        def notify() -> dict[str, Any]:
             from pipeline import dag_tasks
 
             context = get_current_context()
-            label = f"part-{int(outcome['partition_id']):04d}"
-            context["partition_label"] = label  # type: ignore[typeddict-unknown-key]
-            return dag_tasks.deliver_one(outcome, campaign)
+            prepared, planned = the_plan(context["ti"])
+            with failing_fast():
+                written = dag_tasks.granted_notices(
+                    context["run_id"], prepared, planned, campaign, ledger_connection_url()
+                )
+                dag_tasks.require_notices_complete(written)
+            return written
 
-        @task
-        def reconcile(prepared: dict[str, Any], outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+        @task(trigger_rule=TriggerRule.ALL_DONE, outlets=[LEDGER_ASSET], on_failure_callback=FailedPartitionsNotifier())
+        def summary() -> dict[str, Any]:
             from pipeline import dag_tasks
 
-            return dag_tasks.check(prepared, campaign)
-
-        @task
-        def notify(prepared: dict[str, Any], checked: dict[str, Any]) -> dict[str, Any]:
-            from pipeline import dag_tasks
-
-            return dag_tasks.granted_notices(get_current_context()["run_id"], prepared, campaign)
-
-        @task
-        def summary(
-            prepared: dict[str, Any], outcomes: list[dict[str, Any]], checked: dict[str, Any]
-        ) -> dict[str, Any]:
-            from pipeline import dag_tasks
-
-            result = dag_tasks.summarize(prepared, list(outcomes), checked, campaign)
-            print(dag_tasks.render_summary(result))
-            dag_tasks.require_reconciled(result)  # BREAKS or INCOMPLETE fail the run, after the summary is logged
+            context = get_current_context()
+            ti = context["ti"]
+            prepared, planned = the_plan(ti)
+            checked = ti.xcom_pull(task_ids="reconcile", key="reconciliation")
+            with failing_fast():
+                result = dag_tasks.summarize(
+                    context["run_id"], prepared, planned, checked, campaign, ledger_connection_url()
+                )
+                print(dag_tasks.render_summary(result))
+                ti.xcom_push(key="summary", value=result)
+                dag_tasks.require_reconciled(result)  # the run fails unless reconciled, after the summary is logged
             return result
 
-        prepared = freeze_snapshot()
-        outcomes = grant.expand(partition=plan_partitions(prepared))
-        delivered = deliver.expand(outcome=outcomes)
-        checked = reconcile(prepared, outcomes)
-        delivered >> checked  # the issuers' exports are compared with the ledger after delivery, not during it
-        summary(prepared, outcomes, checked)
-        notify(prepared, checked)  # who this run granted something to, for the messaging system
+        planned = plan_partitions(freeze_snapshot())
+        granted = grant.expand(partition=planned)
+        granted >> [reconcile(), notify()] >> summary()
 
     return grant_pipeline()
 

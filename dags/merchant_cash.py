@@ -32,10 +32,8 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import dag, get_current_context, task
+from entitle_airflow.defaults import LEDGER_WRITERS_POOL, default_args
 
-LEDGER_WRITERS_POOL = "ledger_writers"
-TASK_RETRIES = int(os.environ.get("ENTITLE_TASK_RETRIES", "3"))
-RETRY_DELAY_S = float(os.environ.get("ENTITLE_RETRY_DELAY_S", "20"))
 # The run at 03:00 on the day after the last window closes picks up that day's claims.
 RUN_AFTER_CLOSE = timedelta(days=1, hours=3)
 DEFAULT_PROGRAM = Path(__file__).resolve().parent.parent / "pipeline" / "campaigns" / "merchant_cash_2022.toml"
@@ -65,14 +63,7 @@ START, END = intake_bounds(Path(os.environ.get("ENTITLE_MERCHANT_PROGRAM") or DE
     max_active_runs=1,
     tags=["entitlements", "ledger", "merchant-cash", "daily"],
     doc_md=__doc__,
-    default_args={
-        "owner": "entitlements",
-        "retries": TASK_RETRIES,
-        "retry_delay": timedelta(seconds=RETRY_DELAY_S),
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": timedelta(minutes=10),
-        "execution_timeout": timedelta(hours=1),
-    },
+    default_args=default_args(execution_timeout_s=3600),
 )
 def merchant_cash() -> None:
     # Task bodies import pipeline lazily: the scheduler re-imports this file often.

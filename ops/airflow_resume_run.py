@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from airflow import settings
 from airflow.dag_processing.dagbag import DagBag
@@ -32,6 +33,9 @@ FINISHED = {
 
 
 def main(dag_file: str, dag_id: str, run_id: str) -> int:
+    folder = str(Path(dag_file).resolve().parent)
+    if folder not in sys.path:
+        sys.path.append(folder)  # as Airflow's workers do: the dags folder is importable (entitle_airflow/)
     bag = DagBag(dag_folder=dag_file)  # parse the DAG file (Task-SDK DAG objects)
     if bag.import_errors:
         raise SystemExit(f"import errors: {bag.import_errors}")

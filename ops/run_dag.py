@@ -25,6 +25,9 @@ from airflow.sdk.exceptions import ParamValidationError
 def find_dag(dag_id: str) -> DAG | None:
     """The DAG ``dag_id`` from the dags folder: ``<dag_id>.py`` first, then every other DAG file."""
     folder = Path(conf.get("core", "dags_folder"))
+    # As Airflow's dag-processor and workers do: the dags folder is importable (entitle_airflow/).
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
     files = [folder / f"{dag_id}.py"] + sorted(p for p in folder.glob("*.py") if p.stem != dag_id)
     for dag_file in files:
         if not dag_file.exists():

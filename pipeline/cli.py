@@ -452,7 +452,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     pipeline.campaign.require_started(settings.clock())
     report = jobs.freeze(pipeline, args.users, args.exclude)
     _say(args, *_snapshot_lines(report))
-    bar = Progress("partition", settings.partition_count, enabled=not args.no_progress)
+    bar = Progress("partition", settings.partitions_for(report.eligible_users), enabled=not args.no_progress)
     prepared = jobs.partition(pipeline, report, bar.advance)
     bar.close()
     run = jobs.start_run(pipeline, args.run_id, prepared.report.snapshot_id)

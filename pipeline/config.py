@@ -6,9 +6,10 @@ settings as arguments.
 | variable                    | default                               |
 |-----------------------------|---------------------------------------|
 | ENTITLE_HOME                | ./var                                 |
-| ENTITLE_LEDGER_URL          | sqlite:///$ENTITLE_HOME/ledger.sqlite |
+| ENTITLE_LEDGER_URL          | the Airflow Connection entitle_ledger, else sqlite:///$ENTITLE_HOME/ledger.sqlite |
 | ENTITLE_CAMPAIGN            | the bundled kakao-outage-2022 (a file's path, or a bundled id) |
-| ENTITLE_PARTITIONS          | 128                                   |
+| ENTITLE_PARTITIONS          | by size: users / ENTITLE_PARTITION_USERS, 1..1024 |
+| ENTITLE_PARTITION_USERS     | 1000000 (users per partition when ENTITLE_PARTITIONS is unset) |
 | ENTITLE_REJECTED_SHARE_MAX  | 0.0001 (0.01 %)                       |
 | ENTITLE_RECONCILE_WORKERS   | 2 (the cores, at most 2)              |
 | ENTITLE_DATA_URI            | $ENTITLE_HOME (snapshots, partitions); e.g. s3://bucket/prefix |
@@ -16,6 +17,8 @@ settings as arguments.
 | AWS_REGION                  | AWS_DEFAULT_REGION, else the AWS SDK's |
 | AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN | the AWS SDK's default chain (~/.aws, instance role) |
 | ENTITLE_ISSUER_<NAME>_URL   | the url of [issuers.<name>] in the campaign file (NAME upper-cased, '-' as '_') |
+| ENTITLE_TASK_RETRIES        | 3 (Airflow retries of a task whose error may pass) |
+| ENTITLE_RETRY_DELAY_S       | 20 (first retry delay; doubles, at most 10 min) |
 """
 
 from __future__ import annotations
@@ -25,11 +28,17 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from pipeline import storage
 from pipeline.campaign import Campaign, load_campaign
 from pipeline.errors import ConfigError
-from pipeline.partitioning import PARTITION_COUNT_DEFAULT, check_partition_count
+from pipeline.partitioning import (
+    PARTITION_USERS_TARGET_DEFAULT,
+    PARTITION_USERS_TARGET_MIN,
+    check_partition_count,
+    partition_count_for,
+)
 from pipeline.snapshot import REJECTED_SHARE_MAX_DEFAULT
 from pipeline.storage import Location, ObjectStoreOptions
 
@@ -51,7 +60,7 @@ class Settings:
     home: Path
     ledger_url: str
     campaign_file: Path | None
-    partition_count: int
+    partition_count: int | None  # None: by the snapshot's size, see partitions_for
     rejected_share_max: float
     reconcile_workers: int = 2
     clock: Callable[[], dt.datetime] = field(default=utc_now, compare=False)
@@ -59,6 +68,13 @@ class Settings:
     object_store: ObjectStoreOptions = field(default_factory=ObjectStoreOptions)
     # ENTITLE_ISSUER_<NAME>_URL, keyed by the variable's NAME part (upper case, '_' for '-').
     issuer_urls: dict[str, str] = field(default_factory=dict)
+    partition_users_target: int = PARTITION_USERS_TARGET_DEFAULT
+
+    def partitions_for(self, eligible_users: int) -> int:
+        """The partition count of a snapshot of ``eligible_users``: ENTITLE_PARTITIONS, else by size."""
+        if self.partition_count is not None:
+            return self.partition_count
+        return partition_count_for(eligible_users, self.partition_users_target)
 
     @property
     def data_root(self) -> Location:
@@ -90,15 +106,27 @@ class Settings:
         return make_url(self.ledger_url).render_as_string(hide_password=True)
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Settings from ``environ`` (default ``os.environ``), validated."""
+def load_settings(environ: Mapping[str, str] | None = None, connection_ledger_url: str | None = None) -> Settings:
+    """Settings from ``environ`` (default ``os.environ``), validated.
+
+    ``connection_ledger_url`` is the ledger of an Airflow Connection (``entitle_ledger``); it is
+    used when ENTITLE_LEDGER_URL is not set.
+    """
     env = os.environ if environ is None else environ
     home = Path(env.get("ENTITLE_HOME", "var")).expanduser().resolve()
-    ledger_url = env.get("ENTITLE_LEDGER_URL") or f"sqlite:///{home / 'ledger.sqlite'}"
+    ledger_url = env.get("ENTITLE_LEDGER_URL") or connection_ledger_url or f"sqlite:///{home / 'ledger.sqlite'}"
     campaign_value = env.get("ENTITLE_CAMPAIGN")
     campaign_file = Path(campaign_value).expanduser() if campaign_value else None
-    partition_count = _int(env, "ENTITLE_PARTITIONS", PARTITION_COUNT_DEFAULT)
-    check_partition_count(partition_count)
+    partition_count: int | None = None
+    if env.get("ENTITLE_PARTITIONS"):
+        partition_count = _int(env, "ENTITLE_PARTITIONS", 0)
+        check_partition_count(partition_count)
+    users_target = _int(env, "ENTITLE_PARTITION_USERS", PARTITION_USERS_TARGET_DEFAULT)
+    if users_target < PARTITION_USERS_TARGET_MIN:
+        raise ConfigError(
+            f"ENTITLE_PARTITION_USERS={users_target} is below {PARTITION_USERS_TARGET_MIN:,}; "
+            "set ENTITLE_PARTITIONS for an exact count instead"
+        )
     share = _float(env, "ENTITLE_REJECTED_SHARE_MAX", REJECTED_SHARE_MAX_DEFAULT)
     if not 0.0 <= share <= 1.0:
         raise ConfigError(f"ENTITLE_REJECTED_SHARE_MAX={share} must be a share between 0 and 1 (0.0001 = 0.01 %)")
@@ -118,7 +146,46 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         data_uri=data_uri,
         object_store=object_store,
         issuer_urls=issuer_urls,
+        partition_users_target=users_target,
     )
+
+
+# Airflow connection types and the SQLAlchemy driver each names.
+CONNECTION_DRIVERS = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg", "sqlite": "sqlite"}
+
+
+def ledger_url_from_connection(
+    conn_type: str | None,
+    host: str | None,
+    login: str | None = None,
+    password: str | None = None,
+    schema: str | None = None,
+    port: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """The SQLAlchemy URL of the ledger an Airflow Connection describes.
+
+    An ``sqlalchemy_url`` in the connection's extra wins; otherwise a ``postgres`` connection is
+    reached with psycopg 3, and an ``sqlite`` one names the database file in its host field.
+    """
+    from sqlalchemy.engine import URL
+
+    if extra and extra.get("sqlalchemy_url"):
+        return str(extra["sqlalchemy_url"])
+    driver = CONNECTION_DRIVERS.get((conn_type or "").lower())
+    if driver is None:
+        raise ConfigError(
+            f"Airflow connection entitle_ledger has type {conn_type!r}; use postgres or sqlite, or put the "
+            'ledger\'s SQLAlchemy URL in its extra as {"sqlalchemy_url": "..."}'
+        )
+    if driver == "sqlite":
+        if not host:
+            raise ConfigError("Airflow connection entitle_ledger (sqlite) names no database file in its host field")
+        return f"sqlite:///{host}"
+    url = URL.create(
+        driver, username=login or None, password=password or None, host=host or None, port=port, database=schema or None
+    )
+    return url.render_as_string(hide_password=False)
 
 
 def issuer_env_name(issuer: str) -> str:

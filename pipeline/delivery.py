@@ -195,6 +195,11 @@ class IssuerRuntime:
         self.issuer.close()
 
 
+def has_downstream_issuers(campaign: Campaign) -> bool:
+    """Whether any of the campaign's items is delivered to a downstream issuer (not the ledger alone)."""
+    return any(campaign.items_of(spec.name) for spec in campaign.issuers)
+
+
 def open_issuers(
     campaign: Campaign, only: Iterable[str] | None = None, engine: Engine | None = None
 ) -> dict[str, IssuerRuntime]:
@@ -719,6 +724,25 @@ _REVOCABLE = (
     "AND (a.outcome IS NULL OR a.outcome <> 'conflict') AND (r.outcome IS NULL OR r.outcome = 'failed') "
     "ORDER BY g.user_bucket, g.user_id, g.item_key, g.issue_no"
 )
+
+
+def partitions_with_pending_revocations(
+    engine: Engine, campaign_key: int, entries: Sequence[PartitionEntry]
+) -> set[int]:
+    """Of ``entries``, the partitions holding a voided grant not revoked at the issuers yet (or that failed to)."""
+    if not entries:
+        return set()
+    statement = sa.text(
+        "SELECT DISTINCT g.user_bucket FROM grant_voids AS v "
+        f"JOIN grants AS g ON {ledger.same_grant('v')} "
+        f"LEFT JOIN delivery_answers AS a ON {ledger.same_grant('a')} "
+        f"LEFT JOIN delivery_revocations AS r ON {ledger.same_grant('r')} "
+        "WHERE v.campaign_key = :c AND (a.outcome IS NULL OR a.outcome <> 'conflict') "
+        "AND (r.outcome IS NULL OR r.outcome = 'failed')"
+    )
+    with engine.connect() as connection:
+        buckets = [int(row[0]) for row in connection.execute(statement, {"c": campaign_key})]
+    return {e.partition_id for e in entries if any(e.bucket_lo <= b <= e.bucket_hi for b in buckets)}
 
 
 def revoke_voided(

@@ -10,9 +10,20 @@ from __future__ import annotations
 
 
 class EntitleError(Exception):
-    """Base class of every expected error this package raises."""
+    """Base class of every expected error this package raises.
+
+    ``retryable`` says whether running the same step again, unchanged, may succeed (an issuer
+    that was down, a database that was locked): schedulers retry those and fail the others at
+    once, since bad input, edited terms or a changed partition file fail the same way every time.
+    """
 
     exit_code = 1
+    retryable = False
+
+    def __init__(self, message: str = "", *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if retryable is not None:
+            self.retryable = retryable
 
 
 class ConfigError(EntitleError):
@@ -79,6 +90,7 @@ class DeliveryFailedError(GrantFailedError):
     """Some partitions' grants were not delivered to their issuer (failed or not attempted); rerun delivers them."""
 
     exit_code = 7
+    retryable = True
 
 
 class DeliveryConflictError(EntitleError):

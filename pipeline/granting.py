@@ -18,7 +18,8 @@ from typing import Any
 import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from pipeline import ledger, pgcopy
 from pipeline.campaign import Campaign
@@ -43,6 +44,7 @@ class PartitionOutcome:
     skipped: bool
     verified: bool
     error: str | None = None
+    retryable: bool = False  # a failure the same attempt may get past (a locked or lost database)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for JSON and XCom."""
@@ -112,11 +114,29 @@ def grant_partition(context: GrantContext, entry: PartitionEntry, verify: bool =
     except (EntitleError, SQLAlchemyError, OSError) as exc:
         message = _describe(exc)
         outcome = PartitionOutcome(
-            entry.partition_id, "failed", planned, 0, 0, time.monotonic() - started, False, verify, message
+            entry.partition_id,
+            "failed",
+            planned,
+            0,
+            0,
+            time.monotonic() - started,
+            False,
+            verify,
+            message,
+            is_transient(exc),
         )
         _record_failure(context, attempt_key, outcome)
         return outcome
     return outcome
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again unchanged may succeed: a locked, lost or busy database, an I/O error, or so marked."""
+    if isinstance(exc, EntitleError):
+        return exc.retryable
+    if isinstance(exc, SQLAlchemyError):
+        return isinstance(exc, OperationalError | InterfaceError | DisconnectionError | SATimeoutError)
+    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError)
 
 
 def _describe(exc: BaseException) -> str:

@@ -25,7 +25,13 @@ from pipeline.delivery import DeliveryContext
 from pipeline.errors import GrantFailedError, SnapshotError
 from pipeline.granting import GrantContext, PartitionOutcome, grant_partition
 from pipeline.ledger import CampaignKeys
-from pipeline.partitioning import PartitionEntry, load_manifest, partition_snapshot, partitions_dir
+from pipeline.partitioning import (
+    PartitionEntry,
+    load_manifest,
+    partition_label,
+    partition_snapshot,
+    partitions_dir,
+)
 from pipeline.storage import Location, ObjectUri
 
 UserFile = str | PathLike[str] | ObjectUri  # a local path or an s3:// URI
@@ -91,7 +97,7 @@ def partition(
     pipeline: Pipeline, report: snapshot.SnapshotReport, on_progress: Callable[[int], None] | None = None
 ) -> PreparedSnapshot:
     """Partition a frozen snapshot and register it as the campaign's current snapshot."""
-    count = pipeline.settings.partition_count
+    count = pipeline.settings.partitions_for(report.eligible_users)
     out_dir = partitions_dir(report.location, count)
     partition_snapshot(report.users_file, out_dir, count, on_progress)
     ledger.register_snapshot(
@@ -414,3 +420,87 @@ def delivery_selection(
         pipeline.engine, pipeline.campaign, pipeline.keys, str(row["snapshot_id"]), pipeline.settings.clock
     )
     return context, entries
+
+
+def finished_partitions(pipeline: Pipeline, snapshot_id: str, entries: Iterable[PartitionEntry]) -> set[int]:
+    """Partitions of the snapshot with nothing left to do: granted with today's items, and delivered.
+
+    Granted: the latest attempt of this snapshot's partition is done with the campaign's current
+    items signature. Delivered (only when the campaign has downstream issuers): every issuer's
+    latest report for it is done for this snapshot, and no voided grant in it awaits revocation.
+    """
+    chosen = list(entries)
+    count = chosen[0].partition_count if chosen else 0
+    signature = pipeline.keys.items_signature(pipeline.campaign)
+    latest = latest_attempts(pipeline, snapshot_id, count)
+    finished = {
+        e.partition_id
+        for e in chosen
+        if latest.get(e.partition_id, {}).get("status") == "done"
+        and latest[e.partition_id]["items_signature"] == signature
+    }
+    if not finished or not delivery.has_downstream_issuers(pipeline.campaign):
+        return finished
+    states = delivery.partition_states(pipeline.engine, pipeline.keys.campaign_key)
+    issuers = [s.name for s in pipeline.campaign.issuers if pipeline.campaign.items_of(s.name)]
+    delivered = {
+        p
+        for p in finished
+        if all(
+            states.get((issuer, p), {}).get("status") == "done" and states[(issuer, p)]["snapshot_id"] == snapshot_id
+            for issuer in issuers
+        )
+    }
+    pending = delivery.partitions_with_pending_revocations(
+        pipeline.engine, pipeline.keys.campaign_key, [e for e in chosen if e.partition_id in delivered]
+    )
+    return delivered - pending
+
+
+def unfinished_partitions(pipeline: Pipeline, snapshot_id: str, partition_ids: Iterable[int]) -> dict[str, str]:
+    """Of ``partition_ids``, those whose latest grant attempt for the snapshot is not done, with its error."""
+    wanted = sorted(set(partition_ids))
+    if not wanted:
+        return {}
+    row = snapshot_row(pipeline, snapshot_id)
+    latest = latest_attempts(pipeline, snapshot_id, int(row["partition_count"]))
+    unfinished = {}
+    for partition_id in wanted:
+        attempt = latest.get(partition_id)
+        if attempt is None:
+            unfinished[partition_label(partition_id)] = "never attempted"
+        elif attempt["status"] != "done":
+            unfinished[partition_label(partition_id)] = str(attempt["error"] or attempt["status"])
+    return unfinished
+
+
+def run_outcomes(pipeline: Pipeline, run_id: str) -> list[dict[str, Any]]:
+    """The latest attempt per partition of one run (planned, written, already present, status)."""
+    table = ledger.partition_attempts
+    latest = (
+        sa.select(sa.func.max(table.c.attempt_key).label("attempt_key"))
+        .join(ledger.runs, ledger.runs.c.run_key == table.c.run_key)
+        .where(ledger.runs.c.run_id == run_id, table.c.campaign_key == pipeline.keys.campaign_key)
+        .group_by(table.c.partition_id)
+        .subquery()
+    )
+    with pipeline.engine.connect() as connection:
+        rows = connection.execute(
+            sa.select(table).join(latest, latest.c.attempt_key == table.c.attempt_key).order_by(table.c.partition_id)
+        ).all()
+    return [dict(r._mapping) for r in rows]
+
+
+def run_wrote_grants(pipeline: Pipeline, run_id: str) -> bool:
+    """Whether any attempt of the run wrote a grant (a night with nothing new has no notices to write)."""
+    table = ledger.partition_attempts
+    with pipeline.engine.connect() as connection:
+        found = connection.execute(
+            sa.select(table.c.attempt_key)
+            .join(ledger.runs, ledger.runs.c.run_key == table.c.run_key)
+            .where(
+                ledger.runs.c.run_id == run_id, table.c.campaign_key == pipeline.keys.campaign_key, table.c.written > 0
+            )
+            .limit(1)
+        ).first()
+    return found is not None

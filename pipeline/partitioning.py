@@ -34,7 +34,10 @@ from pipeline.storage import Location
 BUCKET_MODULUS = 2_147_483_647
 BUCKET_MULTIPLIER = 1_540_483_477
 PARTITION_COUNT_MAX = 1024  # one Airflow mapped task each; Airflow's max_map_length is 1024
-PARTITION_COUNT_DEFAULT = 128  # chosen by the benchmark: see README "Why 128 partitions"
+# Without ENTITLE_PARTITIONS the count follows the snapshot: about this many users a partition
+# (one Airflow task instance each, so a small file is a few task instances, not hundreds).
+PARTITION_USERS_TARGET_DEFAULT = 1_000_000
+PARTITION_USERS_TARGET_MIN = 1_000
 MANIFEST_NAME = "manifest.parquet"
 WRITER_THREADS = max(2, min(8, os.cpu_count() or 2))
 
@@ -93,6 +96,13 @@ def check_partition_count(partition_count: int) -> None:
             f"partition count {partition_count} must be between 1 and {PARTITION_COUNT_MAX} "
             "(one Airflow mapped task per partition; Airflow's max_map_length is 1024)"
         )
+
+
+def partition_count_for(eligible_users: int, users_target: int) -> int:
+    """How many partitions a snapshot of ``eligible_users`` gets at ``users_target`` users each (1..1024)."""
+    invariant(users_target > 0, f"users per partition must be positive, not {users_target}")
+    wanted = -(-eligible_users // users_target)  # ceiling division
+    return max(1, min(PARTITION_COUNT_MAX, wanted))
 
 
 def partitions_dir(snapshot_dir: Location, partition_count: int) -> Location:

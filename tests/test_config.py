@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_settings
+from pipeline.config import ledger_url_from_connection, load_settings
 from pipeline.errors import ConfigError
-from pipeline.partitioning import PARTITION_COUNT_DEFAULT
+from pipeline.partitioning import PARTITION_USERS_TARGET_DEFAULT
 
 
 def test_defaults(tmp_path: Path) -> None:
     settings = load_settings({"ENTITLE_HOME": str(tmp_path / "home")})
     assert settings.home == tmp_path / "home"
     assert settings.ledger_url == f"sqlite:///{tmp_path / 'home' / 'ledger.sqlite'}"
-    assert settings.partition_count == PARTITION_COUNT_DEFAULT
+    assert settings.partition_count is None  # by the snapshot's size
+    assert settings.partition_users_target == PARTITION_USERS_TARGET_DEFAULT
     assert settings.rejected_share_max == 0.0001
     assert settings.campaign_file is None
     assert settings.campaign().campaign_id == "kakao-outage-2022"
@@ -49,7 +50,8 @@ def test_empty_values_mean_the_default(tmp_path: Path) -> None:
         {"ENTITLE_HOME": str(tmp_path), "ENTITLE_LEDGER_URL": "", "ENTITLE_PARTITIONS": "", "ENTITLE_CAMPAIGN": ""}
     )
     assert settings.ledger_url == f"sqlite:///{tmp_path / 'ledger.sqlite'}"
-    assert settings.partition_count == PARTITION_COUNT_DEFAULT
+    assert settings.partition_count is None  # by the snapshot's size
+    assert settings.partition_users_target == PARTITION_USERS_TARGET_DEFAULT
     assert settings.campaign_file is None
 
 
@@ -91,3 +93,47 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
     replaced = dataclasses.replace(settings, clock=lambda: fixed)
     assert replaced.clock() == fixed
     assert replaced == settings, "the clock is not part of a settings' identity"
+
+
+@pytest.mark.parametrize(
+    ("users", "target", "count"),
+    [
+        (0, 1_000_000, 1),
+        (20_000, 1_000_000, 1),
+        (1_000_000, 1_000_000, 1),
+        (1_000_001, 1_000_000, 2),
+        (48_000_000, 1_000_000, 48),
+        (480_000_000, 1_000_000, 480),
+        (5_000_000_000, 1_000_000, 1024),
+    ],
+)
+def test_the_partition_count_follows_the_data(users: int, target: int, count: int, tmp_path: Path) -> None:
+    settings = load_settings({"ENTITLE_HOME": str(tmp_path), "ENTITLE_PARTITION_USERS": str(target)})
+    assert settings.partitions_for(users) == count
+
+
+def test_an_explicit_partition_count_wins_and_a_tiny_target_is_refused(tmp_path: Path) -> None:
+    fixed = load_settings({"ENTITLE_HOME": str(tmp_path), "ENTITLE_PARTITIONS": "16"})
+    assert fixed.partitions_for(48_000_000) == 16 and fixed.partitions_for(10) == 16
+    with pytest.raises(ConfigError, match="ENTITLE_PARTITION_USERS=10 is below 1,000"):
+        load_settings({"ENTITLE_HOME": str(tmp_path), "ENTITLE_PARTITION_USERS": "10"})
+
+
+def test_the_ledger_comes_from_the_airflow_connection_unless_the_variable_is_set(tmp_path: Path) -> None:
+    from_connection = ledger_url_from_connection("postgres", "db.internal", "writer", "s3cret/x", "entitle", 5433)
+    assert from_connection == "postgresql+psycopg://writer:s3cret%2Fx@db.internal:5433/entitle"
+    settings = load_settings({"ENTITLE_HOME": str(tmp_path)}, connection_ledger_url=from_connection)
+    assert settings.ledger_url == from_connection
+    assert "s3cret" not in settings.describe_ledger()
+    overridden = load_settings(
+        {"ENTITLE_HOME": str(tmp_path), "ENTITLE_LEDGER_URL": "sqlite:////x/ledger.sqlite"},
+        connection_ledger_url=from_connection,
+    )
+    assert overridden.ledger_url == "sqlite:////x/ledger.sqlite"
+    assert ledger_url_from_connection("sqlite", "/data/ledger.sqlite") == "sqlite:////data/ledger.sqlite"
+    extra = {"sqlalchemy_url": "postgresql+psycopg://a@b/c"}
+    assert ledger_url_from_connection("generic", None, extra=extra) == "postgresql+psycopg://a@b/c"
+    with pytest.raises(ConfigError, match="type 'mysql'; use postgres or sqlite"):
+        ledger_url_from_connection("mysql", "db")
+    with pytest.raises(ConfigError, match="names no database file"):
+        ledger_url_from_connection("sqlite", "")

@@ -713,8 +713,9 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the DAG, run by Airflow
 
 _RUN_MERCHANT_DAG = r"""
-import json, sys, importlib.util
+import json, os, sys, importlib.util
 import pendulum
+sys.path.append(os.path.dirname(sys.argv[1]))  # as Airflow does: the dags folder is importable
 spec = importlib.util.spec_from_file_location("merchant_cash_dagfile", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
@@ -764,7 +765,8 @@ def test_dag_ingests_assigns_pays_and_reconciles(tmp_path: Path, airflow_env: di
 
 
 _DAG_BOUNDS = r"""
-import json, runpy, sys
+import json, os, runpy, sys
+sys.path.append(os.path.dirname(sys.argv[1]))  # as Airflow does: the dags folder is importable
 dag = runpy.run_path(sys.argv[1])["merchant_cash_dag"]
 print(json.dumps({"start": dag.start_date.isoformat(), "end": dag.end_date.isoformat(),
                   "schedule": str(dag.schedule), "timezone": str(dag.timezone)}))

@@ -299,7 +299,7 @@ def test_airflow_task_bodies_read_and_write_s3(
     mapped = dag_tasks.partitions_to_grant(prepared, {})
     assert [m["partition_id"] for m in mapped] == list(range(PARTITIONS))
     assert sum(m["rows"] for m in mapped) == 800
-    outcomes = [dag_tasks.grant_one("manual__s3", m, {}) for m in mapped]
+    outcomes = [dag_tasks.grant_partition("manual__s3", m, {}) for m in mapped]
     assert sum(o["written"] for o in outcomes) == 800 * ITEMS_PER_USER
     assert dag_tasks.check(prepared)["verdict"] == "RECONCILED"
 
