@@ -17,13 +17,14 @@ export AIRFLOW_HOME := $(CURDIR)/var/airflow
 export AIRFLOW_CONFIG := $(CURDIR)/airflow.cfg
 export ENTITLE_HOME ?= $(CURDIR)/var
 
-.PHONY: venv demo demo-programs test lint bench clean help airflow airflow-db scaleout-smoke issuer-service
+.PHONY: venv demo demo-programs test lint bench bench-airflow clean help airflow airflow-db scaleout-smoke issuer-service
 
 help:
 	@echo "make demo   - run the pipeline on $(DEMO_USERS) synthetic users (DEMO_USERS=N to change)"
 	@echo "make demo-programs - only the channel credit, merchant cash and pass DAGs on demo inputs"
 	@echo "make test   - ruff, mypy and pytest"
 	@echo "make bench  - benchmark on BENCH_USERS=$(BENCH_USERS) users, backend BENCH_BACKEND=$(BENCH_BACKEND)"
+	@echo "make bench-airflow - the nightly run on BENCH_USERS users through Airflow's scheduler vs the CLI"
 	@echo "make airflow - Airflow UI + scheduler on http://127.0.0.1:8080 with this project's DAGs"
 	@echo "make scaleout-smoke - the DAG on $(SCALEOUT_USERS) users with PostgreSQL metadata, CeleryExecutor (Redis), separate processes"
 	@echo "make issuer-service - the reference entitlement service on 127.0.0.1:$(ISSUER_PORT), store ISSUER_STORE (SQLite)"
@@ -124,6 +125,11 @@ issuer-service: venv
 
 bench: venv
 	$(BIN)/python bench/bench.py --users $(BENCH_USERS) --backend $(BENCH_BACKEND)
+
+# The nightly run through Airflow's real scheduler (LocalExecutor, REST API) against the same stages
+# through the CLI, then a night with nothing new (README "Performance").
+bench-airflow: venv
+	$(BIN)/python bench/bench_airflow.py --users $(BENCH_USERS)
 
 clean:
 	rm -rf var

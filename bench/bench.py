@@ -55,7 +55,7 @@ def main() -> int:
     parser.add_argument(
         "--airflow",
         action="store_true",
-        help="run the campaign through the DAG and report Airflow's share of wall time",
+        help="run the campaign through Airflow's scheduler and the CLI (bench/bench_airflow.py --dag-test)",
     )
     parser.add_argument("--child-grant", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-reconcile", action="store_true", help=argparse.SUPPRESS)
@@ -73,95 +73,18 @@ def main() -> int:
     if args.child_reconcile:
         return child_reconcile(env)
     if args.airflow:
-        return airflow_bench(args, home, env)
+        return airflow_bench(args)
     return run_bench(args, home, env)
 
 
-def airflow_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
-    """Run entitlement_grant end to end via dag.test; split wall time into task work and Airflow overhead."""
-    from pipeline.demo_users import write_demo_users
-
-    if home.exists():
-        shutil.rmtree(home)
-    users_file = home / "incoming" / "users.parquet"
-    write_demo_users(args.users, users_file)
-    airflow_home = home / "airflow"
-    airflow_home.mkdir(parents=True)
-    bin_dir = Path(sys.executable).parent
-    run_env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "ENTITLE_"))},
-        **env,
-        "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
-        "AIRFLOW_HOME": str(airflow_home),
-        "AIRFLOW_CONFIG": str(ROOT / "airflow.cfg"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
-    }
-    subprocess.run([str(bin_dir / "airflow"), "db", "migrate"], env=run_env, capture_output=True, check=True)
-    conf = json.dumps({"snapshot_uri": str(users_file)})
-    started = time.perf_counter()
-    result = subprocess.run(
-        [str(bin_dir / "python"), str(ROOT / "ops" / "run_dag.py"), "entitlement_grant", conf],
-        env=run_env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    wall = time.perf_counter() - started
-    (home / "dag-run.log").write_text(result.stdout + result.stderr)
-    outcome = json.loads(result.stdout.strip().splitlines()[-1])
-    if result.returncode != 0:
-        print(f"ERROR: the DAG run ended {outcome}; log: {home / 'dag-run.log'}", file=sys.stderr)
-        return 1
-    with sqlite3.connect(airflow_home / "airflow.db") as connection:
-        per_task = connection.execute(
-            "SELECT task_id, count(*), sum(duration) FROM task_instance WHERE run_id = ? GROUP BY task_id",
-            (outcome["run_id"],),
-        ).fetchall()
-    work = sum(float(d or 0) for _, _, d in per_task)
-    scheduling = wall - work
-    # Each grant task returns the wall time of its own body (open ledger, grant, close); a task
-    # returning a dict stores one XCom row per key.
-    with sqlite3.connect(airflow_home / "airflow.db") as connection:
-        grant_work = sum(
-            float(json.loads(value) if isinstance(value, (str, bytes)) else value)
-            for (value,) in connection.execute(
-                "SELECT value FROM xcom WHERE run_id = ? AND task_id = 'grant' AND key = 'task_body_s'",
-                (outcome["run_id"],),
-            )
-        )
-    grant_tasks = sum(float(d or 0) for t, _, d in per_task if t == "grant")
-    startup = grant_tasks - grant_work
-    share = (scheduling + startup) / wall
-    print(f"airflow mode: {args.users:,} users, {args.partitions} partitions, run {outcome['run_id']}")
-    print(f"{'task':<18} {'instances':>9} {'seconds':>9}")
-    for task_id, count, duration in sorted(per_task):
-        print(f"{task_id:<18} {count:>9} {float(duration or 0):>9.1f}")
-    print(f"end-to-end wall {wall:.1f} s; in task instances {work:.1f} s; scheduling between them {scheduling:.1f} s")
-    print(
-        f"grant task instances {grant_tasks:.1f} s, of which task bodies (pipeline work) {grant_work:.1f} s "
-        f"and task start-up/wrapping {startup:.1f} s"
-    )
-    print(
-        f"Airflow overhead (scheduling + task start-up) {scheduling + startup:.1f} s = {share:.1%} of wall "
-        "(target <= 15 %)"
-    )
+def airflow_bench(args: argparse.Namespace) -> int:
+    """The campaign through Airflow's real scheduler against the CLI: bench_airflow.py (dag.test as a second line)."""
+    command = [sys.executable, str(ROOT / "bench" / "bench_airflow.py"), "--users", str(args.users), "--dag-test"]
+    if args.backend == "postgresql":
+        command += ["--ledger-url", args.pg_url]
     if args.json:
-        figures = {
-            "users": args.users,
-            "partitions": args.partitions,
-            "wall_s": wall,
-            "task_instances_s": work,
-            "scheduling_s": scheduling,
-            "grant_work_s": grant_work,
-            "task_startup_s": startup,
-            "overhead_share": share,
-            "tasks": {t: {"instances": c, "seconds": d} for t, c, d in per_task},
-        }
-        print(json.dumps(figures))
-    if not args.keep:
-        shutil.rmtree(home, ignore_errors=True)
-    return 0
+        command.append("--json")
+    return subprocess.call(command)
 
 
 def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:

@@ -39,9 +39,8 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
-from multiprocessing import current_process, get_context
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +64,7 @@ from pipeline.partitioning import (
     user_bucket_expr,
 )
 from pipeline.snapshot import EXCLUDED_FILE_NAME
+from pipeline.worker_processes import map_in_processes
 
 CHECKSUM_MODULUS = 2_147_483_647  # 2^31 - 1: every product below stays under 2^62 in SQL and Polars
 H1_BUCKET_FACTOR = 48_271
@@ -782,9 +782,7 @@ def _known_skus(pipeline: jobs.Pipeline) -> tuple[tuple[int, str], ...]:
 def _run_checks(
     tasks: list[PartitionTask], workers: int, on_partition: Callable[[PartitionCheck], None] | None
 ) -> Iterator[PartitionCheck]:
-    # A daemonic process (a Celery prefork worker's child, for one) may not start a process pool:
-    # check the partitions in this process instead of failing.
-    if workers <= 1 or len(tasks) <= 1 or current_process().daemon:
+    if workers <= 1 or len(tasks) <= 1:
         try:
             for task in tasks:
                 check = check_partition(task)
@@ -796,10 +794,13 @@ def _run_checks(
             while _ENGINES:
                 _ENGINES.popitem()[1].dispose()
         return
-    # Separate processes: the checksum scans run inside SQLite/PostgreSQL on one core each, and
-    # Polars must not be forked after its thread pool started ("spawn", not "fork").
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=get_context("spawn")) as pool:
-        for check in pool.map(check_partition, tasks):
+    # Separate processes: the checksum scans run inside SQLite/PostgreSQL on one core each.  They are
+    # fresh interpreters (pipeline.worker_processes), not multiprocessing children: Polars must not be
+    # forked after its thread pool started, "spawn" re-imports the parent's __main__ (the airflow
+    # console script under Airflow's task supervisor, which dies there), and a daemonic process (a
+    # Celery prefork worker's child) may not start multiprocessing children at all.
+    with closing(map_in_processes(check_partition, tasks, min(workers, len(tasks)))) as checks:
+        for check in checks:
             if on_partition is not None:
                 on_partition(check)
             yield check

@@ -258,6 +258,12 @@ def test_dag_grants_every_user_once_and_a_second_run_changes_nothing(entitle_env
     assert [tuple(r) for r in open_breaks] == [("missing", victim, "emoticon-90d-a")]
 
 
+def connection_rows(env: dict[str, str], sql: str) -> list[tuple[object, ...]]:
+    """Rows of one query on the SQLite ledger."""
+    with sqlite3.connect(Path(env["ENTITLE_HOME"]) / "ledger.sqlite") as connection:
+        return [tuple(r) for r in connection.execute(sql)]
+
+
 def reconciliation_verdicts(env: dict[str, str]) -> list[str]:
     """Verdicts of every stored reconciliation, oldest first."""
     with sqlite3.connect(Path(env["ENTITLE_HOME"]) / "ledger.sqlite") as connection:
@@ -405,9 +411,23 @@ def test_dag_delivers_to_an_http_issuer_after_granting(entitle_env: dict[str, st
         assert service.stats()["outcomes"]["conflict"] == 0
         with sqlite3.connect(Path(env["AIRFLOW_HOME"]) / "airflow.db") as connection:
             states = connection.execute(
-                "SELECT state, count(*) FROM task_instance WHERE task_id = 'deliver' GROUP BY state"
+                "SELECT task_id, state, count(*) FROM task_instance WHERE run_id = ? GROUP BY task_id, state",
+                (result["run_id"],),
             ).fetchall()
-        assert dict(states).get("success", 0) >= PARTITIONS, states
+        # Each partition is granted and delivered by its own grant task instance; there is no other.
+        assert {(t, s): n for t, s, n in states}[("grant", "success")] == PARTITIONS, states
+        assert {t for t, _s, _n in states} == {
+            "freeze_snapshot",
+            "plan_partitions",
+            "grant",
+            "reconcile",
+            "notify",
+            "summary",
+        }
+        delivered = connection_rows(
+            env, "SELECT issuer, status, count(*), sum(created) FROM delivery_partitions GROUP BY issuer, status"
+        )
+        assert delivered == [("shop", "done", PARTITIONS, 2 * USERS)], delivered
     finally:
         service.stop()
 

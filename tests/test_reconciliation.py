@@ -531,8 +531,8 @@ def _reconcile_in_a_daemon(environ: dict[str, str], answers: Any) -> None:
         pipeline.engine.dispose()
 
 
-def test_a_daemonic_process_reconciles_in_process_instead_of_failing(granted: Prepared) -> None:
-    """Celery's prefork workers are daemonic and may not start a process pool (found by make scaleout-smoke)."""
+def test_a_daemonic_process_reconciles_with_worker_processes(granted: Prepared) -> None:
+    """Celery's prefork workers are daemonic: multiprocessing may not start children there, our workers can."""
     import multiprocessing
 
     settings = granted.pipeline.settings
