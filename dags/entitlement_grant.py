@@ -44,6 +44,7 @@ from entitle_airflow.defaults import (
     default_args,
     failing_fast,
     ledger_connection_url,
+    log_failure_reason,
 )
 from entitle_airflow.notifier import FailedPartitionsNotifier
 
@@ -184,7 +185,11 @@ def grant_dag(
                 dag_tasks.require_notices_complete(written)
             return written
 
-        @task(trigger_rule=TriggerRule.ALL_DONE, outlets=[LEDGER_ASSET], on_failure_callback=FailedPartitionsNotifier())
+        @task(
+            trigger_rule=TriggerRule.ALL_DONE,
+            outlets=[LEDGER_ASSET],
+            on_failure_callback=[log_failure_reason, FailedPartitionsNotifier()],
+        )
         def summary() -> dict[str, Any]:
             from pipeline import dag_tasks
 

@@ -8,6 +8,7 @@ fail at once, without retries, with their message as the task log's last line.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +37,17 @@ def default_args(execution_timeout_s: int = EXECUTION_TIMEOUT_S) -> dict[str, An
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": timedelta(seconds=RETRY_DELAY_MAX_S),
         "execution_timeout": timedelta(seconds=execution_timeout_s),
+        "on_failure_callback": [log_failure_reason],
     }
+
+
+def log_failure_reason(context: Any) -> None:
+    """Log why the task failed as one line, so that it is the last line an operator reads in its log."""
+    exception = context.get("exception")
+    if exception is None:
+        return
+    reason = " ".join(str(exception).split())
+    logging.getLogger("entitle.task").error("FAILED: %s", reason)
 
 
 @contextmanager

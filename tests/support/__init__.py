@@ -1,0 +1,1 @@
+"""Test support code: helpers shared by several test modules (not tests themselves)."""
