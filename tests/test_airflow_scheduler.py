@@ -21,12 +21,14 @@ reconcile runs with 2 worker processes under the task supervisor. Every process 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import polars as pl
 import pytest
@@ -46,6 +48,7 @@ ITEMS = 5
 RETRIES = 2
 RUN_TIMEOUT_S = 300
 SCHEDULED_RUN_TIMEOUT_S = 90
+SEOUL = ZoneInfo("Asia/Seoul")
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +117,11 @@ def test_1_unpausing_runs_the_latest_night_which_grants_everyone_once(week: dict
     airflow.unpause(DAG_ID)
     scheduled = airflow.wait_for_scheduled_run(DAG_ID, timeout_s=SCHEDULED_RUN_TIMEOUT_S)
     assert scheduled["run_type"] == "scheduled" and scheduled["conf"] == {}
+    assert scheduled["triggered_by"] == "timetable"
+    # catchup=False: the one run created is the latest 02:00 Asia/Seoul that has passed.
+    logical = dt.datetime.fromisoformat(scheduled["logical_date"].replace("Z", "+00:00")).astimezone(SEOUL)
+    now = dt.datetime.now(SEOUL)
+    assert (logical.hour, logical.minute) == (2, 0) and now - dt.timedelta(days=1) < logical <= now
     state = airflow.wait_for_run(DAG_ID, scheduled["dag_run_id"], timeout_s=RUN_TIMEOUT_S)
     found = states(airflow, scheduled["dag_run_id"])
     assert state == "success", found

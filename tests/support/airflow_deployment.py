@@ -9,17 +9,19 @@ three separate processes (each in its own process group, logging to
 the simple auth manager's ``POST /auth/token`` (user ``admin``, password from the
 generated passwords file), and ``Authorization: Bearer`` on every call.
 
+    from support.airflow_deployment import start_airflow   # tests/ is on sys.path, as for conftest
+
     with start_airflow(tmp_path, {"ENTITLE_HOME": str(tmp_path / "var")}) as airflow:
         airflow.unpause("entitlement_grant")
         run_id = airflow.trigger("entitlement_grant", {"snapshot_uri": str(users)})
         assert airflow.wait_for_run("entitlement_grant", run_id, timeout_s=300) == "success"
-    assert not airflow.leftover_processes()
+    assert airflow.leftover_processes() == {}
 
-Every process started here (and everything they start: LocalExecutor workers,
+Every process started here and everything they start (LocalExecutor workers,
 task supervisors, task processes, which Airflow puts in process groups of their
-own) carries a marker variable in its environment; :meth:`AirflowDeployment.stop`
-stops them all and :meth:`AirflowDeployment.leftover_processes` finds any that
-survived.
+own, and what tasks start) runs in AIRFLOW_HOME and inherits a marker variable:
+:meth:`AirflowDeployment.stop` stops them all and
+:meth:`AirflowDeployment.leftover_processes` finds any that survived.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import datetime as dt
 import json
 import os
 import secrets
@@ -67,7 +70,9 @@ PAGE_LIMIT = 100  # the API's [api] maximum_page_limit
 STARTUP_TIMEOUT_S = 240.0
 CLI_TIMEOUT_S = 300.0
 HTTP_TIMEOUT_S = 30.0
-SQLITE_BUSY_TIMEOUT_S = 60
+# The api-server answers HTTP 500 "database is locked" now and then on SQLite (see request()); retried.
+LOCKED_RETRIES = 5
+LOCKED_RETRY_PAUSE_S = 1.0
 STOP_GRACE_S = 20.0
 POLL_INTERVAL_S = 0.5
 LOG_TAIL_LINES = 60
@@ -119,7 +124,7 @@ def _is_under(path: str, root: Path) -> bool:
 
 def _live(proc: psutil.Process) -> bool:
     try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 
@@ -197,8 +202,8 @@ class AirflowDeployment:
     ``dags_folder``: the DAG files (default: the project's ``dags/``).
     ``reuse_migrated_db``: the first deployment of a test process runs ``airflow db migrate``, the
     next ones start from a copy of its freshly migrated database (the same schema, seconds faster).
-    ``sqlite_wal``: put the metadata DB in WAL mode (readers and the writer do not block each other;
-    with the default rollback journal, api-server calls failed with "database is locked" under load).
+    ``sqlite_wal``: put the metadata DB in WAL mode, so that readers and the writer do not block each
+    other (fewer "database is locked" errors; writers still take turns).
     """
 
     base_dir: Path
@@ -221,6 +226,7 @@ class AirflowDeployment:
     _client: httpx.Client | None = field(init=False, default=None)
     _token: str | None = field(init=False, default=None)
     _stopped: bool = field(init=False, default=False)
+    locked_retries: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.base_dir = Path(self.base_dir)
@@ -274,9 +280,7 @@ class AirflowDeployment:
             "AIRFLOW__CORE__FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-            # SQLite waits up to SQLITE_BUSY_TIMEOUT_S for a lock (Python's default, 5 s, is too short
-            # for a busy 2-core machine: "database is locked" HTTP 500s from the api-server).
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{database}?timeout={SQLITE_BUSY_TIMEOUT_S}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{database}",
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.home / "logs"),
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(port_logs),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
@@ -452,12 +456,18 @@ class AirflowDeployment:
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Stop every process of the deployment, task processes included; safe to call twice.
 
-        First SIGTERM to the scheduler's and the dag-processor's process groups and to every other
-        process of the deployment (task processes run in process groups of their own), while the
-        api-server still answers: a task process that is told to stop reports its state through the
-        Execution API, and without the api-server it retries for many seconds. Then SIGTERM to the
-        api-server. Each step has up to ``grace_s`` to finish; then SIGKILL to whatever is left,
-        repeated until :meth:`processes` finds none. Records ``stop`` in :attr:`timings_s`.
+        First SIGTERM to the scheduler's and the dag-processor's process groups, while the
+        api-server still answers: the scheduler's LocalExecutor workers forward the signal to the
+        task processes they supervise, which report their state through the Execution API (without
+        the api-server they retry for many seconds), and the scheduler waits for them. Then SIGTERM
+        to the api-server's group. Each step has up to ``grace_s`` to finish; then SIGKILL to the
+        groups and to every process of the deployment still alive (task processes run in process
+        groups of their own), repeated until :meth:`processes` finds none. Records ``stop`` in
+        :attr:`timings_s`.
+
+        Task processes are not signalled directly at first: a LocalExecutor worker inherits the
+        scheduler's SIGTERM handler, and signalling the processes one by one left the scheduler
+        waiting out the whole grace period for an idle worker.
         """
         if self._stopped:
             return
@@ -470,9 +480,6 @@ class AirflowDeployment:
         first = [proc for name, proc in self._processes.items() if name != "api-server"]
         for proc in first:
             self._signal_group(proc, signal.SIGTERM)
-        for other in others:
-            with contextlib.suppress(psutil.Error):
-                other.terminate()
         self._wait_exited(first, others, grace_s)
         last = [proc for name, proc in self._processes.items() if name == "api-server"]
         for proc in last:
@@ -564,14 +571,22 @@ class AirflowDeployment:
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         expected: Sequence[int] = (200,),
+        retry_locked: bool = True,
     ) -> httpx.Response:
         """One authenticated call (``path`` from the server root, e.g. ``/api/v2/dags``); raises on other statuses.
 
-        A 401 (token expired) gets a fresh token and one retry.
+        A 401 (token expired) gets a fresh token and one retry. An HTTP 500 "database is locked" is
+        retried up to LOCKED_RETRIES times (``retry_locked``): with SQLite, Airflow 3.3's api-server
+        writes the audit log of a mutating call (PATCH, POST) from its event loop, before the endpoint
+        runs, and when an Execution API request of a task holds the write lock at that moment, that
+        lock cannot be released until SQLite's 5 s busy timeout fails the audit write; nothing else
+        of the call was done. :attr:`locked_retries` counts these retries.
         """
         if self._client is None or self._token is None:
             raise AirflowHarnessError("the deployment is not started")
-        for attempt in (1, 2):
+        refreshed = False
+        locked = 0
+        while True:
             response = self._client.request(
                 method,
                 path,
@@ -579,8 +594,19 @@ class AirflowDeployment:
                 params=params,
                 headers={"Authorization": f"Bearer {self._token}", **(headers or {})},
             )
-            if response.status_code == 401 and attempt == 1:
+            if response.status_code == 401 and not refreshed:
                 self._token = self._login()
+                refreshed = True
+                continue
+            if (
+                retry_locked
+                and response.status_code == 500
+                and "database is locked" in response.text
+                and locked < LOCKED_RETRIES
+            ):
+                locked += 1
+                self.locked_retries += 1
+                time.sleep(LOCKED_RETRY_PAUSE_S)
                 continue
             break
         if response.status_code not in expected:
@@ -647,7 +673,7 @@ class AirflowDeployment:
         return result
 
     def unpause(self, dag_id: str) -> dict[str, Any]:
-        """Unpause a DAG (the scheduler then creates its latest scheduled run, catchup or not)."""
+        """Unpause a DAG; with catchup=False the scheduler then creates its latest scheduled run at once."""
         return self.set_paused(dag_id, False)
 
     def pause(self, dag_id: str) -> dict[str, Any]:
@@ -663,14 +689,27 @@ class AirflowDeployment:
     ) -> str:
         """Trigger a run (``POST /api/v2/dags/{dag_id}/dagRuns``); returns its run id.
 
-        ``logical_date`` (ISO 8601 with an offset) None sends ``"logical_date": null`` (required in 3.x);
-        ``run_id`` None lets Airflow name the run (``manual__<now>``).
+        ``logical_date`` (ISO 8601 with an offset; Airflow refuses a naive one with 422) None sends
+        ``"logical_date": null`` (the key is required in 3.x). ``run_id`` None: ``manual__<now UTC>``,
+        Airflow's own form, chosen here so that a call retried after "database is locked" cannot
+        create a second run (an HTTP 409 then means the earlier attempt created it).
         """
-        body: dict[str, Any] = {"logical_date": logical_date, "conf": dict(conf or {})}
-        if run_id is not None:
-            body["dag_run_id"] = run_id
-        run = self.api("POST", self._dag_path(dag_id, "dagRuns"), json_body=body)
-        return str(run["dag_run_id"])
+        run_id = run_id or f"manual__{dt.datetime.now(dt.UTC).isoformat()}"
+        body = {"dag_run_id": run_id, "logical_date": logical_date, "conf": dict(conf or {})}
+        path = self._dag_path(dag_id, "dagRuns")
+        for attempt in range(LOCKED_RETRIES + 1):
+            response = self.request("POST", path, json_body=body, expected=(200, 409, 500), retry_locked=False)
+            if response.status_code == 200:
+                return str(response.json()["dag_run_id"])
+            if response.status_code == 409 and attempt > 0:
+                existing = self.get_run(dag_id, run_id)
+                if existing.get("conf") == body["conf"]:
+                    return run_id
+            if response.status_code != 500 or "database is locked" not in response.text:
+                break
+            self.locked_retries += 1
+            time.sleep(LOCKED_RETRY_PAUSE_S)
+        raise AirflowApiError("POST", path, response.status_code, response.text)
 
     def get_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
         """``GET /api/v2/dags/{dag_id}/dagRuns/{run_id}``."""
