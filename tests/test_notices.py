@@ -10,11 +10,14 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import sqlalchemy as sa
 from conftest import ITEMS_PER_USER, SEOUL, Prepared, cli_environment, prepare_pipeline, run_entitle
+from polars.testing import assert_frame_equal
 
-from pipeline import corrections, jobs, notices
+from pipeline import corrections, jobs, ledger, notices, schemas
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
+from pipeline.partitioning import load_manifest, partitions_dir
 
 USERS = list(range(40_000_000, 40_000_600))
 NEW_USERS = list(range(40_000_600, 40_000_650))
@@ -118,3 +121,134 @@ def test_the_notices_command(tmp_path: Path, write_users: Callable[..., Path]) -
     assert reminder["remind_on"] == "2023-04-02" and reminder["users"] == len(USERS)
     refused = run_entitle(["notices", "reminders", "--days", "999"], env)
     assert refused.returncode == 2 and "between 0 and 365" in refused.stderr
+
+
+# --------------------------------------------------------------------------- the aggregate method
+
+NEWEST_USER = 40_000_700
+
+
+def straightforward_notices(pipeline: jobs.Pipeline, run_id: str) -> dict[str, pl.DataFrame]:
+    """The granted notices of ``run_id`` per partition label, computed grant by grant in Python."""
+    g, items = ledger.grants, ledger.campaign_items
+    query = (
+        sa.select(g.c.user_bucket, g.c.user_id, items.c.item_sku, g.c.amount_krw, g.c.granted_at)
+        .join(items, items.c.item_key == g.c.item_key)
+        .join(ledger.runs, ledger.runs.c.run_key == g.c.run_key)
+        .where(
+            ledger.runs.c.run_id == run_id,
+            g.c.campaign_key == pipeline.keys.campaign_key,
+            ~sa.exists().where(ledger.void_of_grant()),
+        )
+    )
+    with pipeline.engine.connect() as connection:
+        grants = connection.execute(query).all()
+    row = jobs.snapshot_row(pipeline, None)
+    entries = load_manifest(partitions_dir(pipeline.settings.location(row["snapshot_dir"]), row["partition_count"]))
+    expected = {}
+    for entry in entries:
+        per_user: dict[int, list[tuple[str, int | None, dt.datetime]]] = {}
+        for bucket, user_id, sku, amount, granted_at in grants:
+            if entry.bucket_lo <= bucket <= entry.bucket_hi:
+                per_user.setdefault(user_id, []).append((sku, amount, granted_at))
+        rows = [
+            (
+                user_id,
+                ",".join(sorted(sku for sku, _, _ in held)),
+                len(held),
+                sum(amount or 0 for _, amount, _ in held),
+                max(at for _, _, at in held),
+                pipeline.campaign.campaign_id,
+            )
+            for user_id, held in sorted(per_user.items())
+        ]
+        schema = {
+            "user_id": pl.Int64,
+            "items": pl.String,
+            "item_count": pl.Int32,
+            "face_value_krw": pl.Int64,
+            "granted_at": pl.Datetime("us", "UTC"),
+            "campaign_id": pl.String,
+        }
+        expected[entry.label] = pl.DataFrame(rows, schema=schema, orient="row")
+    return expected
+
+
+def reissue_within_run(pipeline: jobs.Pipeline, run: jobs.RunHandle, user_id: int, sku: str) -> None:
+    """Void a grant and write its reissue into the same run by hand, with another amount and instant."""
+    request = corrections.VoidRequest("test: reissue", user_id=user_id, item_sku=sku)
+    corrections.void_grants(pipeline, [request], "tester", pipeline.settings.clock())
+    with pipeline.engine.begin() as connection:
+        (issue_zero,) = connection.execute(
+            sa.select(ledger.grants).where(
+                ledger.grants.c.user_id == user_id, ledger.grants.c.item_key == pipeline.keys.item_keys[sku]
+            )
+        ).all()
+        values = dict(issue_zero._mapping)
+        values.update(
+            issue_no=1,
+            run_key=run.run_key,
+            amount_krw=(values["amount_krw"] or 0) + 500,
+            granted_at=values["granted_at"] + dt.timedelta(minutes=5),
+        )
+        connection.execute(ledger.grants.insert().values(**values))
+
+
+def test_the_aggregate_export_writes_the_files_of_the_grant_by_grant_computation(
+    granted: Prepared, tmp_path: Path, write_users: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline = granted.pipeline
+    first = granted.run
+    voids = [
+        corrections.VoidRequest("test: one coupon", user_id=USERS[0], item_sku="coupon-3000"),
+        corrections.VoidRequest("test: everything", user_id=USERS[1]),
+    ]
+    corrections.void_grants(pipeline, voids, "tester", pipeline.settings.clock())
+    reissue_within_run(pipeline, first, USERS[2], "coupon-2000")
+    second = prepare_pipeline(pipeline, write_users(tmp_path / "more.parquet", USERS + NEW_USERS)).run
+    jobs.require_all_done(jobs.grant(pipeline, second, second.entries))
+    newest = [*USERS, *NEW_USERS, NEWEST_USER]
+    third = prepare_pipeline(pipeline, write_users(tmp_path / "newest.parquet", newest)).run
+    jobs.require_all_done(jobs.grant(pipeline, third, third.entries))
+
+    from_rows: list[str] = []
+    by_rows = notices._granted_from_rows
+    monkeypatch.setattr(
+        notices, "_granted_from_rows", lambda p, k, entry: from_rows.append(entry.label) or by_rows(p, k, entry)
+    )
+    monkeypatch.setattr(notices, "PROCESS_USERS_MIN", 0)  # two workers: worker processes, even for a few users
+    fallbacks = {}
+    for run in (first, second, third):
+        expected = straightforward_notices(pipeline, run.run_id)
+        assert sum(f.height for f in expected.values()) > 0
+        written = {}
+        for workers in (1, 2):
+            from_rows.clear()
+            export = notices.export_granted(pipeline, run.run_id, workers=workers)
+            fallbacks[run.run_id, workers] = sorted(from_rows)
+            for label, frame in expected.items():
+                path = Path(export.directory) / f"{label}.parquet"
+                assert_frame_equal(pl.read_parquet(path), frame)
+                reference = tmp_path / "expected" / run.run_id / f"{label}.parquet"
+                schemas.write_parquet(frame, "notice_granted", reference)
+                assert path.read_bytes() == reference.read_bytes(), f"{run.run_id} {label}: the same bytes"
+            written[workers] = digests(export.directory)
+        export = notices.export_granted(pipeline, run.run_id, method="rows")
+        assert written[1] == written[2] == digests(export.directory), "aggregate (in process or not) = row by row"
+    first_notices = pl.concat(straightforward_notices(pipeline, first.run_id).values())
+    assert USERS[1] not in first_notices["user_id"], "a user whose every grant was voided is not notified"
+    assert first_notices.filter(pl.col("user_id") == USERS[0])["item_count"].item() == ITEMS_PER_USER - 1
+    reissued = first_notices.filter(pl.col("user_id") == USERS[2]).row(0, named=True)
+    assert reissued["face_value_krw"] == 5_500 and reissued["items"] == ALL_SKUS
+    # Only the partition holding the hand-made reissue (another amount and instant) is read row by row.
+    assert len(fallbacks[first.run_id, 1]) == 1 and fallbacks[first.run_id, 1] == fallbacks[first.run_id, 2]
+    assert all(fallbacks[run.run_id, workers] == [] for run in (second, third) for workers in (1, 2))
+    assert sum(f.height for f in straightforward_notices(pipeline, third.run_id).values()) == 1
+    with pytest.raises(ConfigError, match="export method"):
+        notices.export_granted(pipeline, first.run_id, method="columns")
+
+
+def test_a_partition_read_in_slices_gives_the_same_files(granted: Prepared, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(notices, "USERS_PER_QUERY", 64)  # about three slices of each partition's key range
+    sliced = digests(notices.export_granted(granted.pipeline, workers=1).directory)
+    assert sliced == digests(notices.export_granted(granted.pipeline, method="rows").directory)
