@@ -238,8 +238,9 @@ def granted_notices(
     """Write the run's "granted" notices for the messaging system (one Parquet file per partition).
 
     Notices are written for what was granted; when some of the run's partitions failed the
-    result says so (``partitions_failed``) and the DAG fails the task after writing, so that
-    clearing the failed task instances writes the notices again with the late partitions in.
+    folder is not marked complete, the result says so (``partitions_failed``) and the DAG fails
+    the task after writing, so that clearing the failed task instances writes the notices again
+    with the late partitions in, and marks the folder complete.
     """
     if prepared.get("dry_run"):
         return {"skipped": "dry run", "partitions_failed": {}}
@@ -250,7 +251,7 @@ def granted_notices(
         )
         if not jobs.run_wrote_grants(pipeline, run_id):
             return {"skipped": "the run granted nothing", "users": 0, "partitions_failed": failed}
-        export = notices.export_granted(pipeline, run_id)
+        export = notices.export_granted(pipeline, run_id, complete=not failed)
     finally:
         pipeline.engine.dispose()
     return {

@@ -93,8 +93,13 @@ def export_granted(
     *,
     method: str = "aggregate",
     workers: int | None = None,
+    complete: bool = True,
 ) -> NoticeExport:
     """Per partition, the users run ``run_id`` (default: the latest run that granted) granted something to.
+
+    ``complete=False`` writes the partitions' files but not the ``notices.json`` marker: some of the
+    run's partitions are still to be granted, and the messaging system must not pick the folder up
+    until a later export, with them in, marks it complete.
 
     ``method="aggregate"`` (the default) reads one packed row per user from the database; an
     export of :data:`PROCESS_USERS_MIN` users or more runs in ``workers`` worker processes
@@ -133,7 +138,11 @@ def export_granted(
             for entry, users in zip(entries, results, strict=True):
                 finish(entry, users)
     detail = {"run_id": run_id, "users_per_partition": counts}
-    schemas.write_json(out_dir / COMPLETE_MARKER, {"kind": "granted", **detail, "users": sum(counts.values())})
+    marker = out_dir / COMPLETE_MARKER
+    if complete:
+        schemas.write_json(marker, {"kind": "granted", **detail, "users": sum(counts.values())})
+    else:
+        marker.unlink(missing_ok=True)  # an earlier export's marker no longer describes the folder
     return NoticeExport("granted", str(out_dir), sum(counts.values()), len(entries), detail)
 
 

@@ -185,6 +185,9 @@ def test_2_a_broken_partition_fails_alone_at_once_and_the_rest_is_granted(week: 
     assert f"ENTITLE ALERT {DAG_ID} run {run_id} failed: verdict INCOMPLETE, failed partitions: part-0002" in summary
     rows, distinct, users = grant_counts(week["ledger"])
     assert rows == distinct and FIRST_USERS * ITEMS < rows < (FIRST_USERS + NEW_USERS) * ITEMS
+    notices = week["home"] / "campaigns" / "kakao-outage-2022" / "notices" / "granted" / run_id
+    assert (notices / "part-0000.parquet").exists(), "notices are written for what was granted"
+    assert not (notices / "notices.json").exists(), "but the folder is not marked complete"
 
 
 def test_3_clearing_only_the_failed_task_instances_finishes_the_run(week: dict[str, Any]) -> None:

@@ -99,6 +99,9 @@ def test_a_changed_partition_file_fails_without_retry_and_is_named_downstream(en
 
     written = dag_tasks.granted_notices("night-1", prepared, planned)
     assert written["users"] == USERS - planned[2]["rows"], "notices for what was granted"
+    folder = Path(written["directory"])
+    assert (folder / "part-0000.parquet").exists()
+    assert not (folder / "notices.json").exists(), "a folder with a partition to come is not marked complete"
     with pytest.raises(GrantFailedError, match=r"1 partition\(s\) of the run failed \(part-0002\)"):
         dag_tasks.require_notices_complete(written)
 
