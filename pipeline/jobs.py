@@ -359,17 +359,9 @@ def ledger_totals(pipeline: Pipeline) -> list[ItemTotal]:
             int(r.item_key): (int(r.n), int(r.v or 0))
             for r in connection.execute(
                 sa.select(g.c.item_key, sa.func.count().label("n"), sa.func.sum(g.c.amount_krw).label("v"))
-                .select_from(
-                    v.join(
-                        g,
-                        sa.and_(
-                            v.c.campaign_key == g.c.campaign_key,
-                            v.c.user_bucket == g.c.user_bucket,
-                            v.c.user_id == g.c.user_id,
-                            v.c.item_key == g.c.item_key,
-                        ),
-                    )
-                )
+                # The whole grant key, issue_no included: a void names one issue, and a reissue
+                # (issue n+1) of a voided grant is live.
+                .select_from(v.join(g, sa.and_(*(v.c[column] == g.c[column] for column in ledger.GRANT_KEY))))
                 .where(v.c.campaign_key == pipeline.keys.campaign_key)
                 .group_by(g.c.item_key)
             )

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from conftest import CAMPAIGN_START, FACE_VALUE_PER_USER_KRW, ITEMS_PER_USER, Prepared
 
-from pipeline import jobs
+from pipeline import corrections, jobs, ledger
 from pipeline.campaign import load_campaign
 from pipeline.config import Settings
 from pipeline.errors import CampaignNotStartedError, GrantFailedError, SnapshotError
@@ -260,3 +261,25 @@ def test_grant_proceeds_from_the_start_instant(
     outcomes = jobs.grant(prepared.pipeline, prepared.run, prepared.run.entries)
     assert all(o.status == "done" for o in outcomes)
     assert_exact(prepared.engine, USERS, ledger_probe)
+
+
+def test_totals_count_a_reissued_grant_as_live_and_only_its_voided_issue_as_voided(
+    settings: Settings, prepare: Callable[..., Prepared], write_users: Callable[..., Path], tmp_path: Path
+) -> None:
+    users = [1_000_003, 1_000_033, 1_000_333]
+    prepared = prepare(settings, write_users(tmp_path / "u.parquet", users))
+    pipeline = prepared.pipeline
+    jobs.require_all_done(jobs.grant(pipeline, prepared.run, prepared.run.entries))
+    # As `entitle repair` does for a grant with wrong terms: void issue 0, write issue 1.
+    request = corrections.VoidRequest("test: wrong terms", user_id=users[0], item_sku="coupon-2000")
+    corrections.void_grants(pipeline, [request], "tester", pipeline.settings.clock())
+    with pipeline.engine.begin() as connection:
+        (issue_zero,) = connection.execute(
+            sa.select(ledger.grants).where(
+                ledger.grants.c.user_id == users[0], ledger.grants.c.item_key == pipeline.keys.item_keys["coupon-2000"]
+            )
+        ).all()
+        connection.execute(ledger.grants.insert().values(**{**dict(issue_zero._mapping), "issue_no": 1}))
+    totals = {t.item_sku: t for t in jobs.ledger_totals(pipeline)}
+    assert totals["coupon-2000"].grants == len(users), "the reissue is live; only issue 0 is voided"
+    assert totals["coupon-2000"].face_value_krw == 2_000 * len(users)
