@@ -715,13 +715,19 @@ def deliver(
 
 # --------------------------------------------------------------------------- revocations
 
-_REVOCABLE = (
-    "SELECT g.user_bucket, g.user_id, g.item_key, g.issue_no FROM grants AS g "
+# Voided grants still to revoke at their issuer: never revoked, or the revocation failed; a grant
+# the issuer answered ``conflict`` for is never revoked (the grant it holds under that id is not ours).
+_TO_REVOKE = (
+    "FROM grants AS g "
     f"JOIN grant_voids AS v ON {ledger.same_grant('v')} "
     f"LEFT JOIN delivery_answers AS a ON {ledger.same_grant('a')} "
     f"LEFT JOIN delivery_revocations AS r ON {ledger.same_grant('r')} "
-    "WHERE g.campaign_key = :c AND g.user_bucket BETWEEN :lo AND :hi AND g.item_key IN :item_keys "
+    "WHERE g.campaign_key = :c "
     "AND (a.outcome IS NULL OR a.outcome <> 'conflict') AND (r.outcome IS NULL OR r.outcome = 'failed') "
+)
+_REVOCABLE = (
+    f"SELECT g.user_bucket, g.user_id, g.item_key, g.issue_no {_TO_REVOKE}"
+    "AND g.user_bucket BETWEEN :lo AND :hi AND g.item_key IN :item_keys "
     "ORDER BY g.user_bucket, g.user_id, g.item_key, g.issue_no"
 )
 
@@ -732,14 +738,7 @@ def partitions_with_pending_revocations(
     """Of ``entries``, the partitions holding a voided grant not revoked at the issuers yet (or that failed to)."""
     if not entries:
         return set()
-    statement = sa.text(
-        "SELECT DISTINCT g.user_bucket FROM grant_voids AS v "
-        f"JOIN grants AS g ON {ledger.same_grant('v')} "
-        f"LEFT JOIN delivery_answers AS a ON {ledger.same_grant('a')} "
-        f"LEFT JOIN delivery_revocations AS r ON {ledger.same_grant('r')} "
-        "WHERE v.campaign_key = :c AND (a.outcome IS NULL OR a.outcome <> 'conflict') "
-        "AND (r.outcome IS NULL OR r.outcome = 'failed')"
-    )
+    statement = sa.text(f"SELECT DISTINCT g.user_bucket {_TO_REVOKE}")
     with engine.connect() as connection:
         buckets = [int(row[0]) for row in connection.execute(statement, {"c": campaign_key})]
     return {e.partition_id for e in entries if any(e.bucket_lo <= b <= e.bucket_hi for b in buckets)}
