@@ -30,12 +30,12 @@ help:
 	@echo "make issuer-service - the reference entitlement service on 127.0.0.1:$(ISSUER_PORT), store ISSUER_STORE (SQLite)"
 	@echo "make clean  - remove var/ (ledger, snapshots, Airflow metadata)"
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml services/issuer/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed; set PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip install --quiet --no-deps -e . -e services/issuer
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -121,7 +121,7 @@ ISSUER_PORT ?= 8700
 ISSUER_STORE ?= $(ENTITLE_HOME)/issuer/issuer.sqlite
 ISSUER_ARGS ?=
 issuer-service: venv
-	$(BIN)/python -m pipeline.issuer_service --store $(ISSUER_STORE) --host 127.0.0.1 --port $(ISSUER_PORT) $(ISSUER_ARGS)
+	$(BIN)/python -m issuer_service --store $(ISSUER_STORE) --host 127.0.0.1 --port $(ISSUER_PORT) $(ISSUER_ARGS)
 
 bench: venv
 	$(BIN)/python bench/bench.py --users $(BENCH_USERS) --backend $(BENCH_BACKEND)

@@ -88,9 +88,9 @@ def airflow_bench(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
-    from pipeline import jobs
     from pipeline.config import load_settings
-    from pipeline.demo_users import write_demo_users
+    from pipeline.grants import runs
+    from pipeline.grants.demo_users import write_demo_users
 
     if home.exists():
         shutil.rmtree(home)
@@ -121,13 +121,13 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
     report("generate users", args.users, time.perf_counter() - started, self_rss_mb())
 
     settings = load_settings(env)
-    pipeline = jobs.open_pipeline(settings)
+    pipeline = runs.open_pipeline(settings)
     started = time.perf_counter()
-    snapshot_report = jobs.freeze(pipeline, users_file)
+    snapshot_report = runs.freeze(pipeline, users_file)
     report("freeze snapshot", snapshot_report.rows_read, time.perf_counter() - started, self_rss_mb())
 
     started = time.perf_counter()
-    jobs.partition(pipeline, snapshot_report)
+    runs.partition(pipeline, snapshot_report)
     report("partition", snapshot_report.eligible_users, time.perf_counter() - started, self_rss_mb(), "<= 15 s for 48M")
 
     planned = snapshot_report.eligible_users * len(pipeline.campaign.items)
@@ -277,24 +277,25 @@ def run_child(env: dict[str, str], args: argparse.Namespace, mode: str = "--chil
 
 
 def child_grant(env: dict[str, str], writers: int) -> int:
-    from pipeline import jobs
     from pipeline.config import load_settings
+    from pipeline.grants import runs
 
-    pipeline = jobs.open_pipeline(load_settings(env))
-    run = jobs.start_run(pipeline, trigger="bench")
+    pipeline = runs.open_pipeline(load_settings(env))
+    run = runs.start_run(pipeline, trigger="bench")
     started = time.perf_counter()
-    outcomes = jobs.grant(pipeline, run, run.entries, writers=writers)
+    outcomes = runs.grant(pipeline, run, run.entries, writers=writers)
     seconds = time.perf_counter() - started
-    jobs.require_all_done(outcomes)
+    runs.require_all_done(outcomes)
     print(json.dumps({"written": sum(o.written for o in outcomes), "seconds": seconds, "rss_mb": self_rss_mb()}))
     return 0
 
 
 def child_reconcile(env: dict[str, str]) -> int:
-    from pipeline import jobs, reconciliation
+    from pipeline import reconciliation
     from pipeline.config import load_settings
+    from pipeline.grants import runs
 
-    pipeline = jobs.open_pipeline(load_settings(env))
+    pipeline = runs.open_pipeline(load_settings(env))
     started = time.perf_counter()
     result = reconciliation.reconcile(pipeline)
     seconds = time.perf_counter() - started
@@ -326,7 +327,7 @@ def tamper_sample(pipeline: Any, users_file: Path, count: int) -> int:
     import polars as pl
     import sqlalchemy as sa
 
-    from pipeline.partitioning import user_bucket
+    from pipeline.grants.partitioning import user_bucket
 
     users = pl.read_parquet(users_file)["user_id"]
     chosen = [int(users[i * (len(users) // count)]) for i in range(count)]
@@ -347,7 +348,7 @@ def lookup_users(pipeline: Any, users_file: Path) -> dict[str, float]:
     """Median and p99 latency of the user_grants named query for random users, on one open connection."""
     import polars as pl
 
-    from pipeline.queries import run_query
+    from pipeline.ledger.queries import run_query
 
     users = pl.read_parquet(users_file)["user_id"]
     picks = [int(users[random.randrange(users.len())]) for _ in range(LOOKUPS)]
@@ -426,9 +427,9 @@ def pg_bounds(pipeline: Any, sample: int) -> tuple[dict[str, float], dict[str, f
     """
     import datetime as dt
 
-    from pipeline import pgcopy
-    from pipeline.jobs import start_run
-    from pipeline.partitioning import read_partition
+    from pipeline.grants.partitioning import read_partition
+    from pipeline.grants.runs import start_run
+    from pipeline.ledger import pgcopy
 
     run = start_run(pipeline, trigger="bench-bounds")
     entries = list(run.entries)[:sample]

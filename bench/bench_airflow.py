@@ -48,7 +48,7 @@ def main() -> int:
     if home.exists():
         shutil.rmtree(home)
     home.mkdir(parents=True)
-    from pipeline.demo_users import write_demo_users
+    from pipeline.grants.demo_users import write_demo_users
 
     users_file = home / "users.parquet"
     write_demo_users(args.users, users_file)

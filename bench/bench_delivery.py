@@ -113,7 +113,7 @@ def main() -> int:
         encoding="utf-8",
     )
     service = subprocess.Popen(
-        [BIN / "python", "-m", "pipeline.issuer_service", "--store", str(args.home / "issuer.sqlite"), "--port", "0"]
+        [BIN / "python", "-m", "issuer_service", "--store", str(args.home / "issuer.sqlite"), "--port", "0"]
         + ["--no-access-log", "--log-level", "warning"],
         stdout=subprocess.PIPE,
         text=True,

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_issuer.py --grants 200000 --connections 4
 
-Starts ``python -m pipeline.issuer_service`` as a child process (SQLite store in
+Starts ``python -m issuer_service`` as a child process (SQLite store in
 a temporary folder unless --store is given; no faults; no access log), then
 sends every grant in batches of --batch from --connections concurrent
 keep-alive connections (httpx, one asyncio loop), twice: first every grant is
@@ -115,7 +115,7 @@ def main() -> int:
         mib = sum(map(len, bodies)) / 2**20
         print(f"client encode: {args.grants:,} grants in {len(bodies):,} bodies ({mib:,.1f} MiB) in {encode_s:.2f} s")
         service = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.issuer_service", "--store", store, "--port", "0", "--no-access-log"],
+            [sys.executable, "-m", "issuer_service", "--store", store, "--port", "0", "--no-access-log"],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

@@ -184,10 +184,10 @@ def run_child(args: argparse.Namespace, env: dict[str, str], method: str) -> dic
 
 
 def child_export(env: dict[str, str], method: str, workers: int | None) -> int:
-    from pipeline import jobs, notices
     from pipeline.config import load_settings
+    from pipeline.grants import notices, runs
 
-    pipeline = jobs.open_pipeline(load_settings(env))
+    pipeline = runs.open_pipeline(load_settings(env))
     started = time.perf_counter()
     cpu = time.process_time()
     export = notices.export_granted(pipeline, method=method, workers=workers)

@@ -26,9 +26,10 @@ import numpy as np
 import polars as pl
 import sqlalchemy as sa
 
-from pipeline import pass_allocation, pass_intake
 from pipeline.config import load_settings
-from pipeline.pass_program import parse_program
+from pipeline.programs.drawer_pass import allocation as pass_allocation
+from pipeline.programs.drawer_pass import intake
+from pipeline.programs.drawer_pass.program import parse_program
 
 SEED = 20230105
 USER_ID_LOW, USER_ID_HIGH = 10_000_000, 9_000_000_000
@@ -116,7 +117,7 @@ def _ingest(environ: dict[str, str], cap: int, paths: list[Path]) -> int:
     settings = dataclasses.replace(load_settings(environ), clock=lambda: dt.datetime(2023, 1, 10, tzinfo=dt.UTC))
     context = pass_allocation.open_pass(settings, parse_program(PROGRAM.format(cap=cap), "<bench>"))
     try:
-        return sum(pass_intake.ingest(context, path).new_applications for path in paths)
+        return sum(intake.ingest(context, path).new_applications for path in paths)
     finally:
         context.engine.dispose()
 

@@ -7,7 +7,7 @@
 Grants USERS synthetic users the bundled campaign with its two coupons routed
 to an issuer (SQLite ledger, ``entitle run``), then compares the ledger with
 an export holding exactly those coupon grants, in this process, as
-``entitle reconcile`` does for each issuer (``issuer_reconciliation.check_issuer``).
+``entitle reconcile`` does for each issuer (``three_way.check_issuer``).
 The export comes from a ``kind = "python"`` issuer defined here that builds it
 partition by partition from the run's own partition files, so the figures are
 the pipeline's side of the comparison: reading the ledger side, reducing the
@@ -40,11 +40,12 @@ sys.path.insert(0, str(ROOT))
 
 import bench_delivery  # noqa: E402  (this script's folder is on sys.path)
 
-from pipeline import issuer_reconciliation, jobs  # noqa: E402
-from pipeline.campaign import IssuerSpec  # noqa: E402
+from pipeline.campaigns import IssuerSpec  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
-from pipeline.issuers import Answer  # noqa: E402
-from pipeline.partitioning import load_manifest, partitions_dir  # noqa: E402
+from pipeline.delivery.issuers import Answer  # noqa: E402
+from pipeline.grants import runs  # noqa: E402
+from pipeline.grants.partitioning import load_manifest, partitions_dir  # noqa: E402
+from pipeline.reconciliation import three_way  # noqa: E402
 
 COUPONS = ("coupon-2000", "coupon-3000")
 # The delivery benchmark's campaign, its coupons' issuer built here instead of reached over http.
@@ -143,15 +144,15 @@ def main() -> int:
     subprocess.run([entitle, "run", "--users", str(users), "--no-progress"], env=env, check=True)
     print(f"granted in {time.perf_counter() - started:.1f} s", flush=True)
 
-    pipeline = jobs.open_pipeline(load_settings({k: v for k, v in env.items() if k.startswith("ENTITLE_")}))
-    row = jobs.snapshot_row(pipeline, None)
+    pipeline = runs.open_pipeline(load_settings({k: v for k, v in env.items() if k.startswith("ENTITLE_")}))
+    row = runs.snapshot_row(pipeline, None)
     count = int(row["partition_count"])
     manifest = load_manifest(partitions_dir(pipeline.settings.location(row["snapshot_dir"]), count))
     PARTITION_FILES[:] = [Path(str(entry.path)) for entry in manifest]
     spec = pipeline.campaign.issuers[0]
     before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    check = issuer_reconciliation.check_issuer(pipeline, spec, count)
+    check = three_way.check_issuer(pipeline, spec, count)
     seconds = time.perf_counter() - started
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     pipeline.engine.dispose()

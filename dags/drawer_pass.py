@@ -11,7 +11,7 @@ the run) and writes the expiry reminders, which say that nothing renews or conve
 paid subscription.
 
 The program file is `$ENTITLE_PASS_PROGRAM` (default: the bundled `drawer_pass_2022.toml`,
-3,000,000 passes). Every task body is one call into `pipeline.pass_dag_tasks`. Reruns are
+3,000,000 passes). Every task body is one call into `pipeline.programs.drawer_pass.dag_tasks`. Reruns are
 safe: a stored batch is not stored twice and an allocated window is never allocated again.
 Operators see the stock with `entitle pass status` and one user with `entitle pass status --user ID`.
 """
@@ -39,34 +39,34 @@ def drawer_pass() -> None:
     # Task bodies import pipeline lazily: the scheduler re-imports this file often.
     @task
     def list_batches() -> list[str]:
-        from pipeline import pass_dag_tasks
+        from pipeline.programs.drawer_pass import dag_tasks
 
-        return pass_dag_tasks.pending_batches()
+        return dag_tasks.pending_batches()
 
     @task(pool=LEDGER_WRITERS_POOL)
     def ingest(path: str) -> dict[str, Any]:
-        from pipeline import pass_dag_tasks
+        from pipeline.programs.drawer_pass import dag_tasks
 
-        return pass_dag_tasks.ingest_batch(path)
+        return dag_tasks.ingest_batch(path)
 
     # none_failed: with no new file the mapped ingest is skipped, and allocation still runs.
     @task(pool=LEDGER_WRITERS_POOL, trigger_rule="none_failed")
     def allocate(stored: list[dict[str, Any]]) -> dict[str, Any]:
-        from pipeline import pass_dag_tasks
+        from pipeline.programs.drawer_pass import dag_tasks
 
-        return pass_dag_tasks.allocate()
+        return dag_tasks.allocate()
 
     @task
     def reconcile(allocated: dict[str, Any]) -> dict[str, Any]:
-        from pipeline import pass_dag_tasks
+        from pipeline.programs.drawer_pass import dag_tasks
 
-        return pass_dag_tasks.reconcile()
+        return dag_tasks.reconcile()
 
     @task
     def reminders(checked: dict[str, Any]) -> dict[str, Any]:
-        from pipeline import pass_dag_tasks
+        from pipeline.programs.drawer_pass import dag_tasks
 
-        return pass_dag_tasks.reminders()
+        return dag_tasks.reminders()
 
     stored = ingest.expand(path=list_batches())
     reminders(reconcile(allocate(stored)))

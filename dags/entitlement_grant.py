@@ -135,7 +135,7 @@ def grant_dag(
         # and importing Polars and SQLAlchemy there would slow every parse.
         @task
         def freeze_snapshot(params: dict[str, Any] | None = None) -> dict[str, Any]:
-            from pipeline import dag_tasks
+            from pipeline.grants import dag_tasks
 
             with failing_fast():
                 dag_tasks.check_conf(get_current_context()["dag_run"].conf or {}, param_names)
@@ -143,7 +143,7 @@ def grant_dag(
 
         @task
         def plan_partitions(prepared: dict[str, Any], params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-            from pipeline import dag_tasks
+            from pipeline.grants import dag_tasks
 
             with failing_fast():
                 return dag_tasks.partitions_to_grant(prepared, params or {}, campaign, ledger_connection_url())
@@ -151,7 +151,7 @@ def grant_dag(
         # Grant, then deliver, one partition: a chain per partition, so a failed one holds up no other.
         @task(pool=LEDGER_WRITERS_POOL, map_index_template=PARTITION_LABEL_TEMPLATE)
         def grant(partition: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
-            from pipeline import dag_tasks
+            from pipeline.grants import dag_tasks
 
             run_id = get_current_context()["run_id"]
             with failing_fast():
@@ -162,7 +162,7 @@ def grant_dag(
         # taking it as arguments, so that they depend on grant alone and say why when there is no plan.
         @task(trigger_rule=TriggerRule.ALL_DONE)
         def reconcile() -> dict[str, Any]:
-            from pipeline import dag_tasks
+            from pipeline.grants import dag_tasks
 
             ti = get_current_context()["ti"]
             prepared, planned = the_plan(ti)
@@ -174,7 +174,7 @@ def grant_dag(
 
         @task(trigger_rule=TriggerRule.ALL_DONE)
         def notify() -> dict[str, Any]:
-            from pipeline import dag_tasks
+            from pipeline.grants import dag_tasks
 
             context = get_current_context()
             prepared, planned = the_plan(context["ti"])
@@ -191,7 +191,7 @@ def grant_dag(
             on_failure_callback=[log_failure_reason, FailedPartitionsNotifier()],
         )
         def summary() -> dict[str, Any]:
-            from pipeline import dag_tasks
+            from pipeline.grants import dag_tasks
 
             context = get_current_context()
             ti = context["ti"]

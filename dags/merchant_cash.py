@@ -16,7 +16,7 @@ another) at 03:00 Asia/Seoul:
 4. `reconcile` compares payouts with claims, tiers and decisions, and `check`
    fails the run on a refused file or a break — after everything payable was paid.
 
-Every task body is one call into `pipeline.merchant_dag_tasks`. Reviews go on
+Every task body is one call into `pipeline.programs.merchant_cash.dag_tasks`. Reviews go on
 after intake closes: `entitle claims pay` pays the cases decided afterwards
 (see the README section "Merchant cash compensation").
 """
@@ -69,33 +69,33 @@ def merchant_cash() -> None:
     # Task bodies import pipeline lazily: the scheduler re-imports this file often.
     @task
     def ingest_claims() -> dict[str, Any]:
-        from pipeline import merchant_dag_tasks
+        from pipeline.programs.merchant_cash import dag_tasks
 
-        return merchant_dag_tasks.ingest_incoming()
+        return dag_tasks.ingest_incoming()
 
     @task
     def assign_tiers(ingested: dict[str, Any]) -> dict[str, Any]:
-        from pipeline import merchant_dag_tasks
+        from pipeline.programs.merchant_cash import dag_tasks
 
-        return merchant_dag_tasks.assign_tiers()
+        return dag_tasks.assign_tiers()
 
     @task(pool=LEDGER_WRITERS_POOL)
     def pay(assigned: dict[str, Any]) -> dict[str, Any]:
-        from pipeline import merchant_dag_tasks
+        from pipeline.programs.merchant_cash import dag_tasks
 
-        return merchant_dag_tasks.pay(get_current_context()["run_id"])
+        return dag_tasks.pay(get_current_context()["run_id"])
 
     @task
     def reconcile(paid: dict[str, Any]) -> dict[str, Any]:
-        from pipeline import merchant_dag_tasks
+        from pipeline.programs.merchant_cash import dag_tasks
 
-        return merchant_dag_tasks.reconcile()
+        return dag_tasks.reconcile()
 
     @task
     def check(ingested: dict[str, Any], reconciled: dict[str, Any]) -> None:
-        from pipeline import merchant_dag_tasks
+        from pipeline.programs.merchant_cash import dag_tasks
 
-        merchant_dag_tasks.check(ingested, reconciled)
+        dag_tasks.check(ingested, reconciled)
 
     ingested = ingest_claims()
     check(ingested, reconcile(pay(assign_tiers(ingested))))

@@ -714,7 +714,7 @@ def check_celery(cfg: SmokeConfig, deployment: Deployment, tis: list[dict[str, A
 
 def check_ledger(cfg: SmokeConfig, env: Mapping[str, str]) -> dict[str, Any]:
     """`entitle reconcile` and `entitle summary` on the PostgreSQL ledger, compared with users x items."""
-    from pipeline.campaign import load_campaign
+    from pipeline.campaigns import load_campaign
 
     items = len(load_campaign(None).items)
     expected = cfg.users * items

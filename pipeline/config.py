@@ -31,15 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import storage
-from pipeline.campaign import Campaign, load_campaign
+from pipeline.campaigns import Campaign, load_campaign
 from pipeline.errors import ConfigError
-from pipeline.partitioning import (
+from pipeline.grants.partitioning import (
     PARTITION_USERS_TARGET_DEFAULT,
     PARTITION_USERS_TARGET_MIN,
     check_partition_count,
     partition_count_for,
 )
-from pipeline.snapshot import REJECTED_SHARE_MAX_DEFAULT
+from pipeline.grants.snapshot import REJECTED_SHARE_MAX_DEFAULT
 from pipeline.storage import Location, ObjectStoreOptions
 
 RECONCILE_WORKERS_DEFAULT = max(1, min(2, os.cpu_count() or 1))  # reader processes; more than cores only queues

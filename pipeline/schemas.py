@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from pipeline.errors import PartitionError, SchemaMismatchError
 from pipeline.storage import Location
 from pipeline.storage import replaced_atomically as replaced_atomically
 
-SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
+# The repository's schemas/ folder, shipped in the package as pipeline.json_schemas.
+SCHEMAS_DIR = Path(str(resources.files("pipeline.json_schemas")))
 SCHEMA_NAMES = ("snapshot", "quarantine", "partition", "manifest", "breaks")
 PARQUET_COMPRESSION = "zstd"
 PARQUET_ROW_GROUP_ROWS_MAX = 1_048_576

@@ -20,8 +20,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
-from pipeline import jobs, ledger
+from pipeline import ledger
 from pipeline.config import Settings, load_settings
+from pipeline.grants import runs
 
 ITEMS_PER_USER = 5  # the bundled campaign: 3 emoticons and 2 coupons
 FACE_VALUE_PER_USER_KRW = 2_000 + 3_000
@@ -111,9 +112,9 @@ def write_users() -> Callable[..., Path]:
 class Prepared:
     """An open pipeline with a frozen, partitioned snapshot and a registered run."""
 
-    pipeline: jobs.Pipeline
-    snapshot: jobs.PreparedSnapshot
-    run: jobs.RunHandle
+    pipeline: runs.Pipeline
+    snapshot: runs.PreparedSnapshot
+    run: runs.RunHandle
 
     @property
     def engine(self) -> Engine:
@@ -121,12 +122,12 @@ class Prepared:
 
 
 @pytest.fixture
-def open_pipeline() -> Iterator[Callable[[Settings], jobs.Pipeline]]:
-    """``open_pipeline(settings)``: the real :func:`jobs.open_pipeline`; engines are disposed afterwards."""
-    opened: list[jobs.Pipeline] = []
+def open_pipeline() -> Iterator[Callable[[Settings], runs.Pipeline]]:
+    """``open_pipeline(settings)``: the real :func:`runs.open_pipeline`; engines are disposed afterwards."""
+    opened: list[runs.Pipeline] = []
 
-    def factory(settings: Settings) -> jobs.Pipeline:
-        pipeline = jobs.open_pipeline(settings)
+    def factory(settings: Settings) -> runs.Pipeline:
+        pipeline = runs.open_pipeline(settings)
         opened.append(pipeline)
         return pipeline
 
@@ -135,16 +136,16 @@ def open_pipeline() -> Iterator[Callable[[Settings], jobs.Pipeline]]:
         pipeline.engine.dispose()
 
 
-def prepare_pipeline(pipeline: jobs.Pipeline, users_file: Path, exclusion_file: Path | None = None) -> Prepared:
+def prepare_pipeline(pipeline: runs.Pipeline, users_file: Path, exclusion_file: Path | None = None) -> Prepared:
     """Freeze, partition and start a run, exactly as ``entitle run`` does before granting."""
-    report = jobs.freeze(pipeline, users_file, exclusion_file)
-    prepared = jobs.partition(pipeline, report)
-    run = jobs.start_run(pipeline, snapshot_id=report.snapshot_id)
+    report = runs.freeze(pipeline, users_file, exclusion_file)
+    prepared = runs.partition(pipeline, report)
+    run = runs.start_run(pipeline, snapshot_id=report.snapshot_id)
     return Prepared(pipeline, prepared, run)
 
 
 @pytest.fixture
-def prepare(open_pipeline: Callable[[Settings], jobs.Pipeline]) -> Callable[..., Prepared]:
+def prepare(open_pipeline: Callable[[Settings], runs.Pipeline]) -> Callable[..., Prepared]:
     """``prepare(settings, users_file, exclusion_file=None)`` → :class:`Prepared`."""
 
     def factory(settings: Settings, users_file: Path, exclusion_file: Path | None = None) -> Prepared:

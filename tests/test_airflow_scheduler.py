@@ -34,8 +34,8 @@ import polars as pl
 import pytest
 from support.airflow_deployment import AirflowDeployment
 
-from pipeline import jobs
 from pipeline.config import load_settings
+from pipeline.grants import runs
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 
@@ -149,9 +149,9 @@ def _freeze_and_break(week: dict[str, Any], partition_id: int) -> Path:
         {k: v for k, v in week["env"].items() if k.startswith("ENTITLE_")},
         connection_ledger_url=f"sqlite:///{week['ledger']}",
     )
-    pipeline = jobs.open_pipeline(settings)
+    pipeline = runs.open_pipeline(settings)
     try:
-        prepared = jobs.partition(pipeline, jobs.freeze(pipeline, week["grown"]))
+        prepared = runs.partition(pipeline, runs.freeze(pipeline, week["grown"]))
     finally:
         pipeline.engine.dispose()
     broken = Path(str(prepared.partitions_dir)) / f"part-{partition_id:04d}.parquet"

@@ -1,4 +1,4 @@
-"""pipeline.campaign: the bundled campaign, validation errors that name the field, the start rule."""
+"""pipeline.campaigns: the bundled campaign, validation errors that name the field, the start rule."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.campaign import Campaign, load_campaign, parse_campaign
+from pipeline.campaigns import Campaign, load_campaign, parse_campaign
 from pipeline.errors import CampaignError, CampaignNotStartedError
 
 SEOUL = dt.timezone(dt.timedelta(hours=9))

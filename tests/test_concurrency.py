@@ -26,9 +26,11 @@ import sqlalchemy as sa
 from conftest import ENTITLE_SCRIPT, ITEMS_PER_USER, build_settings, cli_environment, prepare_pipeline, run_entitle
 from sqlalchemy.engine import Engine
 
-from pipeline import granting, jobs, pgcopy, reconciliation
+from pipeline import reconciliation
 from pipeline.config import Settings
-from pipeline.partitioning import load_manifest, partitions_dir
+from pipeline.grants import granting, runs
+from pipeline.grants.partitioning import load_manifest, partitions_dir
+from pipeline.ledger import pgcopy
 
 CONCURRENT_USERS = 12_000
 KILL_USERS = 20_000
@@ -52,7 +54,7 @@ def settings_of(env: dict[str, str], partitions: int) -> Settings:
 
 def prepare(env: dict[str, str], partitions: int, users: list[int], tmp_path: Path, write_users: Any) -> None:
     """Freeze and partition a user file and register it, as the first half of `entitle run` does."""
-    pipeline = jobs.open_pipeline(settings_of(env, partitions))
+    pipeline = runs.open_pipeline(settings_of(env, partitions))
     try:
         prepare_pipeline(pipeline, write_users(tmp_path / "users.parquet", users))
     finally:
@@ -61,7 +63,7 @@ def prepare(env: dict[str, str], partitions: int, users: list[int], tmp_path: Pa
 
 def ledger_facts(env: dict[str, str], partitions: int) -> dict[str, Any]:
     """Rows, distinct keys, per-partition counts and attempt states, straight from the ledger."""
-    pipeline = jobs.open_pipeline(settings_of(env, partitions))
+    pipeline = runs.open_pipeline(settings_of(env, partitions))
     try:
         with pipeline.engine.connect() as connection:
             rows = connection.exec_driver_sql("SELECT count(*) FROM grants").scalar_one()
@@ -71,14 +73,14 @@ def ledger_facts(env: dict[str, str], partitions: int) -> dict[str, Any]:
             per_partition = dict(
                 connection.exec_driver_sql("SELECT partition_id, count(*) FROM grants GROUP BY partition_id").all()
             )
-        state = jobs.status(pipeline)
+        state = runs.status(pipeline)
         return {"rows": int(rows), "distinct": int(distinct), "per_partition": per_partition, "status": state}
     finally:
         pipeline.engine.dispose()
 
 
 def reconciled(env: dict[str, str], partitions: int) -> str:
-    pipeline = jobs.open_pipeline(settings_of(env, partitions))
+    pipeline = runs.open_pipeline(settings_of(env, partitions))
     try:
         return reconciliation.reconcile(pipeline).verdict
     finally:
@@ -204,9 +206,9 @@ def test_sigkill_at_twenty_random_moments_then_rerun_gives_exactly_the_plan(
 
 
 def _entries(env: dict[str, str]) -> list[Any]:
-    pipeline = jobs.open_pipeline(settings_of(env, KILL_PARTITIONS))
+    pipeline = runs.open_pipeline(settings_of(env, KILL_PARTITIONS))
     try:
-        row = jobs.snapshot_row(pipeline, None)
+        row = runs.snapshot_row(pipeline, None)
         return load_manifest(partitions_dir(Path(row["snapshot_dir"]), KILL_PARTITIONS))
     finally:
         pipeline.engine.dispose()
@@ -237,7 +239,7 @@ def test_a_connection_dropped_mid_transaction_fails_cleanly_and_retries_cleanly(
     """The connection dies in the middle of a binary COPY into a new child, or of the INSERT path's staging."""
     users = list(range(81_000_000, 81_004_000))
     settings = build_settings(tmp_path / "var", ledger_url=pg_url)
-    pipeline = jobs.open_pipeline(settings)
+    pipeline = runs.open_pipeline(settings)
     prepared = prepare_pipeline(pipeline, write_users(tmp_path / "users.parquet", users))
     dropped: list[int] = []
 
@@ -276,7 +278,7 @@ def test_a_connection_dropped_mid_transaction_fails_cleanly_and_retries_cleanly(
 
         monkeypatch.setattr(pgcopy, "load_new_range", lambda *args: None)
         monkeypatch.setattr(granting, "_stage", stage_then_lose)
-    outcomes = jobs.grant(pipeline, prepared.run, prepared.run.entries)
+    outcomes = runs.grant(pipeline, prepared.run, prepared.run.entries)
     assert dropped, "the connection was terminated"
     failed = [o for o in outcomes if o.status == "failed"]
     assert [o.partition_id for o in failed] == [0], "only the partition whose connection died failed"
@@ -290,7 +292,7 @@ def test_a_connection_dropped_mid_transaction_fails_cleanly_and_retries_cleanly(
     assert child_count == (7 if path == "copy" else 0), "the dropped partition left no child table behind"
 
     monkeypatch.undo()
-    retry = jobs.grant(pipeline, prepared.run, jobs.select_partitions(pipeline, prepared.run, None, only_failed=True))
+    retry = runs.grant(pipeline, prepared.run, runs.select_partitions(pipeline, prepared.run, None, only_failed=True))
     assert [(o.partition_id, o.status) for o in retry] == [(0, "done")]
     assert reconciliation.reconcile(pipeline).verdict == "RECONCILED"
     pipeline.engine.dispose()

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import ledger_url_from_connection, load_settings
 from pipeline.errors import ConfigError
-from pipeline.partitioning import PARTITION_USERS_TARGET_DEFAULT
+from pipeline.grants.partitioning import PARTITION_USERS_TARGET_DEFAULT
 
 
 def test_defaults(tmp_path: Path) -> None:

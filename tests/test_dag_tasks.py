@@ -1,4 +1,4 @@
-"""pipeline.dag_tasks: the task bodies of the grant DAGs, called as the DAG calls them (no Airflow here).
+"""pipeline.grants.dag_tasks: the task bodies of the grant DAGs, called as the DAG calls them (no Airflow here).
 
 The DAG's wiring under Airflow is tested in test_dags.py (dag.test) and test_airflow_scheduler.py
 (the real scheduler); these tests pin what each body decides: which partitions a night maps,
@@ -13,8 +13,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from pipeline import dag_tasks
-from pipeline.demo_users import write_demo_users
 from pipeline.errors import (
     ConfigError,
     DeliveryFailedError,
@@ -23,7 +21,9 @@ from pipeline.errors import (
     ReconciliationIncompleteError,
     SnapshotError,
 )
-from pipeline.granting import is_transient
+from pipeline.grants import dag_tasks
+from pipeline.grants.demo_users import write_demo_users
+from pipeline.grants.granting import is_transient
 
 USERS = 3_000
 PARTITIONS = 4

@@ -19,10 +19,10 @@ from typing import Any
 import polars as pl
 import pytest
 
-from pipeline import jobs
 from pipeline.config import load_settings
-from pipeline.demo_users import write_demo_users
-from pipeline.partitioning import partitions_dir
+from pipeline.grants import runs
+from pipeline.grants.demo_users import write_demo_users
+from pipeline.grants.partitioning import partitions_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 DAGS = sorted((ROOT / "dags").glob("*.py"))
@@ -84,9 +84,9 @@ def run_dag(
 
 def ledger_state(env: dict[str, str]) -> tuple[dict[str, int], int, int]:
     """Live grants per item, total rows and distinct (user, item) pairs in the ledger."""
-    pipeline = jobs.open_pipeline(load_settings(env))
+    pipeline = runs.open_pipeline(load_settings(env))
     try:
-        totals = {t.item_sku: t.grants for t in jobs.ledger_totals(pipeline)}
+        totals = {t.item_sku: t.grants for t in runs.ledger_totals(pipeline)}
         with pipeline.engine.connect() as connection:
             rows = connection.exec_driver_sql("SELECT count(*) FROM grants").scalar_one()
             distinct = connection.exec_driver_sql(
@@ -247,7 +247,7 @@ def test_dag_grants_every_user_once_and_a_second_run_changes_nothing(entitle_env
     assert code != 0 and third["state"] == "failed", log
     assert "reconciliation verdict BREAKS" in log
     assert reconciliation_verdicts(entitle_env)[-1] == "BREAKS"
-    pipeline = jobs.open_pipeline(load_settings(entitle_env))
+    pipeline = runs.open_pipeline(load_settings(entitle_env))
     try:
         with pipeline.engine.connect() as connection:
             open_breaks = connection.exec_driver_sql(
@@ -273,9 +273,9 @@ def reconciliation_verdicts(env: dict[str, str]) -> list[str]:
 def _break_partition(env: dict[str, str], partition_id: int) -> Path:
     """Freeze and partition the user file ahead of the DAG, then corrupt one partition file."""
     settings = load_settings(env)
-    pipeline = jobs.open_pipeline(settings)
-    report = jobs.freeze(pipeline, Path(env["ENTITLE_HOME"]) / "incoming" / "users.parquet")
-    prepared = jobs.partition(pipeline, report)
+    pipeline = runs.open_pipeline(settings)
+    report = runs.freeze(pipeline, Path(env["ENTITLE_HOME"]) / "incoming" / "users.parquet")
+    prepared = runs.partition(pipeline, report)
     pipeline.engine.dispose()
     broken = prepared.partitions_dir / f"part-{partition_id:04d}.parquet"
     broken.write_bytes(b"this is not parquet")
@@ -286,9 +286,9 @@ def _repair_partitions(env: dict[str, str], broken: Path) -> None:
     """Regenerate the partitions (byte-identical) so the broken one is readable again."""
     shutil.rmtree(broken.parent)
     settings = load_settings(env)
-    pipeline = jobs.open_pipeline(settings)
-    report = jobs.freeze(pipeline, Path(env["ENTITLE_HOME"]) / "incoming" / "users.parquet")
-    jobs.partition(pipeline, report)
+    pipeline = runs.open_pipeline(settings)
+    report = runs.freeze(pipeline, Path(env["ENTITLE_HOME"]) / "incoming" / "users.parquet")
+    runs.partition(pipeline, report)
     pipeline.engine.dispose()
     assert partitions_dir(Path(report.directory), PARTITIONS) == broken.parent
 
@@ -382,7 +382,7 @@ def test_a_night_after_new_sign_ups_grants_only_them(entitle_env: dict[str, str]
     pl.concat([pl.read_parquet(users_file), newcomers]).write_parquet(users_file)
     code, second, log = run_dag(entitle_env)
     assert code == 0, log
-    pipeline = jobs.open_pipeline(load_settings(entitle_env))
+    pipeline = runs.open_pipeline(load_settings(entitle_env))
     with pipeline.engine.connect() as connection:
         written = connection.exec_driver_sql(
             "SELECT sum(a.written) FROM partition_attempts a JOIN runs r ON r.run_key = a.run_key WHERE r.run_id = ?",
@@ -445,9 +445,9 @@ def test_channel_credit_dag_grants_every_merchant_50000_once(entitle_env: dict[s
     code, _second, log = run_dag(env, dag_id="channel_credit")
     assert code == 0, log
 
-    pipeline = jobs.open_pipeline(load_settings({**env, "ENTITLE_CAMPAIGN": "channel-credit-2022"}))
+    pipeline = runs.open_pipeline(load_settings({**env, "ENTITLE_CAMPAIGN": "channel-credit-2022"}))
     try:
-        totals = {t.item_sku: (t.grants, t.face_value_krw) for t in jobs.ledger_totals(pipeline)}
+        totals = {t.item_sku: (t.grants, t.face_value_krw) for t in runs.ledger_totals(pipeline)}
         with pipeline.engine.connect() as connection:
             granted = sorted(
                 connection.exec_driver_sql(

@@ -27,14 +27,16 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 from conftest import cli_environment, prepare_pipeline, run_entitle
+from issuer_service.grants import payload_sha256
 
-from pipeline import corrections, delivery, jobs, ledger, queries, reconciliation
-from pipeline.campaign import IssuerSpec, load_campaign
+from pipeline import delivery, ledger, reconciliation
+from pipeline.campaigns import IssuerSpec, load_campaign
 from pipeline.config import Settings, load_settings
+from pipeline.delivery.issuers import Answer, GrantPayload, IssuerRejected, IssuerUnavailable, build_issuer
 from pipeline.errors import CampaignError, DeliveryConflictError
-from pipeline.issuer_service.grants import payload_sha256
-from pipeline.issuers import Answer, GrantPayload, IssuerRejected, IssuerUnavailable, build_issuer
-from pipeline.partitioning import partition_of, user_bucket
+from pipeline.grants import corrections, runs
+from pipeline.grants.partitioning import partition_of, user_bucket
+from pipeline.ledger import queries
 
 SERVICE_START_TIMEOUT_S = 20
 USERS = list(range(1_000, 1_400))  # 400 users: 800 coupon grants for the shop
@@ -106,7 +108,7 @@ def write_campaign(path: Path, **overrides: Any) -> Path:
 
 
 class Service:
-    """``python -m pipeline.issuer_service`` on a loopback port with its own SQLite store."""
+    """``python -m issuer_service`` on a loopback port with its own SQLite store."""
 
     def __init__(self, store: Path) -> None:
         self.store = store
@@ -119,7 +121,7 @@ class Service:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.issuer_service", "--store", str(self.store), "--port", str(self.port)]
+            [sys.executable, "-m", "issuer_service", "--store", str(self.store), "--port", str(self.port)]
             + ["--no-access-log", "--log-level", "warning"],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -189,15 +191,15 @@ def delivery_settings(tmp_path: Path, ledger_url: str | None, campaign_file: Pat
 @pytest.fixture
 def granted(
     tmp_path: Path, write_users: Callable[..., Path]
-) -> Iterator[Callable[[Settings], tuple[jobs.Pipeline, jobs.RunHandle]]]:
+) -> Iterator[Callable[[Settings], tuple[runs.Pipeline, runs.RunHandle]]]:
     """``granted(settings)``: the users frozen, partitioned and granted in the ledger."""
-    opened: list[jobs.Pipeline] = []
+    opened: list[runs.Pipeline] = []
 
-    def factory(settings: Settings) -> tuple[jobs.Pipeline, jobs.RunHandle]:
-        pipeline = jobs.open_pipeline(settings)
+    def factory(settings: Settings) -> tuple[runs.Pipeline, runs.RunHandle]:
+        pipeline = runs.open_pipeline(settings)
         opened.append(pipeline)
         prepared = prepare_pipeline(pipeline, write_users(tmp_path / "users.parquet", USERS))
-        outcomes = jobs.grant(pipeline, prepared.run, prepared.run.entries)
+        outcomes = runs.grant(pipeline, prepared.run, prepared.run.entries)
         assert all(o.status == "done" for o in outcomes)
         return pipeline, prepared.run
 
@@ -206,8 +208,8 @@ def granted(
         pipeline.engine.dispose()
 
 
-def run_delivery(pipeline: jobs.Pipeline, **only: Any) -> tuple[list[delivery.DeliveryReport], dict[str, Any]]:
-    context, entries = jobs.delivery_selection(pipeline, **only)
+def run_delivery(pipeline: runs.Pipeline, **only: Any) -> tuple[list[delivery.DeliveryReport], dict[str, Any]]:
+    context, entries = runs.delivery_selection(pipeline, **only)
     runtimes = delivery.open_issuers(pipeline.campaign, engine=pipeline.engine)
     try:
         reports = delivery.deliver(context, runtimes, entries)
@@ -217,7 +219,7 @@ def run_delivery(pipeline: jobs.Pipeline, **only: Any) -> tuple[list[delivery.De
     return reports, runtimes
 
 
-def planned_payloads(pipeline: jobs.Pipeline) -> dict[str, str]:
+def planned_payloads(pipeline: runs.Pipeline) -> dict[str, str]:
     """grant_id → the payload hash the service must hold, from the ledger's live coupon grants."""
     campaign = pipeline.campaign
     with pipeline.engine.connect() as connection:
@@ -252,7 +254,7 @@ def planned_payloads(pipeline: jobs.Pipeline) -> dict[str, str]:
     return planned
 
 
-def assert_service_holds_exactly_the_plan(service: Service, pipeline: jobs.Pipeline) -> None:
+def assert_service_holds_exactly_the_plan(service: Service, pipeline: runs.Pipeline) -> None:
     exported = service.export()
     ids = [row["grant_id"] for row in exported]
     assert len(ids) == len(set(ids)), "no grant id twice at the service"
@@ -260,8 +262,8 @@ def assert_service_holds_exactly_the_plan(service: Service, pipeline: jobs.Pipel
     assert service.stats()["grants_stored"] == len(USERS) * len(COUPONS)
 
 
-def assert_counts_add_up(reports: list[delivery.DeliveryReport], pipeline: jobs.Pipeline) -> None:
-    rows = {e.partition_id: e.rows for e in jobs.delivery_selection(pipeline)[1]}
+def assert_counts_add_up(reports: list[delivery.DeliveryReport], pipeline: runs.Pipeline) -> None:
+    rows = {e.partition_id: e.rows for e in runs.delivery_selection(pipeline)[1]}
     for report in reports:
         counted = report.created + report.exists + report.conflict + report.failed + report.not_attempted
         assert counted == report.planned == rows[report.partition_id] * len(COUPONS), report
@@ -468,7 +470,7 @@ def test_sigkill_of_entitle_deliver_at_random_moments_then_rerun_gives_exactly_t
     totals = document["totals"]
     assert totals["created"] + totals["exists"] == totals["planned"] == len(USERS) * len(COUPONS)
     settings = load_settings({k: v for k, v in env.items() if k.startswith("ENTITLE_")})
-    pipeline = jobs.open_pipeline(settings)
+    pipeline = runs.open_pipeline(settings)
     try:
         assert_service_holds_exactly_the_plan(service, pipeline)
         with pipeline.engine.connect() as connection:
@@ -496,7 +498,7 @@ def test_the_rate_budget_is_never_exceeded(tmp_path: Path, service: Service, gra
     reports, runtimes = run_delivery(pipeline)
     wall_s = time.monotonic() - started
     requests = service.stats()["requests"]["batch"] - before
-    expected = sum(-(-e.rows * len(COUPONS) // 8) for e in jobs.delivery_selection(pipeline)[1])
+    expected = sum(-(-e.rows * len(COUPONS) // 8) for e in runs.delivery_selection(pipeline)[1])
     assert requests == expected and all(r.status == "done" for r in reports)
     starts = runtimes["shop"].budget.starts
     assert 20 * 0.5 <= requests / wall_s <= 20 * 1.05, f"{requests} requests in {wall_s:.2f} s"
@@ -654,7 +656,7 @@ def test_a_python_issuer_is_built_from_its_factory() -> None:
 # --------------------------------------------------------------------------- three-way reconciliation
 
 
-def open_issuer_breaks(pipeline: jobs.Pipeline) -> dict[str, list[dict[str, Any]]]:
+def open_issuer_breaks(pipeline: runs.Pipeline) -> dict[str, list[dict[str, Any]]]:
     listed = queries.run_query(pipeline.engine, "open_breaks", {})
     rows = [dict(zip(listed.columns, row, strict=True)) for row in listed.rows]
     found: dict[str, list[dict[str, Any]]] = {}
@@ -808,7 +810,7 @@ def test_three_way_compares_integer_keys_and_keeps_odd_export_rows_whole(
     """Duplicates count once; a row whose id is not the canonical one of its fields, or whose sku the
     campaign does not know, is unexpected as exported (and its fields do not match a ledger grant);
     a never-delivered grant and one whose last delivery failed are missing with the ledger's reason."""
-    from pipeline import issuer_reconciliation
+    from pipeline.reconciliation import three_way
 
     text = write_campaign(tmp_path / "c.toml").read_text(encoding="utf-8")
     text = text.replace(
@@ -845,7 +847,7 @@ def test_three_way_compares_integer_keys_and_keeps_odd_export_rows_whole(
             )
         )
     spec = pipeline.campaign.issuers[0]
-    check = issuer_reconciliation.check_issuer(pipeline, spec, 4)
+    check = three_way.check_issuer(pipeline, spec, 4)
     CRAFTED_EXPORT.clear()
     planned = len(USERS) * len(COUPONS)
     assert (check.state, check.ledger_live, check.issuer_held) == ("compared", planned, 13)
@@ -874,5 +876,5 @@ def test_three_way_compares_integer_keys_and_keeps_odd_export_rows_whole(
     assert never.startswith(f"{CAMPAIGN}:{USERS[10]}:coupon-2000:0 was never delivered")
 
     # An issuer that holds nothing is compared (everything missing), not "unreadable".
-    empty = issuer_reconciliation.check_issuer(pipeline, spec, 4)
+    empty = three_way.check_issuer(pipeline, spec, 4)
     assert (empty.state, empty.issuer_held, empty.matched, empty.issuer_missing) == ("compared", 0, 0, planned)

@@ -1,4 +1,4 @@
-"""pipeline.demo_users: synthetic user files that exercise validation but pass it."""
+"""pipeline.grants.demo_users: synthetic user files that exercise validation but pass it."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.demo_users import FIRST_ID, RECENT_ID_BASE, write_demo_users
 from pipeline.errors import ConfigError
-from pipeline.snapshot import REJECTED_SHARE_MAX_DEFAULT, freeze_snapshot
+from pipeline.grants.demo_users import FIRST_ID, RECENT_ID_BASE, write_demo_users
+from pipeline.grants.snapshot import REJECTED_SHARE_MAX_DEFAULT, freeze_snapshot
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])

@@ -12,9 +12,10 @@ import pytest
 import sqlalchemy as sa
 from conftest import FACE_VALUE_PER_USER_KRW, ITEMS_PER_USER, cli_environment, grant_counts
 
-from pipeline import ledger, queries
-from pipeline.demo_users import write_demo_users
-from pipeline.partitioning import user_bucket
+from pipeline import ledger
+from pipeline.grants.demo_users import write_demo_users
+from pipeline.grants.partitioning import user_bucket
+from pipeline.ledger import queries
 
 Entitle = Callable[..., subprocess.CompletedProcess[str]]
 CAMPAIGN_ID = "kakao-outage-2022"

@@ -1,4 +1,4 @@
-"""pipeline.granting: one partition's grant step: exact writes, run-twice, --verify, failures, the start rule."""
+"""pipeline.grants.granting: one partition's grant step: exact writes, run-twice, --verify, failures, the start rule."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from conftest import CAMPAIGN_START, ITEMS_PER_USER, Prepared
 from pipeline import ledger
 from pipeline.config import Settings
 from pipeline.errors import CampaignNotStartedError
-from pipeline.granting import GrantContext, PartitionOutcome, grant_partition
-from pipeline.partitioning import PartitionEntry, partition_of
+from pipeline.grants.granting import GrantContext, PartitionOutcome, grant_partition
+from pipeline.grants.partitioning import PartitionEntry, partition_of
 
 USERS = [10_000_000 + 7 * i for i in range(400)] + [1, 2_147_483_647, 2**63 - 1]
 

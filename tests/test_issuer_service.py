@@ -1,4 +1,4 @@
-"""The reference entitlement service (pipeline/issuer_service): real uvicorn, real SQLite and PostgreSQL, real HTTP.
+"""The reference entitlement service (services/issuer): real uvicorn, real SQLite and PostgreSQL, real HTTP.
 
 Each test starts the service in a background thread on a free loopback port
 (the same app, store and uvicorn protocol the command line runs) and talks to
@@ -31,13 +31,12 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from pipeline.issuer_service import app as issuer_app
-from pipeline.issuer_service import grants as issuer_grants
-from pipeline.issuer_service.app import SPEC_PATH, create_app
-from pipeline.issuer_service.faults import FaultInjector
-from pipeline.issuer_service.server import bind, build_server
-from pipeline.issuer_service.store import IssuerStore
+from issuer_service import app as issuer_app
+from issuer_service import grants as issuer_grants
+from issuer_service.app import SPEC_PATH, create_app
+from issuer_service.faults import FaultInjector
+from issuer_service.server import bind, build_server
+from issuer_service.store import IssuerStore
 
 ROOT = Path(__file__).resolve().parent.parent
 CAMPAIGN = "kakao-outage-2022"
@@ -521,7 +520,7 @@ def test_fault_settings_are_checked_and_unchanged_by_a_refused_update(sqlite_iss
 
 
 def test_the_command_line_serves_until_sigterm_and_refuses_bad_settings_with_exit_2(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "pipeline.issuer_service"]
+    command = [sys.executable, "-m", "issuer_service"]
     help_text = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert help_text.returncode == 0 and "--fault-timeout-after-commit-rate" in help_text.stdout
     store = str(tmp_path / "issuer.sqlite")

@@ -1,4 +1,4 @@
-"""pipeline.ledger and pipeline.ddl: committed DDL, keys and checks, append-only grants, terms, instants."""
+"""pipeline.ledger and pipeline.ledger.ddl: committed DDL, keys and checks, append-only grants, terms, instants."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from pipeline import jobs, ledger
-from pipeline.campaign import load_campaign
+from pipeline import ledger
+from pipeline.campaigns import load_campaign
 from pipeline.config import Settings
-from pipeline.ddl import render_ddl
 from pipeline.errors import ConfigError, InvariantViolation, LedgerError, TermsChangedError
-from pipeline.partitioning import user_bucket
+from pipeline.grants import runs as jobs
+from pipeline.grants.partitioning import user_bucket
+from pipeline.ledger.ddl import render_ddl
 
 REPO = Path(__file__).resolve().parent.parent
 SEOUL = dt.timezone(dt.timedelta(hours=9))
@@ -73,7 +74,7 @@ def test_committed_ddl_is_the_rendered_ddl(dialect: str) -> None:
     committed = (REPO / "sql" / dialect / "schema.sql").read_text(encoding="utf-8")
     assert committed == render_ddl(dialect), (
         f"sql/{dialect}/schema.sql is stale; regenerate it: "
-        f"`python -m pipeline.ddl {dialect} > sql/{dialect}/schema.sql`"
+        f"`python -m pipeline.ledger.ddl {dialect} > sql/{dialect}/schema.sql`"
     )
 
 

@@ -25,12 +25,16 @@ from conftest import ENTITLE_SCRIPT, cli_environment, run_entitle
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from test_dags import airflow_env  # noqa: F401  (fixture: a project-local, migrated Airflow metadata DB)
 
-from pipeline import corrections, ledger, merchant_claims, merchant_reconciliation, merchant_review, queries
+from pipeline import ledger
 from pipeline.config import Settings
 from pipeline.errors import CampaignError, CorrectionError
-from pipeline.merchant_claims import ClaimsInputError, OpenProgram
-from pipeline.merchant_program import load_program, parse_program
-from pipeline.merchant_review import ReviewRefusedError
+from pipeline.grants import corrections
+from pipeline.ledger import queries
+from pipeline.programs.merchant_cash import claims, reconciliation
+from pipeline.programs.merchant_cash import review as merchant_review
+from pipeline.programs.merchant_cash.claims import ClaimsInputError, OpenProgram
+from pipeline.programs.merchant_cash.program import load_program, parse_program
+from pipeline.programs.merchant_cash.review import ReviewRefusedError
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "pipeline" / "campaigns" / "merchant_cash_2022.toml"
@@ -58,7 +62,7 @@ def open_program(
     opened: list[OpenProgram] = []
 
     def factory(program_file: Path | None = None) -> OpenProgram:
-        op = merchant_claims.open_program(settings_for(tmp_path / "var", ledger_url=url), program_file)
+        op = claims.open_program(settings_for(tmp_path / "var", ledger_url=url), program_file)
         opened.append(op)
         return op
 
@@ -236,7 +240,7 @@ TIER_CASES = [
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_tier_boundaries_are_inclusive_and_zero_loss_is_rejected(op: OpenProgram, tmp_path: Path, suffix: str) -> None:
     rows = [claim(f"c{m}", m, loss) for m, loss, *_ in TIER_CASES] + [claim("c9", 9, 0)]
-    report = merchant_claims.ingest_file(op, write_claims(tmp_path / f"claims{suffix}", rows))
+    report = claims.ingest_file(op, write_claims(tmp_path / f"claims{suffix}", rows))
     assert report.by_status == {"accepted": len(TIER_CASES), "below_minimum_loss": 1}
     assert report.quarantined_rows == 0 and report.quarantine_file is None
     found = cases(op)
@@ -246,10 +250,10 @@ def test_tier_boundaries_are_inclusive_and_zero_loss_is_rejected(op: OpenProgram
     assert {m: found[m]["review_reason"] for m in (7, 8)} == {7: "tier_review", 8: "tier_review"}
     assert claim_statuses(op)["c9"] == "below_minimum_loss"
 
-    paid = merchant_claims.pay(op)
+    paid = claims.pay(op)
     assert (paid.paid, paid.paid_krw) == (6, 3 * TIER_1_KRW + 3 * TIER_2_KRW)
     assert payouts(op) == [(m, 0, amount) for m, _, state, _, amount in TIER_CASES if amount is not None]
-    assert merchant_reconciliation.reconcile(op).verdict == "RECONCILED"
+    assert reconciliation.reconcile(op).verdict == "RECONCILED"
 
 
 # --------------------------------------------------------------------------- intake window
@@ -270,7 +274,7 @@ def test_claims_outside_every_intake_window_are_rejected_with_that_reason(op: Op
         "after-extension": "2023-01-16T00:00:00+09:00",
     }
     rows = [claim(name, 100 + i, 1000, at) for i, (name, at) in enumerate(submitted.items())]
-    merchant_claims.ingest_file(op, write_claims(tmp_path / "claims.csv", rows))
+    claims.ingest_file(op, write_claims(tmp_path / "claims.csv", rows))
     outside = {"before-open", "at-close", "between-windows", "after-extension"}
     assert claim_statuses(op) == {n: "outside_intake_window" if n in outside else "accepted" for n in submitted}
     with op.engine.connect() as connection:
@@ -281,9 +285,9 @@ def test_claims_outside_every_intake_window_are_rejected_with_that_reason(op: Op
         )
     assert windows["in-extension"] == "extension" and windows["at-open"] == "initial" and windows["at-close"] is None
     assert len(cases(op)) == len(submitted) - len(outside), "an outside-window claim opens no case"
-    merchant_claims.pay(op)
+    claims.pay(op)
     assert len(payouts(op)) == len(submitted) - len(outside)
-    result = merchant_reconciliation.reconcile(op)
+    result = reconciliation.reconcile(op)
     assert result.verdict == "RECONCILED" and result.claims_by_status["outside_intake_window"] == len(outside)
 
 
@@ -299,7 +303,7 @@ def test_identical_claims_merge_and_conflicting_ones_go_to_review(op: OpenProgra
         claim("c1", 13, 100_000, evidence=("yes", "no", "yes")),  # no proof of lost sales
         claim("a1", 11, 250_000, "2022-10-20T10:00:00+09:00"),  # the same row twice in the file
     ]
-    first = merchant_claims.ingest_file(op, write_claims(tmp_path / "claims.csv", rows))
+    first = claims.ingest_file(op, write_claims(tmp_path / "claims.csv", rows))
     assert (first.claims_new, first.duplicate_rows, first.quarantined_rows) == (5, 1, 0)
     found = cases(op)
     assert (found[11]["state"], found[11]["claim_count"], found[11]["amount_krw"]) == ("auto_tier", 2, TIER_1_KRW)
@@ -312,10 +316,10 @@ def test_identical_claims_merge_and_conflicting_ones_go_to_review(op: OpenProgra
     reviews = {r.case_id: r for r in merchant_review.open_reviews(op)}
     assert sorted(reviews) == ["mc-12", "mc-13"] and reviews["mc-12"].claim_ids == ["b1", "b2"]
 
-    again = merchant_claims.ingest_file(op, tmp_path / "claims.csv")
+    again = claims.ingest_file(op, tmp_path / "claims.csv")
     assert again.already_ingested and again.claims_new == 0
     # Another file: a known claim id with the same content is known; with changed content it is quarantined.
-    second = merchant_claims.ingest_file(
+    second = claims.ingest_file(
         op,
         write_claims(
             tmp_path / "later.csv",
@@ -329,17 +333,17 @@ def test_identical_claims_merge_and_conflicting_ones_go_to_review(op: OpenProgra
     assert "already recorded with different content" in quarantined["reason"][0]
     assert count(op, ledger.merchant_claims) == 45
 
-    merchant_claims.pay(op)
+    claims.pay(op)
     assert [m for m, *_ in payouts(op)] == [11] + list(range(200, 240)), "merged: one payout; review: none yet"
 
 
 def test_a_claim_after_the_decision_is_recorded_but_not_merged(op: OpenProgram, tmp_path: Path) -> None:
-    merchant_claims.ingest_file(op, write_claims(tmp_path / "one.csv", [claim("x1", 21, 100_000)]))
-    merchant_claims.pay(op)
-    report = merchant_claims.ingest_file(op, write_claims(tmp_path / "two.csv", [claim("x2", 21, 400_000)]))
+    claims.ingest_file(op, write_claims(tmp_path / "one.csv", [claim("x1", 21, 100_000)]))
+    claims.pay(op)
+    report = claims.ingest_file(op, write_claims(tmp_path / "two.csv", [claim("x2", 21, 400_000)]))
     assert report.by_status == {"after_decision": 1} and report.after_decision == ["mc-21"]
     assert cases(op)[21]["state"] == "paid" and payouts(op) == [(21, 0, TIER_1_KRW)]
-    assert merchant_reconciliation.reconcile(op).verdict == "RECONCILED"
+    assert reconciliation.reconcile(op).verdict == "RECONCILED"
 
 
 # --------------------------------------------------------------------------- malformed rows
@@ -358,7 +362,7 @@ def test_malformed_rows_are_quarantined_naming_row_field_and_reason(op: OpenProg
         claim("m7", 37, 1000, evidence=("yes", "maybe", "yes")),
         claim("m8", 38, 1000, evidence=("yes", "yes", "")),
     ]
-    report = merchant_claims.ingest_file(op, write_claims(tmp_path / "claims.csv", good + bad))
+    report = claims.ingest_file(op, write_claims(tmp_path / "claims.csv", good + bad))
     assert (report.claims_new, report.quarantined_rows) == (200, 9)
     quarantined = pl.read_parquet(report.quarantine_file)
     assert quarantined.columns == ["source_file", "row_number", "claim_id", "field", "raw_value", "reason"]
@@ -382,7 +386,7 @@ def test_too_many_malformed_rows_refuse_the_whole_file(op: OpenProgram, tmp_path
     with pytest.raises(
         ClaimsInputError, match=r"claims\.csv: 1 of 11 rows are malformed .*nothing was recorded"
     ) as err:
-        merchant_claims.ingest_file(op, write_claims(tmp_path / "claims.csv", rows))
+        claims.ingest_file(op, write_claims(tmp_path / "claims.csv", rows))
     assert "row 11 loss_krw" in str(err.value) and err.value.exit_code == 3
     assert count(op, ledger.merchant_claims) == count(op, ledger.merchant_cases) == 0
     assert count(op, ledger.merchant_intake_files) == 0
@@ -394,7 +398,7 @@ def test_a_file_without_a_column_is_refused(op: OpenProgram, tmp_path: Path) -> 
     path = tmp_path / "claims.csv"
     path.write_text("claim_id,merchant_id,submitted_at,loss_krw\nc1,1,2022-10-20T10:00:00+09:00,1000\n")
     with pytest.raises(ClaimsInputError, match=r"missing column\(s\) \['merchant_certificate'"):
-        merchant_claims.ingest_file(op, path)
+        claims.ingest_file(op, path)
     assert count(op, ledger.merchant_claims) == 0
 
 
@@ -402,7 +406,7 @@ def test_a_file_without_a_column_is_refused(op: OpenProgram, tmp_path: Path) -> 
 
 
 def test_a_review_decision_recorded_twice(op: OpenProgram, tmp_path: Path) -> None:
-    merchant_claims.ingest_file(
+    claims.ingest_file(
         op, write_claims(tmp_path / "claims.csv", [claim("r1", 41, 800_000), claim("r2", 42, 900_000)])
     )
     first = merchant_review.decide(op, "mc-41", "approve", 120_000, "kim", "proof of 800k loss checked")
@@ -421,7 +425,7 @@ def test_a_review_decision_recorded_twice(op: OpenProgram, tmp_path: Path) -> No
     merchant_review.decide(op, "mc-42", "reject", None, "lee", "no proof of service use")
     with pytest.raises(ReviewRefusedError, match=r"has no case mc-404"):
         merchant_review.decide(op, "mc-404", "approve", 1, "kim", "x")
-    merchant_claims.pay(op)
+    claims.pay(op)
     assert payouts(op) == [(41, 0, 120_000)]
     assert cases(op)[42]["state"] == "rejected"
     with op.engine.connect() as connection:
@@ -435,7 +439,7 @@ def test_a_review_decision_recorded_twice(op: OpenProgram, tmp_path: Path) -> No
         connection.execute(ledger.merchant_decisions.update().values(actor="someone else"))
     with pytest.raises(DBAPIError, match="append-only"), op.engine.begin() as connection:
         connection.execute(ledger.merchant_decisions.delete())
-    assert merchant_reconciliation.reconcile(op).verdict == "RECONCILED"
+    assert reconciliation.reconcile(op).verdict == "RECONCILED"
 
 
 @pytest.mark.parametrize(
@@ -452,7 +456,7 @@ def test_a_review_decision_recorded_twice(op: OpenProgram, tmp_path: Path) -> No
 def test_decisions_that_do_not_fit_are_refused(
     op: OpenProgram, tmp_path: Path, case: str, decision: str, amount: int | None, message: str
 ) -> None:
-    merchant_claims.ingest_file(
+    claims.ingest_file(
         op, write_claims(tmp_path / "claims.csv", [claim("p1", 51, 700_000), claim("p2", 52, 1000)])
     )
     with pytest.raises(ReviewRefusedError, match=message):
@@ -464,12 +468,12 @@ def test_decisions_that_do_not_fit_are_refused(
 
 
 def test_payouts_are_idempotent_at_most_one_per_merchant(op: OpenProgram, tmp_path: Path) -> None:
-    merchant_claims.ingest_file(
+    claims.ingest_file(
         op, write_claims(tmp_path / "claims.csv", [claim(f"k{m}", m, m * 1000) for m in range(1, 401)])
     )
-    first = merchant_claims.pay(op, batch_cases_max=64)
+    first = claims.pay(op, batch_cases_max=64)
     assert (first.paid, first.batches) == (400, 7)
-    second = merchant_claims.pay(op)
+    second = claims.pay(op)
     assert (second.paid, second.paid_krw, second.batches) == (0, 0, 0)
     planned = [(m, 0, TIER_1_KRW if m <= 300 else TIER_2_KRW) for m in range(1, 401)]
     assert payouts(op) == planned
@@ -481,7 +485,7 @@ def test_payouts_are_idempotent_at_most_one_per_merchant(op: OpenProgram, tmp_pa
 def _grant_row(op: OpenProgram, merchant: int, amount: int) -> dict[str, Any]:
     with op.engine.connect() as connection:
         run_key = connection.execute(sa.select(sa.func.max(ledger.runs.c.run_key))).scalar_one()
-    from pipeline.partitioning import user_bucket
+    from pipeline.grants.partitioning import user_bucket
 
     return {
         "campaign_key": op.campaign_key,
@@ -503,7 +507,7 @@ class Crash(Exception):
 
 
 def test_a_crash_between_batches_then_a_rerun_pays_exactly_the_plan(op: OpenProgram, tmp_path: Path) -> None:
-    merchant_claims.ingest_file(
+    claims.ingest_file(
         op, write_claims(tmp_path / "claims.csv", [claim(f"k{m}", m, 400_000) for m in range(1, 101)])
     )
 
@@ -511,39 +515,39 @@ def test_a_crash_between_batches_then_a_rerun_pays_exactly_the_plan(op: OpenProg
         raise Crash(f"killed after batch {batch}")
 
     with pytest.raises(Crash):
-        merchant_claims.pay(op, run_id="pay-1", batch_cases_max=30, after_batch=crash)
+        claims.pay(op, run_id="pay-1", batch_cases_max=30, after_batch=crash)
     assert len(payouts(op)) == 30
-    assert merchant_reconciliation.reconcile(op).verdict == "BREAKS", "70 cases due and not paid yet"
-    rerun = merchant_claims.pay(op, run_id="pay-1", batch_cases_max=30)
+    assert reconciliation.reconcile(op).verdict == "BREAKS", "70 cases due and not paid yet"
+    rerun = claims.pay(op, run_id="pay-1", batch_cases_max=30)
     assert rerun.paid == 70
     assert payouts(op) == [(m, 0, TIER_2_KRW) for m in range(1, 101)]
-    assert merchant_reconciliation.reconcile(op).verdict == "RECONCILED"
+    assert reconciliation.reconcile(op).verdict == "RECONCILED"
 
 
 def test_a_failure_inside_a_batch_writes_nothing_of_it(
     op: OpenProgram, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    merchant_claims.ingest_file(
+    claims.ingest_file(
         op, write_claims(tmp_path / "claims.csv", [claim(f"k{m}", m, 1000) for m in range(1, 11)])
     )
-    real_granted = merchant_claims._granted
+    real_granted = claims._granted
 
     def granted_then_die(*args: Any) -> set[int]:
         raise Crash("the process dies before the batch commits")
 
-    monkeypatch.setattr(merchant_claims, "_granted", granted_then_die)
+    monkeypatch.setattr(claims, "_granted", granted_then_die)
     with pytest.raises(Crash):
-        merchant_claims.pay(op)
+        claims.pay(op)
     assert payouts(op) == [] and {c["state"] for c in cases(op).values()} == {"auto_tier"}
-    monkeypatch.setattr(merchant_claims, "_granted", real_granted)
-    assert merchant_claims.pay(op).paid == 10 and len(payouts(op)) == 10
+    monkeypatch.setattr(claims, "_granted", real_granted)
+    assert claims.pay(op).paid == 10 and len(payouts(op)) == 10
 
 
 # --------------------------------------------------------------------------- reconciliation and queries
 
 
 def test_reconciliation_finds_every_kind_of_break(op: OpenProgram, tmp_path: Path) -> None:
-    merchant_claims.ingest_file(
+    claims.ingest_file(
         op,
         write_claims(
             tmp_path / "claims.csv",
@@ -555,7 +559,7 @@ def test_reconciliation_finds_every_kind_of_break(op: OpenProgram, tmp_path: Pat
             ],
         ),
     )
-    merchant_claims.pay(op)
+    claims.pay(op)
     with op.engine.begin() as connection:
         # Behind the program's back: a payout to a merchant in review, one to a claim outside the window;
         # and merchant 62's payout voided (a void, however written, is explained: it says who and why).
@@ -569,7 +573,7 @@ def test_reconciliation_finds_every_kind_of_break(op: OpenProgram, tmp_path: Pat
                 voided_at=dt.datetime.now(dt.UTC),
             )
         )
-    result = merchant_reconciliation.reconcile(op)
+    result = reconciliation.reconcile(op)
     assert result.verdict == "BREAKS"
     assert sorted((b.break_class, b.case_id) for b in result.breaks) == [
         ("case_state", "mc-63"),
@@ -587,18 +591,18 @@ def test_reconciliation_finds_every_kind_of_break(op: OpenProgram, tmp_path: Pat
 
 def test_a_voided_payout_is_explained_and_never_paid_again(op: OpenProgram, tmp_path: Path) -> None:
     rows = [claim("a", 91, 1000), claim("b", 92, 400_000), claim("c", 93, 1), claim("d", 94, 900_000)]
-    merchant_claims.ingest_file(op, write_claims(tmp_path / "claims.csv", rows))
-    merchant_claims.pay(op)
+    claims.ingest_file(op, write_claims(tmp_path / "claims.csv", rows))
+    claims.pay(op)
     with op.engine.begin() as connection:  # a payout to a case in review, behind the program's back
         connection.execute(ledger.grants.insert(), [_grant_row(op, 94, 70_000)])
-    assert [b.break_class for b in merchant_reconciliation.reconcile(op).breaks] == ["unexpected", "case_state"]
+    assert [b.break_class for b in reconciliation.reconcile(op).breaks] == ["unexpected", "case_state"]
     now = op.settings.clock()
     voided = corrections.void_grants(
         op, [corrections.VoidRequest("fraud case 118", 92), corrections.VoidRequest("paid by mistake", 94)], "kim", now
     )
     assert [(v.user_id, v.amount_krw, v.issue_no) for v in voided] == [(92, TIER_2_KRW, 0), (94, 70_000, 0)]
 
-    result = merchant_reconciliation.reconcile(op)
+    result = reconciliation.reconcile(op)
     assert (result.verdict, result.breaks) == ("RECONCILED", []), result.breaks
     assert "2 due payouts is paid exactly once" in result.explanation
     assert "voided on purpose: 2 payout(s), 1 of them due" in result.explanation
@@ -607,7 +611,7 @@ def test_a_voided_payout_is_explained_and_never_paid_again(op: OpenProgram, tmp_
     assert tiers["up-to-300k"] == (2, 2, 0, 0, 0)
     assert tiers["review-pending"] == (0, 0, 1, 70_000, 0)
 
-    again = merchant_claims.pay(op)
+    again = claims.pay(op)
     assert (again.paid, again.paid_krw) == (0, 0), "a voided payout is never paid again"
     assert payouts(op) == [(91, 0, TIER_1_KRW), (92, 0, TIER_2_KRW), (93, 0, TIER_1_KRW), (94, 0, 70_000)]
     with pytest.raises(CorrectionError, match=r"already voided: issue 0 voided .* by kim"):
@@ -616,7 +620,7 @@ def test_a_voided_payout_is_explained_and_never_paid_again(op: OpenProgram, tmp_
         corrections.void_grants(
             op, [corrections.VoidRequest("x", 91), corrections.VoidRequest("x", 95)], "ops-lee", now
         )
-    assert merchant_reconciliation.reconcile(op).verdict == "RECONCILED", "the refused batch wrote nothing"
+    assert reconciliation.reconcile(op).verdict == "RECONCILED", "the refused batch wrote nothing"
 
     by_tier = queries.run_query(op.engine, "payouts_per_tier", {"program_id": "merchant-cash-2022"})
     rows = {r[1]: dict(zip(by_tier.columns, r, strict=True)) for r in by_tier.rows}
@@ -628,7 +632,7 @@ def test_a_voided_payout_is_explained_and_never_paid_again(op: OpenProgram, tmp_
 
 
 def test_analyst_queries(op: OpenProgram, tmp_path: Path) -> None:
-    merchant_claims.ingest_file(
+    claims.ingest_file(
         op,
         write_claims(
             tmp_path / "claims.csv",
@@ -642,7 +646,7 @@ def test_analyst_queries(op: OpenProgram, tmp_path: Path) -> None:
         ),
     )
     merchant_review.decide(op, "mc-73", "approve", 200_000, "kim", "proof checked")
-    merchant_claims.pay(op)
+    claims.pay(op)
     by_tier = queries.run_query(op.engine, "payouts_per_tier", {"program_id": "merchant-cash-2022"})
     rows = {(r[1], r[2]): dict(zip(by_tier.columns, r, strict=True)) for r in by_tier.rows}
     assert {k: (v["cases"], v["decisions"], v["payable_krw"], v["paid"], v["paid_krw"]) for k, v in rows.items()} == {
@@ -821,7 +825,7 @@ def test_a_typed_parquet_file_is_read_as_well(op: OpenProgram, tmp_path: Path) -
             "note": ["extra columns are ignored", None, None],
         }
     ).write_parquet(path)
-    report = merchant_claims.ingest_file(op, path)
+    report = claims.ingest_file(op, path)
     assert report.by_status == {"accepted": 2, "outside_intake_window": 1} and report.quarantined_rows == 0
     found = {m: (c["state"], c["review_reason"], c["amount_krw"]) for m, c in cases(op).items()}
     assert found == {301: ("auto_tier", None, TIER_1_KRW), 303: ("needs_review", "incomplete_evidence", None)}

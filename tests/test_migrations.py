@@ -21,10 +21,11 @@ from conftest import cli_environment, prepare_pipeline, run_entitle
 from sqlalchemy.engine import Engine
 from test_ledger import describe_schema
 
-from pipeline import jobs, ledger, reconciliation
+from pipeline import ledger, reconciliation
 from pipeline.config import Settings
 from pipeline.errors import LedgerError
-from pipeline.partitioning import user_bucket
+from pipeline.grants import runs
+from pipeline.grants.partitioning import user_bucket
 
 V1_USERS = (10_000_001, 10_000_002, 10_000_003)
 V1_START_US = 1_672_844_400_000_000  # 2023-01-05T00:00+09:00
@@ -183,10 +184,10 @@ def test_a_version_1_ledger_is_refused_then_upgraded_in_place_keeping_every_row(
         )
     # ... and a new campaign's grants, on PostgreSQL through child tables beside the old default child.
     settings = settings_for(tmp_path / "var", partitions=4, ledger_url=url)
-    pipeline = jobs.open_pipeline(settings)
+    pipeline = runs.open_pipeline(settings)
     try:
         prepared = prepare_pipeline(pipeline, write_users(tmp_path / "users.parquet", list(range(500, 900))))
-        outcomes = jobs.grant(pipeline, prepared.run, prepared.run.entries)
+        outcomes = runs.grant(pipeline, prepared.run, prepared.run.entries)
         assert all(o.status == "done" for o in outcomes), [o.error for o in outcomes]
         assert reconciliation.reconcile(pipeline).verdict == "RECONCILED"
     finally:

@@ -1,4 +1,4 @@
-"""User notices (pipeline/notices.py): who a run granted what, and who to remind before items expire."""
+"""User notices (pipeline/grants/notices.py): who a run granted what, and who to remind before items expire."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ import sqlalchemy as sa
 from conftest import ITEMS_PER_USER, SEOUL, Prepared, cli_environment, prepare_pipeline, run_entitle
 from polars.testing import assert_frame_equal
 
-from pipeline import corrections, jobs, ledger, notices, schemas
+from pipeline import ledger, schemas
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
-from pipeline.partitioning import load_manifest, partitions_dir
+from pipeline.grants import corrections, notices
+from pipeline.grants import runs as jobs
+from pipeline.grants.partitioning import load_manifest, partitions_dir
 
 USERS = list(range(40_000_000, 40_000_600))
 NEW_USERS = list(range(40_000_600, 40_000_650))

@@ -27,10 +27,11 @@ import polars as pl
 import pytest
 from conftest import ITEMS_PER_USER, cli_environment, grant_counts, grant_pairs, planned_pairs, prepare_pipeline
 
-from pipeline import dag_tasks, jobs, ledger, schemas, storage
+from pipeline import ledger, schemas, storage
 from pipeline.config import load_settings
 from pipeline.errors import ConfigError, PartitionError, SnapshotError, StorageError
-from pipeline.partitioning import load_manifest, partition_of, partition_snapshot, read_partition
+from pipeline.grants import dag_tasks, runs
+from pipeline.grants.partitioning import load_manifest, partition_of, partition_snapshot, read_partition
 
 Entitle = Callable[..., subprocess.CompletedProcess[str]]
 CAMPAIGN = "kakao-outage-2022"
@@ -263,10 +264,10 @@ def test_in_process_pipeline_and_partitions_identical_to_local_ones(
         }
     )
     assert settings.data_root == storage.ObjectUri(bucket, "root")
-    pipeline = jobs.open_pipeline(settings)
+    pipeline = runs.open_pipeline(settings)
     try:
         prepared = prepare_pipeline(pipeline, f"s3://{bucket}/users.parquet")
-        outcomes = jobs.grant(pipeline, prepared.run, prepared.run.entries)
+        outcomes = runs.grant(pipeline, prepared.run, prepared.run.entries)
         assert [o.status for o in outcomes] == ["done"] * PARTITIONS
         assert grant_pairs(pipeline.engine) == planned_pairs(ids, SKUS)
 
@@ -320,7 +321,7 @@ def test_a_corrupted_partition_object_is_detected_and_named(
     home = tmp_path / "var"
     env = s3_env(s3_endpoint, home, ENTITLE_DATA_URI=f"s3://{bucket}/p")
     settings = load_settings({**env, "ENTITLE_RECONCILE_WORKERS": "1"})
-    pipeline = jobs.open_pipeline(settings)
+    pipeline = runs.open_pipeline(settings)
     try:
         prepared = prepare_pipeline(pipeline, f"s3://{bucket}/users.parquet")
     finally:
@@ -372,7 +373,7 @@ def test_a_missing_partition_object_fails_its_partition_and_a_rerun_rewrites_it(
     put_parquet(s3, bucket, "users.parquet", users_frame(ids))
     home = tmp_path / "var"
     env = s3_env(s3_endpoint, home, ENTITLE_DATA_URI=f"s3://{bucket}/p")
-    pipeline = jobs.open_pipeline(load_settings(env))
+    pipeline = runs.open_pipeline(load_settings(env))
     try:
         prepared = prepare_pipeline(pipeline, f"s3://{bucket}/users.parquet")
     finally:

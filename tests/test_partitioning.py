@@ -1,4 +1,4 @@
-"""pipeline.partitioning: the stable partition function, bucket ranges, reproducible files, manifests."""
+"""pipeline.grants.partitioning: the stable partition function, bucket ranges, reproducible files, manifests."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pipeline import schemas
 from pipeline.config import load_settings
 from pipeline.errors import ConfigError, PartitionError
-from pipeline.partitioning import (
+from pipeline.grants.partitioning import (
     BUCKET_MODULUS,
     MANIFEST_NAME,
     PARTITION_COUNT_MAX,

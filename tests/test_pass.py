@@ -18,11 +18,13 @@ import pytest
 import sqlalchemy as sa
 from conftest import ENTITLE_SCRIPT, build_settings, cli_environment, run_entitle
 
-from pipeline import pass_allocation, pass_intake, pass_notices, queries
 from pipeline.errors import TermsChangedError
-from pipeline.partitioning import user_bucket
-from pipeline.pass_allocation import PassContext
-from pipeline.pass_program import add_months, load_program
+from pipeline.grants.partitioning import user_bucket
+from pipeline.ledger import queries
+from pipeline.programs.drawer_pass import allocation as pass_allocation
+from pipeline.programs.drawer_pass import intake, notices
+from pipeline.programs.drawer_pass.allocation import PassContext
+from pipeline.programs.drawer_pass.program import add_months, load_program
 
 SEOUL = dt.timezone(dt.timedelta(hours=9))
 OPENS = dt.datetime(2023, 1, 5, 0, 0, tzinfo=SEOUL)
@@ -123,7 +125,7 @@ def test_cap_is_reached_exactly_in_order_and_later_applicants_are_sold_out(
     rows = synthetic(500, seed=1)
     context = open_program(ledger_url, cap=120)
     for index, part in enumerate((rows[:200], rows[200:350], rows[350:])):
-        report = pass_intake.ingest(context, write_applications(tmp_path / f"b{index}.parquet", part))
+        report = intake.ingest(context, write_applications(tmp_path / f"b{index}.parquet", part))
         assert (report.new_applications, report.malformed, report.refused) == (len(part), 0, 0)
 
     allocation = pass_allocation.allocate(context)
@@ -167,7 +169,7 @@ def test_ties_are_broken_by_user_bucket_then_user_id_whatever_the_file_order(
     for run, ordered in enumerate((rows, rows[::-1])):
         url = f"sqlite:///{tmp_path / f'ledger-{run}.sqlite'}"
         context = open_program(url, cap=10)
-        pass_intake.ingest(
+        intake.ingest(
             context, write_applications(tmp_path / f"ties-{run}.csv", [(u, a.isoformat()) for u, a in ordered])
         )
         pass_allocation.allocate(context)
@@ -180,9 +182,9 @@ def test_a_repeated_application_keeps_the_earliest_applied_at(
 ) -> None:
     context = open_program(f"sqlite:///{tmp_path / 'l.sqlite'}", cap=1)
     t0 = OPENS.astimezone(dt.UTC) + dt.timedelta(minutes=5)
-    first = pass_intake.ingest(context, write_applications(tmp_path / "a.parquet", [(11, t0), (22, t0)]))
+    first = intake.ingest(context, write_applications(tmp_path / "a.parquet", [(11, t0), (22, t0)]))
     earlier = t0 - dt.timedelta(minutes=1)
-    again = pass_intake.ingest(
+    again = intake.ingest(
         context, write_applications(tmp_path / "b.parquet", [(22, earlier), (11, t0 + dt.timedelta(hours=1))])
     )
     assert (first.new_applications, again.new_applications, again.earlier_repeats, again.unchanged_repeats) == (
@@ -216,7 +218,7 @@ def test_malformed_rows_are_quarantined_with_their_reason_and_the_rest_is_stored
         (108, "2023-01-25T00:00:00+09:00"),
         (101, "2023-01-05T00:00:09+09:00"),
     ]
-    report = pass_intake.ingest(context, write_applications(tmp_path / "bad.csv", rows))
+    report = intake.ingest(context, write_applications(tmp_path / "bad.csv", rows))
     assert report.reasons == {
         "after_close": 1,
         "applied_at_not_a_time": 1,
@@ -261,8 +263,8 @@ def test_rerunning_intake_and_allocation_changes_nothing(
     rows = synthetic(300, seed=3)
     context = open_program(ledger_url, cap=50)
     batch = write_applications(tmp_path / "b.parquet", rows)
-    pass_intake.ingest(context, batch)
-    assert pass_intake.ingest(context, batch).already_ingested
+    intake.ingest(context, batch)
+    assert intake.ingest(context, batch).already_ingested
     through = NOW - dt.timedelta(hours=1)
     first = pass_allocation.allocate(context, through)
     holders = pass_holders(context)
@@ -279,7 +281,7 @@ def test_a_crash_mid_allocation_leaves_nothing_and_the_rerun_gives_the_exact_res
 ) -> None:
     rows = synthetic(400, seed=4)
     context = open_program(ledger_url, cap=100)
-    pass_intake.ingest(context, write_applications(tmp_path / "b.parquet", rows))
+    intake.ingest(context, write_applications(tmp_path / "b.parquet", rows))
 
     def crash(*_args: object) -> None:
         raise RuntimeError("power cut after the passes were inserted")
@@ -309,9 +311,9 @@ def test_an_application_older_than_an_allocated_window_is_refused_as_late(
 ) -> None:
     context = open_program(f"sqlite:///{tmp_path / 'l.sqlite'}", cap=2)
     base = OPENS.astimezone(dt.UTC)
-    pass_intake.ingest(context, write_applications(tmp_path / "a.parquet", [(1, base + dt.timedelta(minutes=10))]))
+    intake.ingest(context, write_applications(tmp_path / "a.parquet", [(1, base + dt.timedelta(minutes=10))]))
     pass_allocation.allocate(context, base + dt.timedelta(hours=1))
-    late = pass_intake.ingest(
+    late = intake.ingest(
         context,
         write_applications(
             tmp_path / "b.parquet", [(2, base + dt.timedelta(minutes=5)), (3, base + dt.timedelta(hours=2))]
@@ -355,14 +357,14 @@ def test_a_pass_is_valid_one_calendar_month_in_seoul(granted_local: dt.datetime,
 
 def test_reminders_say_nothing_converts_to_paid(open_program: Callable[..., PassContext], tmp_path: Path) -> None:
     context = open_program(f"sqlite:///{tmp_path / 'l.sqlite'}", cap=3)
-    pass_intake.ingest(context, write_applications(tmp_path / "a.parquet", synthetic(5, seed=5)))
+    intake.ingest(context, write_applications(tmp_path / "a.parquet", synthetic(5, seed=5)))
     pass_allocation.allocate(context)
-    exports = pass_notices.export_reminders(context, days=3)
+    exports = notices.export_reminders(context, days=3)
     assert len(exports) == 1 and exports[0].users == 3
-    frame = pl.read_parquet(Path(exports[0].directory) / pass_notices.REMINDER_FILE)
+    frame = pl.read_parquet(Path(exports[0].directory) / notices.REMINDER_FILE)
     assert frame["auto_renew"].to_list() == [False] * 3 and frame["converts_to_paid"].to_list() == [False] * 3
     assert set(frame["remind_on"]) == {"2023-02-17"}  # valid until 2023-02-20 21:00 Seoul, minus 3 days
-    assert set(frame["notice_key"]) == {pass_notices.NOTICE_KEY}
+    assert set(frame["notice_key"]) == {notices.NOTICE_KEY}
     assert frame["user_id"].to_list() == sorted(pass_holders(context))
     assert (Path(exports[0].directory) / "notices.json").exists()
 

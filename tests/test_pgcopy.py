@@ -1,4 +1,4 @@
-"""The PostgreSQL fast path (pipeline/pgcopy.py): a child table per partition, loaded by binary COPY.
+"""The PostgreSQL fast path (pipeline/ledger/pgcopy.py): a child table per partition, loaded by binary COPY.
 
 The terms written by COPY are checked row by row against the campaign in
 test_granting (which runs on PostgreSQL through this path); here: which path a
@@ -17,8 +17,10 @@ import pytest
 import sqlalchemy as sa
 from conftest import ITEMS_PER_USER, Prepared, build_settings, cli_environment, prepare_pipeline, run_entitle
 
-from pipeline import jobs, pgcopy, reconciliation
-from pipeline.partitioning import read_partition, user_bucket
+from pipeline import reconciliation
+from pipeline.grants import runs
+from pipeline.grants.partitioning import read_partition, user_bucket
+from pipeline.ledger import pgcopy
 
 pytestmark = pytest.mark.postgres
 
@@ -28,7 +30,7 @@ PARTITIONS = 4
 
 @pytest.fixture
 def prepared(tmp_path: Path, pg_url: str, write_users: Callable[..., Path]) -> Prepared:
-    pipeline = jobs.open_pipeline(build_settings(tmp_path / "var", partitions=PARTITIONS, ledger_url=pg_url))
+    pipeline = runs.open_pipeline(build_settings(tmp_path / "var", partitions=PARTITIONS, ledger_url=pg_url))
     return prepare_pipeline(pipeline, write_users(tmp_path / "users.parquet", USERS))
 
 
@@ -46,8 +48,8 @@ def children(prepared: Prepared) -> dict[str, int]:
 
 def test_first_grant_attaches_one_loaded_child_per_partition_and_a_rerun_adds_none(prepared: Prepared) -> None:
     pipeline, run = prepared.pipeline, prepared.run
-    outcomes = jobs.grant(pipeline, run, run.entries)
-    jobs.require_all_done(outcomes)
+    outcomes = runs.grant(pipeline, run, run.entries)
+    runs.require_all_done(outcomes)
     key = pipeline.keys.campaign_key
     expected = {pgcopy.child_name(key, e.bucket_lo, e.bucket_hi): e.rows * ITEMS_PER_USER for e in run.entries}
     defaults = {"grants_default": 0, f"grants_c{key}_default": 0}
@@ -87,7 +89,7 @@ def test_first_grant_attaches_one_loaded_child_per_partition_and_a_rerun_adds_no
     with pytest.raises(sa.exc.DBAPIError, match="append-only"), pipeline.engine.begin() as connection:
         connection.exec_driver_sql(f"DELETE FROM {first}")
 
-    again = jobs.grant(pipeline, run, jobs.select_partitions(pipeline, run, None, only_failed=False), verify=True)
+    again = runs.grant(pipeline, run, runs.select_partitions(pipeline, run, None, only_failed=False), verify=True)
     assert sum(o.written for o in again) == 0 and all(o.verified for o in again)
     assert children(prepared) == {**expected, **defaults}, "a rerun takes the INSERT path, adds no table"
     assert reconciliation.reconcile(pipeline).verdict == "RECONCILED"
@@ -119,8 +121,8 @@ def test_a_range_that_already_has_grants_takes_the_insert_path(prepared: Prepare
                 "vu": item.valid_until,
             },
         )
-    outcomes = jobs.grant(pipeline, run, run.entries)
-    jobs.require_all_done(outcomes)
+    outcomes = runs.grant(pipeline, run, run.entries)
+    runs.require_all_done(outcomes)
     assert (outcomes[0].written, outcomes[0].already_present) == (entry.rows * ITEMS_PER_USER - 1, 1)
     tables = children(prepared)
     key = pipeline.keys.campaign_key
@@ -134,8 +136,8 @@ def test_a_range_that_already_has_grants_takes_the_insert_path(prepared: Prepare
 def test_writers_in_parallel_grant_every_partition_once(prepared: Prepared, writers: int) -> None:
     pipeline, run = prepared.pipeline, prepared.run
     seen: list[int] = []
-    outcomes = jobs.grant(pipeline, run, run.entries, on_outcome=lambda o: seen.append(o.partition_id), writers=writers)
-    jobs.require_all_done(outcomes)
+    outcomes = runs.grant(pipeline, run, run.entries, on_outcome=lambda o: seen.append(o.partition_id), writers=writers)
+    runs.require_all_done(outcomes)
     assert [o.partition_id for o in outcomes] == [e.partition_id for e in run.entries], "outcomes in partition order"
     assert sorted(seen) == [e.partition_id for e in run.entries], "each outcome reported once, as it finished"
     assert sum(o.written for o in outcomes) == len(USERS) * ITEMS_PER_USER

@@ -40,10 +40,11 @@ from conftest import (
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pipeline import jobs, ledger
-from pipeline.campaign import load_campaign
+from pipeline import ledger
+from pipeline.campaigns import load_campaign
 from pipeline.errors import SnapshotError
-from pipeline.partitioning import PartitionEntry
+from pipeline.grants import runs
+from pipeline.grants.partitioning import PartitionEntry
 
 PARTITIONS = 4
 CRASH_POINTS = (
@@ -77,7 +78,7 @@ def crash_after(engine: sa.Engine, statement_prefix: str, occurrence: int) -> It
         sa.event.remove(engine, "after_cursor_execute", hook)
 
 
-def partition_state(pipeline: jobs.Pipeline, entries: tuple[PartitionEntry, ...]) -> dict[int, bool]:
+def partition_state(pipeline: runs.Pipeline, entries: tuple[PartitionEntry, ...]) -> dict[int, bool]:
     """Per partition: complete (True) or empty (False); fails if any partition is partly granted."""
     counts = grants_per_partition(pipeline.engine)
     state = {}
@@ -89,14 +90,14 @@ def partition_state(pipeline: jobs.Pipeline, entries: tuple[PartitionEntry, ...]
     return state
 
 
-def done_contents(pipeline: jobs.Pipeline) -> set[str]:
+def done_contents(pipeline: runs.Pipeline) -> set[str]:
     table = ledger.partition_attempts
     with pipeline.engine.connect() as connection:
         rows = connection.execute(sa.select(table.c.content_sha256).where(table.c.status == "done")).scalars()
         return set(rows)
 
 
-def assert_record_matches_ledger(pipeline: jobs.Pipeline, entries: tuple[PartitionEntry, ...]) -> dict[int, bool]:
+def assert_record_matches_ledger(pipeline: runs.Pipeline, entries: tuple[PartitionEntry, ...]) -> dict[int, bool]:
     """A partition is complete in the ledger exactly when a 'done' attempt for its content exists."""
     state = partition_state(pipeline, entries)
     done = done_contents(pipeline)
@@ -146,7 +147,7 @@ def test_any_interleaving_of_runs_reruns_and_crashes_leaves_exactly_the_plan(
     with tempfile.TemporaryDirectory(dir=SCRATCH, prefix="entitle-prop-") as scratch:
         home = Path(scratch) / "var"
         users_file = write_user_file(Path(scratch) / "users.parquet", sorted(users))
-        pipeline = jobs.open_pipeline(build_settings(home, partitions=PARTITIONS))
+        pipeline = runs.open_pipeline(build_settings(home, partitions=PARTITIONS))
         try:
             if not users:
                 with pytest.raises(SnapshotError, match="no data rows"):
@@ -157,19 +158,19 @@ def test_any_interleaving_of_runs_reruns_and_crashes_leaves_exactly_the_plan(
             entries = prepared.run.entries
             complete = assert_record_matches_ledger(pipeline, entries)
             for op in operations:
-                run = jobs.start_run(pipeline, snapshot_id=prepared.run.snapshot_id)
+                run = runs.start_run(pipeline, snapshot_id=prepared.run.snapshot_id)
                 if op[0] == "all":
-                    outcomes = jobs.grant(pipeline, run, entries)
+                    outcomes = runs.grant(pipeline, run, entries)
                     expected = {e.partition_id for e in entries if e.rows}
                 elif op[0] == "subset":
-                    chosen = jobs.select_partitions(pipeline, run, op[1], only_failed=False)
-                    outcomes = jobs.grant(pipeline, run, chosen)
+                    chosen = runs.select_partitions(pipeline, run, op[1], only_failed=False)
+                    outcomes = runs.grant(pipeline, run, chosen)
                     expected = {e.partition_id for e in chosen if e.rows}
                 else:
                     _, point, occurrence = op
                     with crash_after(pipeline.engine, point, occurrence):
                         try:
-                            outcomes = jobs.grant(pipeline, run, entries)
+                            outcomes = runs.grant(pipeline, run, entries)
                             event(f"crash point {point!r} not reached")
                         except SimulatedCrash:
                             outcomes = []
@@ -183,30 +184,30 @@ def test_any_interleaving_of_runs_reruns_and_crashes_leaves_exactly_the_plan(
                 complete = now
 
             # Whatever happened, one full rerun finishes the job exactly.
-            final = jobs.start_run(pipeline, snapshot_id=prepared.run.snapshot_id)
-            outcomes = jobs.grant(pipeline, final, entries)
+            final = runs.start_run(pipeline, snapshot_id=prepared.run.snapshot_id)
+            outcomes = runs.grant(pipeline, final, entries)
             assert all(o.status == "done" for o in outcomes)
             total, distinct = grant_counts(pipeline.engine)
             assert total == distinct == len(users) * ITEMS_PER_USER
             skus = [i.sku for i in pipeline.campaign.items]
             assert grant_pairs(pipeline.engine) == planned_pairs(sorted(users), skus)
-            assert jobs.status(pipeline).done == PARTITIONS
+            assert runs.status(pipeline).done == PARTITIONS
         finally:
             pipeline.engine.dispose()
 
 
 def test_the_crash_hook_really_interrupts_a_grant(tmp_path: Path) -> None:
     """Guard for the property above: a crash after INSERT INTO grants leaves the partition empty and 'running'."""
-    pipeline = jobs.open_pipeline(build_settings(tmp_path / "var", partitions=PARTITIONS))
+    pipeline = runs.open_pipeline(build_settings(tmp_path / "var", partitions=PARTITIONS))
     try:
         prepared = prepare_pipeline(pipeline, write_user_file(tmp_path / "u.csv", list(range(1, 101))))
         with crash_after(pipeline.engine, "INSERT INTO grants", 1) as seen, pytest.raises(SimulatedCrash):
-            jobs.grant(pipeline, prepared.run, prepared.run.entries)
+            runs.grant(pipeline, prepared.run, prepared.run.entries)
         assert seen == [1]
         assert grant_counts(pipeline.engine) == (0, 0), "the uncommitted grants were rolled back"
-        status = jobs.status(pipeline)
+        status = runs.status(pipeline)
         assert (status.running, status.pending) == (1, PARTITIONS - 1)
-        only_failed = jobs.select_partitions(pipeline, prepared.run, None, only_failed=True)
+        only_failed = runs.select_partitions(pipeline, prepared.run, None, only_failed=True)
         assert [e.partition_id for e in only_failed] == [prepared.run.entries[0].partition_id]
     finally:
         pipeline.engine.dispose()
@@ -214,18 +215,18 @@ def test_the_crash_hook_really_interrupts_a_grant(tmp_path: Path) -> None:
 
 def test_a_crash_in_one_of_several_writers_stops_the_run_and_leaves_partitions_whole(tmp_path: Path) -> None:
     """With writer threads, a crash in one partition is not swallowed, and no new partition starts after it."""
-    pipeline = jobs.open_pipeline(build_settings(tmp_path / "var", partitions=PARTITIONS))
+    pipeline = runs.open_pipeline(build_settings(tmp_path / "var", partitions=PARTITIONS))
     try:
         prepared = prepare_pipeline(pipeline, write_user_file(tmp_path / "u.csv", list(range(1, 101))))
         with crash_after(pipeline.engine, "INSERT INTO grants", 1), pytest.raises(SimulatedCrash):
-            jobs.grant(pipeline, prepared.run, prepared.run.entries, writers=2)
+            runs.grant(pipeline, prepared.run, prepared.run.entries, writers=2)
         state = partition_state(pipeline, prepared.run.entries)  # every partition all or nothing
-        status = jobs.status(pipeline)
+        status = runs.status(pipeline)
         assert status.running == 1, "the crashed partition is left 'running' (interrupted)"
         assert status.done == sum(state.values()) <= 1, "only the other writer's partition in flight may finish"
         assert status.pending >= PARTITIONS - 2, "no partition starts after the crash"
-        rerun = jobs.grant(pipeline, prepared.run, prepared.run.entries, writers=2)
-        jobs.require_all_done(rerun)
+        rerun = runs.grant(pipeline, prepared.run, prepared.run.entries, writers=2)
+        runs.require_all_done(rerun)
         assert all(partition_state(pipeline, prepared.run.entries).values())
     finally:
         pipeline.engine.dispose()
@@ -240,7 +241,7 @@ KILL_ATTEMPTS_MAX = 5
 
 def _ledger_state(home: Path, snapshot_dir: Path) -> tuple[int, dict[int, bool]]:
     """(grant rows, per-partition completeness) of a ledger a killed process left behind."""
-    from pipeline.partitioning import load_manifest, partitions_dir
+    from pipeline.grants.partitioning import load_manifest, partitions_dir
 
     entries = load_manifest(partitions_dir(snapshot_dir, KILL_PARTITIONS))
     engine = ledger.create_ledger_engine(f"sqlite:///{home / 'ledger.sqlite'}")

@@ -1,4 +1,4 @@
-"""pipeline.queries: named analyst queries from sql/queries/, bound parameters only."""
+"""pipeline.ledger.queries: named analyst queries from sql/queries/, bound parameters only."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import pytest
 import sqlalchemy as sa
 from conftest import ITEMS_PER_USER, Prepared
 
-from pipeline import jobs, ledger, queries, reconciliation
+from pipeline import ledger, reconciliation
 from pipeline.config import Settings
 from pipeline.errors import QueryError
-from pipeline.partitioning import user_bucket
+from pipeline.grants import runs
+from pipeline.grants.partitioning import user_bucket
+from pipeline.ledger import queries
 
 USERS = [101, 202, 303, 404, 505]
 
@@ -23,7 +25,7 @@ def granted(
     settings: Settings, prepare: Callable[..., Prepared], tmp_path: Path, write_users: Callable[..., Path]
 ) -> Prepared:
     prepared = prepare(settings, write_users(tmp_path / "users.csv", USERS))
-    jobs.require_all_done(jobs.grant(prepared.pipeline, prepared.run, prepared.run.entries))
+    runs.require_all_done(runs.grant(prepared.pipeline, prepared.run, prepared.run.entries))
     return prepared
 
 
@@ -137,7 +139,7 @@ def test_users_missing_items_sees_a_voided_grant(granted: Prepared) -> None:
     ]
     by_actor = rows_as_dicts(queries.run_query(granted.engine, "voids_by_actor", {"actor": "pytest"}))
     assert [(r["item_sku"], r["voids"], r["face_value_krw"]) for r in by_actor] == [("coupon-3000", 1, 3000)]
-    totals = {t.item_sku: t.grants for t in jobs.ledger_totals(granted.pipeline)}
+    totals = {t.item_sku: t.grants for t in runs.ledger_totals(granted.pipeline)}
     assert totals["coupon-3000"] == len(USERS) - 1
     with granted.engine.connect() as connection:
         assert connection.execute(sa.text("SELECT count(*) FROM grants")).scalar_one() == len(USERS) * ITEMS_PER_USER

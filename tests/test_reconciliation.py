@@ -1,4 +1,4 @@
-"""pipeline.reconciliation and pipeline.corrections: tampering found exactly, repaired and voided back to RECONCILED.
+"""pipeline.reconciliation and pipeline.grants.corrections: tampering found exactly, repaired and voided to RECONCILED.
 
 The ledger is tampered with directly in the database (triggers dropped or disabled, as an
 intruder or a careless script would), never through the pipeline, so these tests show that
@@ -18,11 +18,12 @@ import sqlalchemy as sa
 from conftest import ITEMS_PER_USER, Prepared, build_settings
 from sqlalchemy.engine import Engine
 
-from pipeline import corrections, jobs, reconciliation
-from pipeline.campaign import load_campaign
+from pipeline import reconciliation
+from pipeline.campaigns import load_campaign
 from pipeline.config import Settings
 from pipeline.errors import CorrectionError
-from pipeline.partitioning import partition_of, user_bucket
+from pipeline.grants import corrections, runs
+from pipeline.grants.partitioning import partition_of, user_bucket
 
 USERS = list(range(30_000_000, 30_002_000, 2))  # 1,000 users
 STRANGER = 99_999_999_001  # never in the snapshot
@@ -45,7 +46,7 @@ def users_file(tmp_path: Path, write_users: Callable[..., Path]) -> Path:
 @pytest.fixture
 def granted(prepare: Callable[..., Prepared], backend_settings: Settings, users_file: Path) -> Prepared:
     prepared = prepare(backend_settings, users_file)
-    jobs.require_all_done(jobs.grant(prepared.pipeline, prepared.run, prepared.run.entries))
+    runs.require_all_done(runs.grant(prepared.pipeline, prepared.run, prepared.run.entries))
     return prepared
 
 
@@ -348,7 +349,7 @@ def test_partitions_not_granted_make_the_verdict_incomplete(
     prepare: Callable[..., Prepared], backend_settings: Settings, users_file: Path
 ) -> None:
     prepared = prepare(backend_settings, users_file)
-    jobs.grant(prepared.pipeline, prepared.run, prepared.run.entries[:5])
+    runs.grant(prepared.pipeline, prepared.run, prepared.run.entries[:5])
     result = reconciliation.reconcile(prepared.pipeline)
     assert result.verdict == "INCOMPLETE"
     assert "3 partition(s) not granted yet ([5, 6, 7]" in result.explanation
@@ -375,7 +376,7 @@ def test_a_grant_under_a_forged_bucket_is_a_duplicate(
     tmp_path: Path, prepare: Callable[..., Prepared], users_file: Path
 ) -> None:
     prepared = prepare(build_settings(tmp_path / "var"), users_file)
-    jobs.require_all_done(jobs.grant(prepared.pipeline, prepared.run, prepared.run.entries))
+    runs.require_all_done(runs.grant(prepared.pipeline, prepared.run, prepared.run.entries))
     victim = USERS[30]
     # Same user and item stored a second time under a bucket of another partition (CHECK bypassed).
     other = next(e for e in prepared.run.entries if e.partition_id != partition_of(victim, 8))
@@ -400,7 +401,7 @@ def test_a_second_live_issue_inserted_directly_is_a_duplicate(
     # SQLite has no insert trigger on grants (bulk speed), so a direct insert of issue 1 while
     # issue 0 is live succeeds there; reconciliation must report it.
     prepared = prepare(build_settings(tmp_path / "var"), users_file)
-    jobs.require_all_done(jobs.grant(prepared.pipeline, prepared.run, prepared.run.entries))
+    runs.require_all_done(runs.grant(prepared.pipeline, prepared.run, prepared.run.entries))
     victim = USERS[31]
     with prepared.engine.begin() as connection:
         connection.execute(
@@ -432,7 +433,7 @@ def test_an_unexpected_grant_to_an_excluded_user_says_so(
     users = write_users(tmp_path / "all.parquet", USERS)
     blocked = write_users(tmp_path / "blocked.parquet", [USERS[40]])
     prepared = prepare(build_settings(tmp_path / "var"), users, blocked)
-    jobs.require_all_done(jobs.grant(prepared.pipeline, prepared.run, prepared.run.entries))
+    runs.require_all_done(runs.grant(prepared.pipeline, prepared.run, prepared.run.entries))
     tamper_for(prepared).copy_grant(USERS[41], USERS[40], "coupon-3000")
     result = reconciliation.reconcile(prepared.pipeline)
     [brk] = result.top_breaks
@@ -522,7 +523,7 @@ def _reconcile_in_a_daemon(environ: dict[str, str], answers: Any) -> None:
     """Body of a daemonic process (like a Celery prefork worker's): reconcile with two workers asked for."""
     from pipeline.config import load_settings
 
-    pipeline = jobs.open_pipeline(load_settings(environ))
+    pipeline = runs.open_pipeline(load_settings(environ))
     try:
         answers.put(reconciliation.reconcile(pipeline, workers=2).verdict)
     except BaseException as exc:  # reported to the test, not lost in the child

@@ -15,8 +15,10 @@ import sqlalchemy as sa
 from conftest import ITEMS_PER_USER, build_settings, prepare_pipeline
 from sqlalchemy.engine import Engine, make_url
 
-from pipeline import corrections, jobs, ledger, pgcopy, queries, reconciliation
+from pipeline import ledger, reconciliation
 from pipeline.errors import ConfigError
+from pipeline.grants import corrections, runs
+from pipeline.ledger import pgcopy, queries
 
 pytestmark = pytest.mark.postgres
 
@@ -75,9 +77,9 @@ def test_roles_separate_writer_operator_and_analyst(
     tmp_path: Path, pg_url: str, logins: dict[str, str], write_users: Callable[..., Path]
 ) -> None:
     owner = build_settings(tmp_path / "var", ledger_url=pg_url)
-    pipeline = jobs.open_pipeline(owner)
+    pipeline = runs.open_pipeline(owner)
     prepared = prepare_pipeline(pipeline, write_users(tmp_path / "users.parquet", USERS))
-    jobs.require_all_done(jobs.grant(pipeline, prepared.run, prepared.run.entries))
+    runs.require_all_done(runs.grant(pipeline, prepared.run, prepared.run.entries))
     reconciliation.reconcile(pipeline)
     assert ledger.apply_roles(pipeline.engine) == ("entitle_writer", "entitle_operator", "entitle_analyst")
     assert ledger.apply_roles(pipeline.engine), "applying twice is fine"
@@ -90,7 +92,7 @@ def test_roles_separate_writer_operator_and_analyst(
     analyst = engine_as(pg_url, logins["analyst"])
     operator = engine_as(pg_url, logins["operator"])
     writer_url = make_url(pg_url).set(username=logins["writer"]).render_as_string(hide_password=False)
-    as_writer: jobs.Pipeline | None = None
+    as_writer: runs.Pipeline | None = None
     try:
         # The analyst reads every analyst view and nothing else, and writes nothing.
         with analyst.connect() as connection:
@@ -112,7 +114,7 @@ def test_roles_separate_writer_operator_and_analyst(
 
         # The operator voids through the real command path, and can do nothing else to the ledger.
         operator_settings = build_settings(tmp_path / "var", ledger_url=str(operator.url.render_as_string(False)))
-        as_operator = jobs.open_pipeline(operator_settings)
+        as_operator = runs.open_pipeline(operator_settings)
         voided = corrections.void_grants(
             as_operator, [corrections.VoidRequest("fraud", USERS[0], "coupon-2000")], "ops", dt.datetime.now(dt.UTC)
         )
@@ -128,10 +130,10 @@ def test_roles_separate_writer_operator_and_analyst(
 
         # The writer runs the pipeline on new sign-ups and reconciles; it cannot rewrite history either.
         writer_settings = build_settings(tmp_path / "writer", ledger_url=writer_url)
-        as_writer = jobs.open_pipeline(writer_settings)
+        as_writer = runs.open_pipeline(writer_settings)
         more = prepare_pipeline(as_writer, write_users(tmp_path / "more.parquet", USERS + NEW_USERS))
-        outcomes = jobs.grant(as_writer, more.run, more.run.entries)
-        jobs.require_all_done(outcomes)
+        outcomes = runs.grant(as_writer, more.run, more.run.entries)
+        runs.require_all_done(outcomes)
         assert sum(o.written for o in outcomes) == len(NEW_USERS) * ITEMS_PER_USER
         result = reconciliation.reconcile(as_writer)
         assert result.verdict == "RECONCILED" and result.bridge["voided"] == 1
@@ -176,21 +178,21 @@ def test_a_writer_that_does_not_own_grants_writes_new_ranges_row_by_row(
 ) -> None:
     """Attaching a child table needs ownership of grants; entitle_writer alone takes the INSERT path."""
     owner = build_settings(tmp_path / "var", partitions=4, ledger_url=pg_url)
-    pipeline = jobs.open_pipeline(owner)
+    pipeline = runs.open_pipeline(owner)
     prepared = prepare_pipeline(pipeline, write_users(tmp_path / "users.parquet", USERS))
     entries = prepared.run.entries
-    jobs.require_all_done(jobs.grant(pipeline, prepared.run, entries[:2]))
+    runs.require_all_done(runs.grant(pipeline, prepared.run, entries[:2]))
     ledger.apply_roles(pipeline.engine)
     with pipeline.engine.connect() as connection:
         connection.exec_driver_sql(f'GRANT entitle_writer TO "{logins["writer"]}"')
         connection.exec_driver_sql(f'GRANT entitle_analyst TO "{logins["analyst"]}"')
         connection.commit()
     writer_url = make_url(pg_url).set(username=logins["writer"]).render_as_string(hide_password=False)
-    as_writer = jobs.open_pipeline(build_settings(tmp_path / "var", partitions=4, ledger_url=writer_url))
+    as_writer = runs.open_pipeline(build_settings(tmp_path / "var", partitions=4, ledger_url=writer_url))
     analyst = engine_as(pg_url, logins["analyst"])
     try:
-        outcomes = jobs.grant(as_writer, prepared.run, entries[2:])
-        jobs.require_all_done(outcomes)
+        outcomes = runs.grant(as_writer, prepared.run, entries[2:])
+        runs.require_all_done(outcomes)
         key = pipeline.keys.campaign_key
         with pipeline.engine.connect() as connection:
             in_default = connection.exec_driver_sql(f"SELECT count(*) FROM grants_c{key}_default").scalar_one()

@@ -235,7 +235,7 @@ def test_a_failed_tasks_exception_is_read_from_its_json_log(smoke: ModuleType, t
         "exc_value": "duplicate key value violates unique constraint",
         "frames": [
             {"filename": "/x/airflow/sdk/execution_time/task_runner.py", "lineno": 1579, "name": "_run"},
-            {"filename": "/x/pipeline/ledger.py", "lineno": 1001, "name": "register_run"},
+            {"filename": "/x/pipeline/ledger/__init__.py", "lineno": 1001, "name": "register_run"},
         ],
     }
     log = tmp_path / "attempt=1.log"

@@ -1,4 +1,4 @@
-"""pipeline.snapshot: validating user files, quarantining bad rows, freezing the eligible set."""
+"""pipeline.grants.snapshot: validating user files, quarantining bad rows, freezing the eligible set."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from pipeline import schemas
 from pipeline.errors import SnapshotError
-from pipeline.snapshot import (
+from pipeline.grants.snapshot import (
     REJECTED_SHARE_MAX_DEFAULT,
     SnapshotReport,
     freeze_snapshot,

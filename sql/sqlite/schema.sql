@@ -1,5 +1,5 @@
--- The ledger's tables for sqlite, generated from pipeline/ledger.py by
--- `python -m pipeline.ddl sqlite`. Views and triggers: views.sql beside this file.
+-- The ledger's tables for sqlite, generated from pipeline/ledger/__init__.py by
+-- `python -m pipeline.ledger.ddl sqlite`. Views and triggers: views.sql beside this file.
 
 CREATE TABLE campaigns (
 	campaign_key INTEGER NOT NULL, 

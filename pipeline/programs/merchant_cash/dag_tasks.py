@@ -1,0 +1,110 @@
+"""Task bodies of the ``merchant_cash`` DAG: each DAG task is one call here.
+
+They take and return small plain values (paths, counts, verdicts) that fit in
+XCom and never import Airflow.  Settings come from the environment through the
+composition root (:func:`pipeline.config.load_settings`); the program file from
+ENTITLE_MERCHANT_PROGRAM, else the bundled one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Settings, load_settings
+from pipeline.errors import ReconciliationBreaksError
+from pipeline.programs.merchant_cash import claims, reconciliation
+from pipeline.programs.merchant_cash.claims import CLAIM_FILE_SUFFIXES, OpenProgram
+from pipeline.programs.merchant_cash.program import program_file_from
+
+
+class ClaimsFilesRefusedError(claims.ClaimsInputError):
+    """Some incoming claims files were refused (the others were ingested and paid); exit 3."""
+
+
+def _open() -> OpenProgram:
+    settings: Settings = load_settings()
+    return claims.open_program(settings, program_file_from(os.environ))
+
+
+def incoming_dir(op: OpenProgram) -> Path:
+    """Where the daily run looks for new claims files: ``$ENTITLE_HOME/incoming/<program id>/``."""
+    return op.settings.home / "incoming" / op.program.program_id
+
+
+def ingest_incoming() -> dict[str, Any]:
+    """Ingest every claims file in the incoming folder (files already ingested change nothing).
+
+    A refused file does not stop the others: its error is returned, and :func:`check` fails the run
+    after the payable cases are paid.
+    """
+    op = _open()
+    try:
+        folder = incoming_dir(op)
+        files = sorted(p for p in folder.glob("*") if p.is_file() and p.name.lower().endswith(CLAIM_FILE_SUFFIXES))
+        reports: list[dict[str, Any]] = []
+        refused: list[str] = []
+        for path in files:
+            try:
+                reports.append(claims.ingest_file(op, path).as_dict())
+            except claims.ClaimsInputError as exc:
+                refused.append(str(exc))
+        return {
+            "folder": str(folder),
+            "files": len(files),
+            "claims_new": sum(r["claims_new"] for r in reports),
+            "quarantined_rows": sum(r["quarantined_rows"] for r in reports),
+            "refused": refused,
+        }
+    finally:
+        op.engine.dispose()
+
+
+def assign_tiers() -> dict[str, Any]:
+    """Re-derive every undecided case from its claims and the tier table."""
+    op = _open()
+    try:
+        return {"cases_changed": claims.assign_cases(op)}
+    finally:
+        op.engine.dispose()
+
+
+def pay(run_id: str) -> dict[str, Any]:
+    """Pay every payable case once; the Airflow run id is the ledger run id (retries share it)."""
+    op = _open()
+    try:
+        return claims.pay(op, f"merchant_cash__{run_id}", trigger="airflow").as_dict()
+    finally:
+        op.engine.dispose()
+
+
+def reconcile() -> dict[str, Any]:
+    """Reconcile payouts against claims and decisions; the verdict and counts (breaks listed by the CLI)."""
+    op = _open()
+    try:
+        result = reconciliation.reconcile(op)
+    finally:
+        op.engine.dispose()
+    return {
+        "verdict": result.verdict,
+        "explanation": result.explanation,
+        "breaks": len(result.breaks),
+        "tiers": [
+            {"tier": t.tier, "due": t.expected_payouts, "paid": t.paid, "paid_krw": t.paid_krw} for t in result.tiers
+        ],
+    }
+
+
+def check(ingested: dict[str, Any], reconciled: dict[str, Any]) -> None:
+    """Fail the run, after everything payable was paid, when a file was refused or payouts do not reconcile."""
+    if ingested["refused"]:
+        raise ClaimsFilesRefusedError(
+            f"{len(ingested['refused'])} claims file(s) refused; the rest were ingested and paid: "
+            + " | ".join(ingested["refused"])
+        )
+    if reconciled["verdict"] != "RECONCILED":
+        raise ReconciliationBreaksError(
+            f"merchant payouts: reconciliation verdict {reconciled['verdict']}: {reconciled['explanation']}; "
+            "run `entitle claims reconcile` for the list"
+        )
