@@ -41,13 +41,13 @@ def drawer_pass() -> None:
     def list_batches() -> list[str]:
         from pipeline.programs.drawer_pass import dag_tasks
 
-        return dag_tasks.pending_batches()
+        return dag_tasks.list_batches()
 
     @task(pool=LEDGER_WRITERS_POOL)
     def ingest(path: str) -> dict[str, Any]:
         from pipeline.programs.drawer_pass import dag_tasks
 
-        return dag_tasks.ingest_batch(path)
+        return dag_tasks.ingest(path)
 
     # none_failed: with no new file the mapped ingest is skipped, and allocation still runs.
     @task(pool=LEDGER_WRITERS_POOL, trigger_rule="none_failed")

@@ -137,16 +137,17 @@ def grant_dag(
         def freeze_snapshot(params: dict[str, Any] | None = None) -> dict[str, Any]:
             from pipeline.grants import dag_tasks
 
+            conf = get_current_context()["dag_run"].conf or {}
             with failing_fast():
-                dag_tasks.check_conf(get_current_context()["dag_run"].conf or {}, param_names)
-                return dag_tasks.freeze_and_partition(params or {}, campaign, input_file, ledger_connection_url())
+                url = ledger_connection_url()
+                return dag_tasks.freeze_snapshot(params or {}, campaign, input_file, url, conf, param_names)
 
         @task
         def plan_partitions(prepared: dict[str, Any], params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
             from pipeline.grants import dag_tasks
 
             with failing_fast():
-                return dag_tasks.partitions_to_grant(prepared, params or {}, campaign, ledger_connection_url())
+                return dag_tasks.plan_partitions(prepared, params or {}, campaign, ledger_connection_url())
 
         # Grant, then deliver, one partition: a chain per partition, so a failed one holds up no other.
         @task(pool=LEDGER_WRITERS_POOL, map_index_template=PARTITION_LABEL_TEMPLATE)
@@ -155,7 +156,7 @@ def grant_dag(
 
             run_id = get_current_context()["run_id"]
             with failing_fast():
-                return dag_tasks.grant_partition(run_id, partition, params or {}, campaign, ledger_connection_url())
+                return dag_tasks.grant(run_id, partition, params or {}, campaign, ledger_connection_url())
 
         # reconcile, notify and summary run once every partition finished, whatever its state (a night
         # with nothing new maps no partition: grant is skipped). They read the plan from XCom instead of
@@ -167,7 +168,7 @@ def grant_dag(
             ti = get_current_context()["ti"]
             prepared, planned = the_plan(ti)
             with failing_fast():
-                checked = dag_tasks.check(prepared, planned, campaign, ledger_connection_url())
+                checked = dag_tasks.reconcile(prepared, planned, campaign, ledger_connection_url())
                 ti.xcom_push(key="reconciliation", value=checked)  # before failing: summary logs what was found
                 dag_tasks.require_reconciled(checked)
             return checked
@@ -179,7 +180,7 @@ def grant_dag(
             context = get_current_context()
             prepared, planned = the_plan(context["ti"])
             with failing_fast():
-                written = dag_tasks.granted_notices(
+                written = dag_tasks.notify(
                     context["run_id"], prepared, planned, campaign, ledger_connection_url()
                 )
                 dag_tasks.require_notices_complete(written)
@@ -198,7 +199,7 @@ def grant_dag(
             prepared, planned = the_plan(ti)
             checked = ti.xcom_pull(task_ids="reconcile", key="reconciliation")
             with failing_fast():
-                result = dag_tasks.summarize(
+                result = dag_tasks.summary(
                     context["run_id"], prepared, planned, checked, campaign, ledger_connection_url()
                 )
                 print(dag_tasks.render_summary(result))

@@ -24,6 +24,7 @@ after intake closes: `entitle claims pay` pays the cases decided afterwards
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import os
 import tomllib
 from datetime import timedelta
@@ -36,7 +37,9 @@ from entitle_airflow.defaults import LEDGER_WRITERS_POOL, default_args
 
 # The run at 03:00 on the day after the last window closes picks up that day's claims.
 RUN_AFTER_CLOSE = timedelta(days=1, hours=3)
-DEFAULT_PROGRAM = Path(__file__).resolve().parent.parent / "pipeline" / "campaigns" / "merchant_cash_2022.toml"
+# The bundled program, found without importing the package (parsing stays cheap).
+_PACKAGE = importlib.util.find_spec("pipeline")
+DEFAULT_PROGRAM = Path(next(iter(_PACKAGE.submodule_search_locations or ()))) / "campaigns" / "merchant_cash_2022.toml"
 
 
 def intake_bounds(path: Path) -> tuple[pendulum.DateTime, pendulum.DateTime]:
@@ -51,7 +54,9 @@ def intake_bounds(path: Path) -> tuple[pendulum.DateTime, pendulum.DateTime]:
     return start, end
 
 
-START, END = intake_bounds(Path(os.environ.get("ENTITLE_MERCHANT_PROGRAM") or DEFAULT_PROGRAM))
+# ENTITLE_MERCHANT_PROGRAM as pipeline.config reads it; read here too because a DAG file must not
+# import the package at parse time.
+START, END = intake_bounds(Path(os.environ.get("ENTITLE_MERCHANT_PROGRAM") or DEFAULT_PROGRAM).expanduser())
 
 
 @dag(
@@ -71,7 +76,7 @@ def merchant_cash() -> None:
     def ingest_claims() -> dict[str, Any]:
         from pipeline.programs.merchant_cash import dag_tasks
 
-        return dag_tasks.ingest_incoming()
+        return dag_tasks.ingest_claims()
 
     @task
     def assign_tiers(ingested: dict[str, Any]) -> dict[str, Any]:

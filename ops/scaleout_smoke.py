@@ -206,7 +206,7 @@ def build_environment(
             "ENTITLE_HOME": str(cfg.entitle_home),
             "ENTITLE_LEDGER_URL": cfg.db_url(cfg.ledger_db),
             "ENTITLE_PARTITIONS": str(cfg.partitions),
-            "ENTITLE_TASK_RETRIES": "0",  # a smoke test that passes on a retry hides a fault
+            "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "0",  # a smoke test that passes on a retry hides a fault
             MARKER_VAR: keys.marker,
         }
     )

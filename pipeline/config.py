@@ -17,8 +17,9 @@ settings as arguments.
 | AWS_REGION                  | AWS_DEFAULT_REGION, else the AWS SDK's |
 | AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN | the AWS SDK's default chain (~/.aws, instance role) |
 | ENTITLE_ISSUER_<NAME>_URL   | the url of [issuers.<name>] in the campaign file (NAME upper-cased, '-' as '_') |
-| ENTITLE_TASK_RETRIES        | 3 (Airflow retries of a task whose error may pass) |
-| ENTITLE_RETRY_DELAY_S       | 20 (first retry delay; doubles, at most 10 min) |
+| ENTITLE_PASS_PROGRAM        | the bundled drawer-pass-2022 (a pass program file) |
+| ENTITLE_MERCHANT_PROGRAM    | the bundled merchant-cash-2022 (a merchant cash program file) |
+| ENTITLE_DEBUG               | unset (set: the CLI prints a traceback after an unexpected error) |
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class Settings:
     # ENTITLE_ISSUER_<NAME>_URL, keyed by the variable's NAME part (upper case, '_' for '-').
     issuer_urls: dict[str, str] = field(default_factory=dict)
     partition_users_target: int = PARTITION_USERS_TARGET_DEFAULT
+    pass_program_file: Path | None = None  # None: the bundled drawer pass program
+    merchant_program_file: Path | None = None  # None: the bundled merchant cash program
 
     def partitions_for(self, eligible_users: int) -> int:
         """The partition count of a snapshot of ``eligible_users``: ENTITLE_PARTITIONS, else by size."""
@@ -147,7 +150,19 @@ def load_settings(environ: Mapping[str, str] | None = None, connection_ledger_ur
         object_store=object_store,
         issuer_urls=issuer_urls,
         partition_users_target=users_target,
+        pass_program_file=_path(env, "ENTITLE_PASS_PROGRAM"),
+        merchant_program_file=merchant_program_file(env),
     )
+
+
+def merchant_program_file(environ: Mapping[str, str] | None = None) -> Path | None:
+    """ENTITLE_MERCHANT_PROGRAM: the merchant cash program file (None: the bundled one)."""
+    return _path(os.environ if environ is None else environ, "ENTITLE_MERCHANT_PROGRAM")
+
+
+def debug_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """ENTITLE_DEBUG: the CLI shows a traceback after an unexpected error."""
+    return bool((os.environ if environ is None else environ).get("ENTITLE_DEBUG"))
 
 
 # Airflow connection types and the SQLAlchemy driver each names.
@@ -242,6 +257,11 @@ def _data_uri(env: Mapping[str, str], object_store: ObjectStoreOptions) -> str |
     if isinstance(where, Path):
         return str(where.expanduser().resolve())
     return str(where)
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name)
+    return Path(raw).expanduser() if raw else None
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

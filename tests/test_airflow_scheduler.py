@@ -66,8 +66,8 @@ def week(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     entitle_env = {
         "ENTITLE_HOME": str(home),
         "ENTITLE_PARTITION_USERS": str(USERS_PER_PARTITION),
-        "ENTITLE_TASK_RETRIES": str(RETRIES),
-        "ENTITLE_RETRY_DELAY_S": "1",
+        "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": str(RETRIES),
+        "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "1",
         "ENTITLE_RECONCILE_WORKERS": "2",
         "AIRFLOW_CONN_ENTITLE_LEDGER": json.dumps({"conn_type": "sqlite", "host": str(ledger)}),
     }

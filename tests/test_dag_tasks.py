@@ -57,47 +57,47 @@ def test_an_unknown_conf_key_is_refused_naming_it_and_the_known_ones() -> None:
 
 
 def test_a_night_with_nothing_new_maps_no_partition_and_verify_maps_all(env: Path) -> None:
-    prepared = dag_tasks.freeze_and_partition({})
-    planned = dag_tasks.partitions_to_grant(prepared, {})
+    prepared = dag_tasks.freeze_snapshot({})
+    planned = dag_tasks.plan_partitions(prepared, {})
     assert [p["label"] for p in planned] == [f"part-{i:04d}" for i in range(PARTITIONS)]
-    outcomes = [dag_tasks.grant_partition("night-1", p, {}) for p in planned[:3]]
+    outcomes = [dag_tasks.grant("night-1", p, {}) for p in planned[:3]]
     assert sum(o["written"] for o in outcomes) == sum(p["rows"] for p in planned[:3]) * ITEMS
     assert outcomes[0]["deliveries"] == [], "no issuers: nothing is delivered"
 
-    again = dag_tasks.partitions_to_grant(dag_tasks.freeze_and_partition({}), {})
+    again = dag_tasks.plan_partitions(dag_tasks.freeze_snapshot({}), {})
     assert [p["partition_id"] for p in again] == [3], "only the partition with work left is mapped"
-    dag_tasks.grant_partition("night-1", again[0], {})
-    assert dag_tasks.partitions_to_grant(prepared, {}) == []
-    assert len(dag_tasks.partitions_to_grant(prepared, {"verify": True})) == PARTITIONS
+    dag_tasks.grant("night-1", again[0], {})
+    assert dag_tasks.plan_partitions(prepared, {}) == []
+    assert len(dag_tasks.plan_partitions(prepared, {"verify": True})) == PARTITIONS
     assert [
-        p["partition_id"] for p in dag_tasks.partitions_to_grant(prepared, {"partitions": [2], "verify": True})
+        p["partition_id"] for p in dag_tasks.plan_partitions(prepared, {"partitions": [2], "verify": True})
     ] == [2]
-    checked = dag_tasks.check(prepared, planned)
+    checked = dag_tasks.reconcile(prepared, planned)
     assert checked["verdict"] == "RECONCILED" and checked["partitions_failed"] == {}
     dag_tasks.require_reconciled(checked)
 
 
 def test_a_changed_partition_file_fails_without_retry_and_is_named_downstream(env: Path) -> None:
-    prepared = dag_tasks.freeze_and_partition({})
-    planned = dag_tasks.partitions_to_grant(prepared, {})
+    prepared = dag_tasks.freeze_snapshot({})
+    planned = dag_tasks.plan_partitions(prepared, {})
     broken = Path(prepared["partitions_dir"]) / "part-0002.parquet"
     broken.write_bytes(b"this is not parquet")
     for partition in planned:
         if partition["partition_id"] == 2:
             with pytest.raises(GrantFailedError) as caught:
-                dag_tasks.grant_partition("night-1", partition, {})
+                dag_tasks.grant("night-1", partition, {})
             assert caught.value.retryable is False, "a changed file fails the same way every time"
             assert str(caught.value).startswith("part-0002 failed: ")
         else:
-            dag_tasks.grant_partition("night-1", partition, {})
+            dag_tasks.grant("night-1", partition, {})
 
-    checked = dag_tasks.check(prepared, planned)
+    checked = dag_tasks.reconcile(prepared, planned)
     assert checked["verdict"] == "INCOMPLETE"
     assert list(checked["partitions_failed"]) == ["part-0002"]
     with pytest.raises(ReconciliationIncompleteError, match="failed partitions: part-0002.*Clear → Only failed"):
         dag_tasks.require_reconciled(checked)
 
-    written = dag_tasks.granted_notices("night-1", prepared, planned)
+    written = dag_tasks.notify("night-1", prepared, planned)
     assert written["users"] == USERS - planned[2]["rows"], "notices for what was granted"
     folder = Path(written["directory"])
     assert (folder / "part-0000.parquet").exists()
@@ -105,11 +105,11 @@ def test_a_changed_partition_file_fails_without_retry_and_is_named_downstream(en
     with pytest.raises(GrantFailedError, match=r"1 partition\(s\) of the run failed \(part-0002\)"):
         dag_tasks.require_notices_complete(written)
 
-    result = dag_tasks.summarize("night-1", prepared, planned, checked)
+    result = dag_tasks.summary("night-1", prepared, planned, checked)
     assert result["partitions_failed"] == checked["partitions_failed"]
     assert result["written"] == (USERS - planned[2]["rows"]) * ITEMS
     assert "part-0002 FAILED: " in dag_tasks.render_summary(result)
-    no_check = dag_tasks.summarize("night-1", prepared, planned, None)
+    no_check = dag_tasks.summary("night-1", prepared, planned, None)
     assert no_check["verdict"] == "NOT_RUN"
     with pytest.raises(ReconciliationIncompleteError, match="the reconcile task did not finish"):
         dag_tasks.require_reconciled(no_check)
@@ -129,7 +129,7 @@ def test_what_is_worth_a_retry() -> None:
 
 def test_a_missing_user_file_fails_at_freeze_naming_the_param(env: Path) -> None:
     with pytest.raises(SnapshotError, match="pass the 'snapshot_uri' param") as caught:
-        dag_tasks.freeze_and_partition({"snapshot_uri": str(env / "nowhere.parquet")})
+        dag_tasks.freeze_snapshot({"snapshot_uri": str(env / "nowhere.parquet")})
     assert not caught.value.retryable
     assert not (env / "ledger.sqlite").exists() or _no_snapshot(env)
 

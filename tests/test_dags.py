@@ -46,8 +46,8 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
             "ENTITLE_PARTITIONS": str(PARTITIONS),
-            "ENTITLE_TASK_RETRIES": "1",
-            "ENTITLE_RETRY_DELAY_S": "1",
+            "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "1",
+            "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "1",
         }
     )
     migrate = subprocess.run(

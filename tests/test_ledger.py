@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from pipeline import ledger
 from pipeline.campaigns import load_campaign
 from pipeline.config import Settings
+from pipeline.delivery import rate_budget
 from pipeline.errors import ConfigError, InvariantViolation, LedgerError, TermsChangedError
 from pipeline.grants import runs as jobs
 from pipeline.grants.partitioning import user_bucket
@@ -503,16 +504,16 @@ def test_a_run_id_belongs_to_one_snapshot(engine: Engine) -> None:
 def test_issuer_slots_are_spaced_by_the_interval_and_a_hold_delays_the_next(engine: Engine) -> None:
     """The shared rate budget's row: slots taken back to back are one interval apart (what each
     caller must wait grows by the interval), other issuers are independent, a hold pushes the next."""
-    waits = [ledger.take_issuer_slot(engine, "shop", 0.5) for _ in range(4)]
+    waits = [rate_budget.take_issuer_slot(engine, "shop", 0.5) for _ in range(4)]
     assert waits[0] < 0.05, "the first request of an idle issuer goes at once"
     for earlier, later in zip(waits, waits[1:], strict=False):
         assert 0.4 < later - earlier <= 0.5, waits  # the interval, less the time the call itself took
-    assert ledger.take_issuer_slot(engine, "emoticons", 0.5) < 0.05, "another issuer has its own budget"
-    ledger.hold_issuer(engine, "emoticons", 3.0)
-    assert 2.8 < ledger.take_issuer_slot(engine, "emoticons", 0.5) <= 3.0, "a Retry-After holds every caller"
-    ledger.hold_issuer(engine, "shop", 0.1)
-    assert 1.8 < ledger.take_issuer_slot(engine, "shop", 0.5) <= 2.0, "a hold shorter than the queue changes nothing"
+    assert rate_budget.take_issuer_slot(engine, "emoticons", 0.5) < 0.05, "another issuer has its own budget"
+    rate_budget.hold_issuer(engine, "emoticons", 3.0)
+    assert 2.8 < rate_budget.take_issuer_slot(engine, "emoticons", 0.5) <= 3.0, "a Retry-After holds every caller"
+    rate_budget.hold_issuer(engine, "shop", 0.1)
+    assert 1.8 < rate_budget.take_issuer_slot(engine, "shop", 0.5) <= 2.0, "a shorter hold than the queue: no change"
     # A wait no budget or Retry-After can explain (the clock went back an hour): start again from now.
-    ledger.hold_issuer(engine, "shop", 3_600.0)
-    assert ledger.take_issuer_slot(engine, "shop", 0.5, wait_max_s=60.0) == 0.0
-    assert 0.4 < ledger.take_issuer_slot(engine, "shop", 0.5, wait_max_s=60.0) <= 0.5, "and the spacing goes on"
+    rate_budget.hold_issuer(engine, "shop", 3_600.0)
+    assert rate_budget.take_issuer_slot(engine, "shop", 0.5, wait_max_s=60.0) == 0.0
+    assert 0.4 < rate_budget.take_issuer_slot(engine, "shop", 0.5, wait_max_s=60.0) <= 0.5, "and the spacing goes on"

@@ -295,18 +295,18 @@ def test_airflow_task_bodies_read_and_write_s3(
     env = s3_env(s3_endpoint, tmp_path / "var", ENTITLE_DATA_URI=f"s3://{bucket}/d", ENTITLE_RECONCILE_WORKERS="1")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    prepared = dag_tasks.freeze_and_partition({"snapshot_uri": f"s3://{bucket}/nightly/users.parquet"})
+    prepared = dag_tasks.freeze_snapshot({"snapshot_uri": f"s3://{bucket}/nightly/users.parquet"})
     assert prepared["partitions_dir"].startswith(f"s3://{bucket}/d/campaigns/{CAMPAIGN}/snapshots/")
-    mapped = dag_tasks.partitions_to_grant(prepared, {})
+    mapped = dag_tasks.plan_partitions(prepared, {})
     assert [m["partition_id"] for m in mapped] == list(range(PARTITIONS))
     assert sum(m["rows"] for m in mapped) == 800
-    outcomes = [dag_tasks.grant_partition("manual__s3", m, {}) for m in mapped]
+    outcomes = [dag_tasks.grant("manual__s3", m, {}) for m in mapped]
     assert sum(o["written"] for o in outcomes) == 800 * ITEMS_PER_USER
-    assert dag_tasks.check(prepared)["verdict"] == "RECONCILED"
+    assert dag_tasks.reconcile(prepared)["verdict"] == "RECONCILED"
 
     missing = f"s3://{bucket}/nightly/absent.parquet"
     with pytest.raises(SnapshotError, match="absent.parquet: file not found") as caught:
-        dag_tasks.freeze_and_partition({"snapshot_uri": missing})
+        dag_tasks.freeze_snapshot({"snapshot_uri": missing})
     assert "snapshot_uri" in str(caught.value)
 
 

@@ -16,6 +16,7 @@ from conftest import ITEMS_PER_USER, build_settings, prepare_pipeline
 from sqlalchemy.engine import Engine, make_url
 
 from pipeline import ledger, reconciliation
+from pipeline.delivery import rate_budget
 from pipeline.errors import ConfigError
 from pipeline.grants import corrections, runs
 from pipeline.ledger import pgcopy, queries
@@ -139,8 +140,8 @@ def test_roles_separate_writer_operator_and_analyst(
         assert result.verdict == "RECONCILED" and result.bridge["voided"] == 1
         writer = as_writer.engine
         # Delivery's shared rate budget: the writer reserves slots and holds an issuer.
-        ledger.hold_issuer(writer, "shop", 5.0)
-        assert 4.0 < ledger.take_issuer_slot(writer, "shop", 0.01) <= 5.0
+        rate_budget.hold_issuer(writer, "shop", 5.0)
+        assert 4.0 < rate_budget.take_issuer_slot(writer, "shop", 0.01) <= 5.0
         assert denied(analyst, "SELECT * FROM issuer_budgets")
         assert denied(writer, "DELETE FROM grants")
         assert denied(writer, "UPDATE grants SET amount_krw = 1")

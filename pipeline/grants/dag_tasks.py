@@ -1,9 +1,11 @@
 """Task bodies of the grant DAGs (``entitlement_grant``, ``channel_credit``): each DAG task is one call here.
 
-These functions take and return small plain values (paths, ids, counts) that
-fit in XCom, and never import Airflow: the DAG file passes what Airflow knows
-(run id, params) as arguments.  A failure raises an :class:`EntitleError`, so
-Airflow marks that task instance failed and retries it.
+Every DAG task has the name of the function it calls: ``freeze_snapshot``, ``plan_partitions``,
+``grant`` (mapped, one per partition), ``reconcile``, ``notify`` and ``summary``. These functions
+take and return small plain values (paths, ids, counts) that fit in XCom, typed below as
+``TypedDict``s, and never import Airflow: the DAG file passes what Airflow knows (run id, params,
+conf) as arguments.  A failure raises an :class:`EntitleError`, so Airflow marks that task
+instance failed and retries it when the error may pass.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import difflib
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from pipeline import delivery, reconciliation, storage
 from pipeline.config import Settings, load_settings
@@ -26,6 +28,90 @@ from pipeline.grants import notices, runs, snapshot
 from pipeline.grants.partitioning import load_manifest, partition_label, partition_snapshot, partitions_dir
 
 DEFAULT_INPUT_FILE = "users.parquet"
+
+
+class PreparedSnapshot(TypedDict):
+    """``freeze_snapshot``'s XCom: the frozen, partitioned snapshot (references, never data)."""
+
+    snapshot_id: str
+    snapshot_dir: str
+    partitions_dir: str
+    partition_count: int
+    eligible_users: int
+    quarantine_file: str | None
+    dry_run: bool
+
+
+class PlannedPartition(TypedDict):
+    """One item of ``plan_partitions``' XCom: a partition with work left (one mapped ``grant``)."""
+
+    snapshot_id: str
+    partition_id: int
+    label: str
+    rows: int
+
+
+class GrantedPartition(TypedDict):
+    """``grant``'s XCom: what the grant of one partition did, and its deliveries."""
+
+    partition_id: int
+    status: str
+    planned: int
+    written: int
+    already_present: NotRequired[int]
+    duration_s: NotRequired[float]
+    skipped: NotRequired[bool]
+    verified: NotRequired[bool]
+    error: NotRequired[str | None]
+    retryable: NotRequired[bool]
+    label: NotRequired[str]
+    deliveries: NotRequired[list[dict[str, Any]]]
+    task_body_s: NotRequired[float]
+
+
+class Checked(TypedDict):
+    """``reconcile``'s XCom: the reconciliation's verdict and where its exports are."""
+
+    verdict: str
+    explanation: str
+    reconciliation_id: NotRequired[str]
+    bridge: NotRequired[dict[str, int]]
+    open_breaks: NotRequired[int]
+    export_dir: NotRequired[str | None]
+    live_per_item: NotRequired[dict[str, int]]
+    duration_s: NotRequired[float]
+    partitions_failed: NotRequired[dict[str, str]]
+
+
+class Notified(TypedDict):
+    """``notify``'s XCom: the "granted" notices written for the run."""
+
+    partitions_failed: dict[str, str]
+    skipped: NotRequired[str]
+    directory: NotRequired[str]
+    users: NotRequired[int]
+    partitions: NotRequired[int]
+
+
+class Summary(TypedDict):
+    """``summary``'s XCom: the run's outcome for the log, the alert and analysts' DAGs."""
+
+    snapshot_id: str
+    eligible_users: int
+    partition_count: int
+    partitions_run: int
+    partitions_failed: dict[str, str]
+    planned: int
+    written: int
+    already_present: int
+    verdict: str | None
+    reconciliation_id: str | None
+    export_dir: str | None
+    explanation: str | None
+    ledger: str
+    dry_run: bool
+    items: NotRequired[dict[str, int]]
+    total_face_value_krw: NotRequired[int]
 
 
 KNOWN_CONF_HINT_MAX = 3  # close matches named for an unknown conf key
@@ -64,13 +150,21 @@ def default_snapshot_uri(settings: Settings, input_file: str = DEFAULT_INPUT_FIL
     return str(settings.home / "incoming" / input_file)
 
 
-def freeze_and_partition(
+def freeze_snapshot(
     params: Mapping[str, Any],
     campaign: str | None = None,
     input_file: str = DEFAULT_INPUT_FILE,
     ledger_url: str | None = None,
-) -> dict[str, Any]:
-    """Freeze the user file into a snapshot and partition it; register it unless dry. Returns references."""
+    conf: Mapping[str, Any] | None = None,
+    known: Iterable[str] = (),
+) -> PreparedSnapshot:
+    """Freeze the user file into a snapshot and partition it; register it unless dry. Returns references.
+
+    ``conf`` is the run's conf: a key that is not one of the DAG's ``known`` params is refused
+    before anything is read (Airflow merges conf into params, so params cannot tell a typo).
+    """
+    if conf is not None:
+        check_conf(conf, known)
     settings = task_settings(campaign, ledger_url)
     dry_run = bool(params.get("dry_run"))
     users_file = settings.location(params.get("snapshot_uri") or default_snapshot_uri(settings, input_file))
@@ -94,19 +188,32 @@ def freeze_and_partition(
         count = settings.partitions_for(report.eligible_users)
         out_dir = partitions_dir(report.location, count)
         partition_snapshot(report.users_file, out_dir, count)
-        return {**runs.PreparedSnapshot(report, out_dir, count).as_dict(), "dry_run": True}
+        return _prepared(runs.PreparedSnapshot(report, out_dir, count), dry_run=True)
     pipeline = runs.open_pipeline(settings)
     try:
         pipeline.campaign.require_started(settings.clock())
         report = runs.freeze(pipeline, users_file, exclusion)
-        return {**runs.partition(pipeline, report).as_dict(), "dry_run": False}
+        return _prepared(runs.partition(pipeline, report), dry_run=False)
     finally:
         pipeline.engine.dispose()
 
 
-def partitions_to_grant(
-    prepared: Mapping[str, Any], params: Mapping[str, Any], campaign: str | None = None, ledger_url: str | None = None
-) -> list[dict[str, Any]]:
+def _prepared(prepared: runs.PreparedSnapshot, dry_run: bool) -> PreparedSnapshot:
+    report = prepared.report
+    return PreparedSnapshot(
+        snapshot_id=report.snapshot_id,
+        snapshot_dir=str(report.directory),
+        partitions_dir=str(prepared.partitions_dir),
+        partition_count=prepared.partition_count,
+        eligible_users=report.eligible_users,
+        quarantine_file=None if report.quarantine_file is None else str(report.quarantine_file),
+        dry_run=dry_run,
+    )
+
+
+def plan_partitions(
+    prepared: PreparedSnapshot, params: Mapping[str, Any], campaign: str | None = None, ledger_url: str | None = None
+) -> list[PlannedPartition]:
     """One small dict per partition that has work left, restricted to the ``partitions`` param when given.
 
     A partition whose grant is done for this snapshot with today's items, and whose delivery
@@ -130,23 +237,20 @@ def partitions_to_grant(
             pipeline.engine.dispose()
         wanted = [p for p in wanted if p not in finished]
     return [
-        {
-            "snapshot_id": prepared["snapshot_id"],
-            "partition_id": p,
-            "label": partition_label(p),
-            "rows": entries[p].rows,
-        }
+        PlannedPartition(
+            snapshot_id=prepared["snapshot_id"], partition_id=p, label=partition_label(p), rows=entries[p].rows
+        )
         for p in wanted
     ]
 
 
-def grant_partition(
+def grant(
     run_id: str,
-    partition: Mapping[str, Any],
+    partition: PlannedPartition,
     params: Mapping[str, Any],
     campaign: str | None = None,
     ledger_url: str | None = None,
-) -> dict[str, Any]:
+) -> GrantedPartition:
     """Grant one partition for the Airflow run ``run_id``, then deliver it to the campaign's issuers.
 
     Grant and delivery of a partition form one chain, so one failed partition holds up no other.
@@ -159,7 +263,7 @@ def grant_partition(
     partition_id = int(partition["partition_id"])
     if params.get("dry_run"):
         planned = int(partition["rows"]) * len(settings.campaign().items)
-        return {"partition_id": partition_id, "status": "dry_run", "planned": planned, "written": 0}
+        return GrantedPartition(partition_id=partition_id, status="dry_run", planned=planned, written=0)
     pipeline = runs.open_pipeline(settings)
     try:
         run = runs.start_run(pipeline, run_id, str(partition["snapshot_id"]), trigger="airflow")
@@ -172,12 +276,21 @@ def grant_partition(
         # Close the ledger inside the task: on SQLite the last connection's close checkpoints
         # the WAL, which is ledger work and belongs to this task's time.
         pipeline.engine.dispose()
-    return {
-        **outcome.as_dict(),
-        "label": entry.label,
-        "deliveries": [r.as_dict() for r in reports],
-        "task_body_s": time.perf_counter() - started,
-    }
+    return GrantedPartition(
+        partition_id=outcome.partition_id,
+        status=outcome.status,
+        planned=outcome.planned,
+        written=outcome.written,
+        already_present=outcome.already_present,
+        duration_s=outcome.duration_s,
+        skipped=outcome.skipped,
+        verified=outcome.verified,
+        error=outcome.error,
+        retryable=outcome.retryable,
+        label=entry.label,
+        deliveries=[r.as_dict() for r in reports],
+        task_body_s=time.perf_counter() - started,
+    )
 
 
 def _deliver(pipeline: runs.Pipeline, partition_id: int) -> list[delivery.DeliveryReport]:
@@ -195,19 +308,19 @@ def _deliver(pipeline: runs.Pipeline, partition_id: int) -> list[delivery.Delive
     return reports
 
 
-def check(
-    prepared: Mapping[str, Any],
-    planned: Sequence[Mapping[str, Any]] = (),
+def reconcile(
+    prepared: PreparedSnapshot,
+    planned: Sequence[PlannedPartition] = (),
     campaign: str | None = None,
     ledger_url: str | None = None,
-) -> dict[str, Any]:
+) -> Checked:
     """Reconcile the run's snapshot against the ledger (see :mod:`pipeline.reconciliation`); small result.
 
     ``partitions_failed`` names the run's planned partitions whose grant or delivery is not done,
     with the error each ended in, so that an INCOMPLETE verdict says which task instances to clear.
     """
     if prepared.get("dry_run"):
-        return {"verdict": "DRY_RUN", "explanation": "dry run: nothing was granted, nothing to check"}
+        return Checked(verdict="DRY_RUN", explanation="dry run: nothing was granted, nothing to check")
     pipeline = runs.open_pipeline(task_settings(campaign, ledger_url))
     try:
         result = reconciliation.reconcile(pipeline, str(prepared["snapshot_id"]))
@@ -216,26 +329,26 @@ def check(
         )
     finally:
         pipeline.engine.dispose()
-    return {
-        "reconciliation_id": result.reconciliation_id,
-        "verdict": result.verdict,
-        "explanation": result.explanation,
-        "bridge": result.bridge,
-        "open_breaks": result.open_breaks,
-        "export_dir": result.export_dir,
-        "live_per_item": {i["item_sku"]: i["live"] for i in result.items},
-        "duration_s": result.duration_s,
-        "partitions_failed": failed,
-    }
+    return Checked(
+        reconciliation_id=result.reconciliation_id,
+        verdict=result.verdict,
+        explanation=result.explanation,
+        bridge=result.bridge,
+        open_breaks=result.open_breaks,
+        export_dir=result.export_dir,
+        live_per_item={i["item_sku"]: i["live"] for i in result.items},
+        duration_s=result.duration_s,
+        partitions_failed=failed,
+    )
 
 
-def granted_notices(
+def notify(
     run_id: str,
-    prepared: Mapping[str, Any],
-    planned: Sequence[Mapping[str, Any]] = (),
+    prepared: PreparedSnapshot,
+    planned: Sequence[PlannedPartition] = (),
     campaign: str | None = None,
     ledger_url: str | None = None,
-) -> dict[str, Any]:
+) -> Notified:
     """Write the run's "granted" notices for the messaging system (one Parquet file per partition).
 
     Notices are written for what was granted; when some of the run's partitions failed the
@@ -244,26 +357,23 @@ def granted_notices(
     with the late partitions in, and marks the folder complete.
     """
     if prepared.get("dry_run"):
-        return {"skipped": "dry run", "partitions_failed": {}}
+        return Notified(skipped="dry run", partitions_failed={})
     pipeline = runs.open_pipeline(task_settings(campaign, ledger_url))
     try:
         failed = runs.unfinished_partitions(
             pipeline, str(prepared["snapshot_id"]), [int(p["partition_id"]) for p in planned]
         )
         if not runs.run_wrote_grants(pipeline, run_id):
-            return {"skipped": "the run granted nothing", "users": 0, "partitions_failed": failed}
+            return Notified(skipped="the run granted nothing", users=0, partitions_failed=failed)
         export = notices.export_granted(pipeline, run_id, complete=not failed)
     finally:
         pipeline.engine.dispose()
-    return {
-        "directory": export.directory,
-        "users": export.users,
-        "partitions": export.partitions,
-        "partitions_failed": failed,
-    }
+    return Notified(
+        directory=str(export.directory), users=export.users, partitions=export.partitions, partitions_failed=failed
+    )
 
 
-def require_notices_complete(written: Mapping[str, Any]) -> None:
+def require_notices_complete(written: Notified) -> None:
     """Fail (after writing) when some of the run's partitions failed, so that clearing them writes the notices again."""
     failed = dict(written.get("partitions_failed") or {})
     if failed:
@@ -274,23 +384,20 @@ def require_notices_complete(written: Mapping[str, Any]) -> None:
         )
 
 
-def summarize(
+def summary(
     run_id: str,
-    prepared: Mapping[str, Any],
-    planned: Sequence[Mapping[str, Any]],
-    checked: Mapping[str, Any] | None,
+    prepared: PreparedSnapshot,
+    planned: Sequence[PlannedPartition],
+    checked: Checked | None,
     campaign: str | None = None,
     ledger_url: str | None = None,
-) -> dict[str, Any]:
+) -> Summary:
     """One small summary of the run for the log and XCom, from the ledger's record of the run.
 
     ``checked`` is what the reconcile task reported, None when it did not get that far.
     """
     settings = task_settings(campaign, ledger_url)
-    checked = checked or {
-        "verdict": "NOT_RUN",
-        "explanation": "the reconcile task did not finish; its log says why",
-    }
+    checked = checked or Checked(verdict="NOT_RUN", explanation="the reconcile task did not finish; its log says why")
     failed = dict(checked.get("partitions_failed") or {})
     outcomes: list[dict[str, Any]] = []
     if not prepared.get("dry_run"):
@@ -303,33 +410,34 @@ def summarize(
                 )
         finally:
             pipeline.engine.dispose()
-    result: dict[str, Any] = {
-        "snapshot_id": prepared["snapshot_id"],
-        "eligible_users": prepared["eligible_users"],
-        "partition_count": prepared["partition_count"],
-        "partitions_run": len(planned),
-        "partitions_failed": failed,
-        "planned": sum(int(o.get("planned") or 0) for o in outcomes),
-        "written": sum(int(o.get("written") or 0) for o in outcomes),
-        "already_present": sum(int(o.get("already_present") or 0) for o in outcomes),
-        "verdict": checked.get("verdict"),
-        "reconciliation_id": checked.get("reconciliation_id"),
-        "export_dir": checked.get("export_dir"),
-        "explanation": checked.get("explanation"),
-        "ledger": settings.describe_ledger(),
-        "dry_run": bool(prepared.get("dry_run")),
-    }
-    if checked.get("live_per_item") is not None:
+    result = Summary(
+        snapshot_id=prepared["snapshot_id"],
+        eligible_users=prepared["eligible_users"],
+        partition_count=prepared["partition_count"],
+        partitions_run=len(planned),
+        partitions_failed=failed,
+        planned=sum(int(o.get("planned") or 0) for o in outcomes),
+        written=sum(int(o.get("written") or 0) for o in outcomes),
+        already_present=sum(int(o.get("already_present") or 0) for o in outcomes),
+        verdict=checked.get("verdict"),
+        reconciliation_id=checked.get("reconciliation_id"),
+        export_dir=checked.get("export_dir"),
+        explanation=checked.get("explanation"),
+        ledger=settings.describe_ledger(),
+        dry_run=bool(prepared.get("dry_run")),
+    )
+    live_per_item = checked.get("live_per_item")
+    if live_per_item is not None:
         # The check counted live grants per item moments ago; counting 240M rows again would
         # double the tail of the run, so reuse its figures.
         loaded = settings.campaign()
-        live = dict(checked["live_per_item"])
+        live = dict(live_per_item)
         result["items"] = live
         result["total_face_value_krw"] = sum(live.get(i.sku, 0) * (i.amount_krw or 0) for i in loaded.items)
     return result
 
 
-def render_summary(result: Mapping[str, Any]) -> str:
+def render_summary(result: Summary) -> str:
     """The summary as lines for the task log."""
     lines = [
         f"snapshot {result['snapshot_id']}: {result['eligible_users']:,} eligible users, "
@@ -354,7 +462,7 @@ def render_summary(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def require_reconciled(result: Mapping[str, Any]) -> None:
+def require_reconciled(result: Checked | Summary) -> None:
     """Fail (after the summary was logged) unless reconciliation says RECONCILED or it was a dry run."""
     verdict = result.get("verdict")
     failed = dict(result.get("partitions_failed") or {})

@@ -29,7 +29,7 @@ def render_ddl(dialect_name: str) -> str:
     except KeyError as exc:
         raise ConfigError(f"unknown dialect {dialect_name!r}; use sqlite or postgresql") from exc
     header = (
-        f"-- The ledger's tables for {dialect_name}, generated from pipeline/ledger/__init__.py by\n"
+        f"-- The ledger's tables for {dialect_name}, generated from pipeline/ledger/tables.py by\n"
         f"-- `python -m pipeline.ledger.ddl {dialect_name}`. Views and triggers: views.sql beside this file.\n"
     )
     statements: list[str] = []

@@ -1,4 +1,4 @@
--- The ledger's tables for sqlite, generated from pipeline/ledger/__init__.py by
+-- The ledger's tables for sqlite, generated from pipeline/ledger/tables.py by
 -- `python -m pipeline.ledger.ddl sqlite`. Views and triggers: views.sql beside this file.
 
 CREATE TABLE campaigns (

@@ -22,7 +22,7 @@ from typing import Any
 from pipeline.config import Settings
 from pipeline.programs.drawer_pass import allocation, intake, notices
 from pipeline.programs.drawer_pass.allocation import PassContext
-from pipeline.programs.drawer_pass.program import PROGRAM_ENV, load_program, program_file
+from pipeline.programs.drawer_pass.program import load_program
 
 EXIT_BREAKS = 8
 EXIT_USAGE = 2
@@ -48,7 +48,7 @@ def register(sub: Any, command: CommandFactory) -> None:
             "--program",
             type=Path,
             default=argparse.SUPPRESS,
-            help=f"pass program file (default: ${PROGRAM_ENV}, else the bundled drawer_pass_2022.toml)",
+            help="pass program file (default: $ENTITLE_PASS_PROGRAM, else the bundled drawer_pass_2022.toml)",
         )
         return p
 
@@ -105,7 +105,8 @@ def _instant(text: str) -> dt.datetime:
 
 def open_context(args: argparse.Namespace, settings: Settings) -> PassContext:
     """The program (``--program``, ENTITLE_PASS_PROGRAM or bundled) opened on the configured ledger."""
-    program = load_program(program_file(override=getattr(args, "program", None)))
+    override = getattr(args, "program", None)
+    program = load_program(override if override is not None else settings.pass_program_file)
     return allocation.open_pass(settings, program)
 
 

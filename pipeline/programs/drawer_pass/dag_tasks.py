@@ -15,13 +15,14 @@ from pipeline.config import load_settings
 from pipeline.errors import ReconciliationBreaksError
 from pipeline.programs.drawer_pass import allocation, intake, notices
 from pipeline.programs.drawer_pass.allocation import PassContext
-from pipeline.programs.drawer_pass.program import load_program, program_file
+from pipeline.programs.drawer_pass.program import load_program
 
 BATCH_SUFFIXES = (".csv", ".parquet")
 
 
 def _open() -> PassContext:
-    return allocation.open_pass(load_settings(), load_program(program_file()))
+    settings = load_settings()
+    return allocation.open_pass(settings, load_program(settings.pass_program_file))
 
 
 def incoming_dir(context: PassContext) -> Path:
@@ -29,7 +30,7 @@ def incoming_dir(context: PassContext) -> Path:
     return context.settings.home / "incoming" / "pass" / context.program.program_id
 
 
-def pending_batches() -> list[str]:
+def list_batches() -> list[str]:
     """Every batch file in the incoming folder, in name order (stored ones are skipped by ingest)."""
     context = _open()
     try:
@@ -40,7 +41,7 @@ def pending_batches() -> list[str]:
         context.engine.dispose()
 
 
-def ingest_batch(path: str) -> dict[str, Any]:
+def ingest(path: str) -> dict[str, Any]:
     """Store one batch file; returns its intake report."""
     context = _open()
     try:

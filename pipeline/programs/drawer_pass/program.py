@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
-import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,6 @@ from pipeline.campaigns import Campaign, Item, parse_toml, read_definition
 from pipeline.errors import CampaignError
 
 DEFAULT_PROGRAM_RESOURCE = "drawer_pass_2022.toml"
-PROGRAM_ENV = "ENTITLE_PASS_PROGRAM"  # a program file; default: the bundled drawer pass
 PASS_KIND = "pass"
 STOCK_CAP_MAX = 100_000_000
 VALIDITY_MONTHS_MAX = 24
@@ -69,7 +66,7 @@ class PassProgram:
         """The program's time zone."""
         return ZoneInfo(self.time_zone)
 
-    def as_campaign(self) -> Campaign:
+    def campaign(self) -> Campaign:
         """The program as a ledger campaign with one item of kind ``pass``.
 
         The item's ``valid_from`` is the opening instant and it has no fixed ``valid_until``:
@@ -98,14 +95,6 @@ def add_months(instant: dt.datetime, months: int, zone: ZoneInfo) -> dt.datetime
     year, month = local.year + month_index // 12, month_index % 12 + 1
     day = min(local.day, calendar.monthrange(year, month)[1])
     return local.replace(year=year, month=month, day=day).astimezone(dt.UTC)
-
-
-def program_file(environ: Mapping[str, str] | None = None, override: Path | None = None) -> Path | None:
-    """The program file to use: ``override``, else ENTITLE_PASS_PROGRAM, else None (the bundled one)."""
-    if override is not None:
-        return override
-    value = (os.environ if environ is None else environ).get(PROGRAM_ENV)
-    return Path(value).expanduser() if value else None
 
 
 def load_program(path: Path | None = None) -> PassProgram:

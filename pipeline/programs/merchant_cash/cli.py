@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from pipeline.programs.merchant_cash import claims as merchant_claims
 from pipeline.programs.merchant_cash import reconciliation
 from pipeline.programs.merchant_cash import review as merchant_review
 from pipeline.programs.merchant_cash.claims import OpenProgram
-from pipeline.programs.merchant_cash.program import PROGRAM_FILE_VARIABLE, program_file_from
 
 EXIT_BREAKS = 8
 OPEN_REVIEWS_SHOWN_MAX = 50
@@ -101,13 +99,13 @@ def _action(actions: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--program",
         type=Path,
-        help=f"program file (default: {PROGRAM_FILE_VARIABLE}, else the bundled merchant-cash-2022 program)",
+        help="program file (default: ENTITLE_MERCHANT_PROGRAM, else the bundled merchant-cash-2022 program)",
     )
     return p
 
 
 def _open(args: argparse.Namespace, settings: Settings) -> OpenProgram:
-    program_file = args.program if args.program is not None else program_file_from(os.environ)
+    program_file = args.program if args.program is not None else settings.merchant_program_file
     return merchant_claims.open_program(settings, program_file)
 
 

@@ -8,7 +8,6 @@ ENTITLE_MERCHANT_PROGRAM, else the bundled one.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from pipeline.config import Settings, load_settings
 from pipeline.errors import ReconciliationBreaksError
 from pipeline.programs.merchant_cash import claims, reconciliation
 from pipeline.programs.merchant_cash.claims import CLAIM_FILE_SUFFIXES, OpenProgram
-from pipeline.programs.merchant_cash.program import program_file_from
 
 
 class ClaimsFilesRefusedError(claims.ClaimsInputError):
@@ -25,7 +23,7 @@ class ClaimsFilesRefusedError(claims.ClaimsInputError):
 
 def _open() -> OpenProgram:
     settings: Settings = load_settings()
-    return claims.open_program(settings, program_file_from(os.environ))
+    return claims.open_program(settings, settings.merchant_program_file)
 
 
 def incoming_dir(op: OpenProgram) -> Path:
@@ -33,7 +31,7 @@ def incoming_dir(op: OpenProgram) -> Path:
     return op.settings.home / "incoming" / op.program.program_id
 
 
-def ingest_incoming() -> dict[str, Any]:
+def ingest_claims() -> dict[str, Any]:
     """Ingest every claims file in the incoming folder (files already ingested change nothing).
 
     A refused file does not stop the others: its error is returned, and :func:`check` fails the run

@@ -10,7 +10,6 @@ also a ledger campaign with one cash item, so its payouts are grants like any ot
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ from pipeline.campaigns import (
 from pipeline.errors import CampaignError
 
 DEFAULT_PROGRAM_RESOURCE = "merchant_cash_2022.toml"
-PROGRAM_FILE_VARIABLE = "ENTITLE_MERCHANT_PROGRAM"
 TIERS_MAX = 32
 INTAKE_WINDOWS_MAX = 16
 EVIDENCE_KINDS_MAX = 16
@@ -123,12 +121,6 @@ class Program:
             valid_until=None,
         )
         return Campaign(self.program_id, self.name, self.time_zone, self.starts_at, (item,), self.source)
-
-
-def program_file_from(environ: Mapping[str, str]) -> Path | None:
-    """The program file named by ENTITLE_MERCHANT_PROGRAM, or None for the bundled one."""
-    value = environ.get(PROGRAM_FILE_VARIABLE)
-    return Path(value).expanduser() if value else None
 
 
 def load_program(path: Path | None = None) -> Program:
