@@ -38,6 +38,13 @@ LEDGER_VIEWS = (
 # The repository's sql/ folder, shipped in the package as pipeline.sql.
 SQL_DIR = Path(str(resources.files("pipeline.sql")))
 
+def _make_sqlite_folder(engine: Engine) -> None:
+    """Create the folder of an SQLite ledger file: creating or migrating the schema is where it gets made."""
+    database = engine.url.database
+    if engine.dialect.name == "sqlite" and database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
 def create_schema(engine: Engine) -> None:
     """Create tables, views and append-only triggers if absent (idempotent); refuse other schema versions.
 
@@ -48,6 +55,7 @@ def create_schema(engine: Engine) -> None:
     prepared statements.
     """
     views_digest = hashlib.sha256(view_sql(engine.dialect.name).encode()).hexdigest()[:16]
+    _make_sqlite_folder(engine)
     try:
         if _schema_is_current(engine, views_digest):
             return
@@ -134,6 +142,7 @@ def upgrade(engine: Engine) -> UpgradeResult:
     from alembic import command
     from alembic.runtime.migration import MigrationContext
 
+    _make_sqlite_folder(engine)
     try:
         with write_transaction(engine) as connection:
             before = _recorded_version(connection)
