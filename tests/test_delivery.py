@@ -32,6 +32,7 @@ from issuer_service.grants import payload_sha256
 from pipeline import delivery, ledger, reconciliation
 from pipeline.campaigns import IssuerSpec, load_campaign
 from pipeline.config import Settings, load_settings
+from pipeline.delivery import rate_budget
 from pipeline.delivery.issuers import Answer, GrantPayload, IssuerRejected, IssuerUnavailable, build_issuer
 from pipeline.errors import CampaignError, DeliveryConflictError
 from pipeline.grants import corrections, runs
@@ -520,7 +521,7 @@ def test_two_deliver_processes_share_the_issuers_rate_budget(
     engine = ledger.create_ledger_engine(
         load_settings({k: v for k, v in env.items() if k.startswith("ENTITLE_")}).ledger_url
     )
-    ledger.hold_issuer(engine, "shop", 8.0)
+    rate_budget.hold_issuer(engine, "shop", 8.0)
     engine.dispose()
     entitle = Path(sys.executable).parent / "entitle"
     processes = [
