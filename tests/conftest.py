@@ -123,21 +123,24 @@ class Prepared:
 
 @pytest.fixture
 def open_pipeline() -> Iterator[Callable[[Settings], runs.Pipeline]]:
-    """``open_pipeline(settings)``: the real :func:`runs.open_pipeline`; engines are disposed afterwards."""
+    """``open_pipeline(settings)``: :func:`runs.open_pipeline` then :func:`runs.register`, as every command
+    that writes does; closed afterwards."""
     opened: list[runs.Pipeline] = []
 
     def factory(settings: Settings) -> runs.Pipeline:
         pipeline = runs.open_pipeline(settings)
         opened.append(pipeline)
+        runs.register(pipeline)
         return pipeline
 
     yield factory
     for pipeline in opened:
-        pipeline.engine.dispose()
+        pipeline.close()
 
 
 def prepare_pipeline(pipeline: runs.Pipeline, users_file: Path, exclusion_file: Path | None = None) -> Prepared:
-    """Freeze, partition and start a run, exactly as ``entitle run`` does before granting."""
+    """Register, freeze, partition and start a run, exactly as ``entitle run`` does before granting."""
+    runs.register(pipeline)
     report = runs.freeze(pipeline, users_file, exclusion_file)
     prepared = runs.partition(pipeline, report)
     run = runs.start_run(pipeline, snapshot_id=report.snapshot_id)

@@ -24,16 +24,16 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     """Render a stored reconciliation as HTML and PNG."""
     from pipeline import report
 
-    pipeline = runs.open_pipeline(settings)
-    document = reconciliation.load_result(pipeline, args.reconciliation)
-    out_dir = args.out or Path(document["export_dir"])
-    html, png = report.write_report(document, out_dir)
-    emit(
-        args,
-        {"reconciliation_id": document["reconciliation_id"], "html": str(html), "png": str(png)},
-        [f"report of {document['reconciliation_id']} ({document['verdict']}): {html}", f"chart: {png}"],
-    )
-    return 0
+    with runs.open_pipeline(settings) as pipeline:
+        document = reconciliation.load_result(pipeline, args.reconciliation)
+        out_dir = args.out or Path(document["export_dir"])
+        html, png = report.write_report(document, out_dir)
+        emit(
+            args,
+            {"reconciliation_id": document["reconciliation_id"], "html": str(html), "png": str(png)},
+            [f"report of {document['reconciliation_id']} ({document['verdict']}): {html}", f"chart: {png}"],
+        )
+        return 0
 
 
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:

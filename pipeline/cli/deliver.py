@@ -19,66 +19,69 @@ from pipeline.progress import Progress
 
 def cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
     """Deliver grants to issuers."""
-    pipeline = runs.open_pipeline(settings)
-    context, entries = runs.delivery_selection(pipeline, args.partitions, args.only_failed)
-    runtimes = delivery.open_issuers(pipeline.campaign, args.issuer, pipeline.engine)
-    if not runtimes or not entries:
-        reason = "no partition selected" if runtimes else "every item's issuer is the ledger (nothing to send)"
-        emit(args, {"snapshot_id": context.snapshot_id, "partitions": 0, "reports": []}, [f"nothing to do: {reason}"])
-        return 0
-    total = delivery.grants_to_deliver(pipeline.campaign, entries, runtimes)
-    bar = Progress("deliver", total, enabled=not args.no_progress)
-    try:
-        reports = delivery.deliver(context, runtimes, entries, on_report=lambda r: bar.advance(r.planned))
-    finally:
-        bar.close()
-        for runtime in runtimes.values():
-            runtime.close()
-    budgets = delivery.budget_usage(runtimes)
-    unfinished = [r for r in reports if r.status != "done"]
-    conflicts = sum(r.conflict for r in reports)
-    t = delivery.report_totals(reports)
-    document = {
-        "snapshot_id": context.snapshot_id,
-        "ledger": settings.describe_ledger(),
-        "partitions": len(entries),
-        "reports": [r.as_dict() for r in reports],
-        "totals": t,
-        "budgets": budgets,
-        "unfinished": len(unfinished),
-    }
-    lines = [
-        f"deliver snapshot {context.snapshot_id}: {len(reports) - len(unfinished)}/{len(reports)} partition "
-        f"deliveries done; planned {t['planned']:,} = created {t['created']:,} + exists {t['exists']:,} + conflict "
-        f"{t['conflict']:,} + failed {t['failed']:,} + not attempted {t['not_attempted']:,}; sent {t['sent']:,} now",
-    ]
-    if t["revoked"] or t["revoke_failed"]:
-        lines.append(
-            f"  voided grants revoked at the issuers: {t['revoked']:,}; revocations failed: {t['revoke_failed']:,}"
-            + (" (rerun `entitle deliver`)" if t["revoke_failed"] else "")
-        )
-    for name, budget in budgets.items():
-        rate = budget["requests_per_s"]
-        lines.append(
-            f"  {name}: {budget['requests']:,} requests"
-            + (f" at {rate:.1f} req/s (budget {budget['budget_requests_per_s']:g})" if rate else "")
-        )
-    for report in unfinished[:20]:
-        lines.append(
-            f"  UNFINISHED part-{report.partition_id:04d} → {report.issuer}: {report.failed:,} failed, "
-            f"{report.not_attempted:,} not attempted: {report.error}"
-        )
-    if unfinished:
-        lines.append("fix the cause (is the issuer up?), then: entitle deliver --only-failed")
-    if conflicts:
-        lines.append(
-            f"  {conflicts:,} CONFLICT(S): the issuer holds a different payload under the grant id; nothing was "
-            "overwritten. List them: entitle query delivery_conflicts"
-        )
-    emit(args, document, lines)
-    if unfinished:
-        return DeliveryFailedError.exit_code
-    return DeliveryConflictError.exit_code if conflicts else 0
+    with runs.open_pipeline(settings) as pipeline:
+        runs.register(pipeline)
+        context, entries = runs.delivery_selection(pipeline, args.partitions, args.only_failed)
+        runtimes = delivery.open_issuers(pipeline.campaign, args.issuer, pipeline.engine)
+        if not runtimes or not entries:
+            reason = "no partition selected" if runtimes else "every item's issuer is the ledger (nothing to send)"
+            document = {"snapshot_id": context.snapshot_id, "partitions": 0, "reports": []}
+            emit(args, document, [f"nothing to do: {reason}"])
+            return 0
+        total = delivery.grants_to_deliver(pipeline.campaign, entries, runtimes)
+        bar = Progress("deliver", total, enabled=not args.no_progress)
+        try:
+            reports = delivery.deliver(context, runtimes, entries, on_report=lambda r: bar.advance(r.planned))
+        finally:
+            bar.close()
+            for runtime in runtimes.values():
+                runtime.close()
+        budgets = delivery.budget_usage(runtimes)
+        unfinished = [r for r in reports if r.status != "done"]
+        conflicts = sum(r.conflict for r in reports)
+        t = delivery.report_totals(reports)
+        document = {
+            "snapshot_id": context.snapshot_id,
+            "ledger": settings.describe_ledger(),
+            "partitions": len(entries),
+            "reports": [r.as_dict() for r in reports],
+            "totals": t,
+            "budgets": budgets,
+            "unfinished": len(unfinished),
+        }
+        lines = [
+            f"deliver snapshot {context.snapshot_id}: {len(reports) - len(unfinished)}/{len(reports)} partition "
+            f"deliveries done; planned {t['planned']:,} = created {t['created']:,} + exists {t['exists']:,} + "
+            f"conflict {t['conflict']:,} + failed {t['failed']:,} + not attempted {t['not_attempted']:,}; "
+            f"sent {t['sent']:,} now",
+        ]
+        if t["revoked"] or t["revoke_failed"]:
+            lines.append(
+                f"  voided grants revoked at the issuers: {t['revoked']:,}; revocations failed: {t['revoke_failed']:,}"
+                + (" (rerun `entitle deliver`)" if t["revoke_failed"] else "")
+            )
+        for name, budget in budgets.items():
+            rate = budget["requests_per_s"]
+            lines.append(
+                f"  {name}: {budget['requests']:,} requests"
+                + (f" at {rate:.1f} req/s (budget {budget['budget_requests_per_s']:g})" if rate else "")
+            )
+        for report in unfinished[:20]:
+            lines.append(
+                f"  UNFINISHED part-{report.partition_id:04d} → {report.issuer}: {report.failed:,} failed, "
+                f"{report.not_attempted:,} not attempted: {report.error}"
+            )
+        if unfinished:
+            lines.append("fix the cause (is the issuer up?), then: entitle deliver --only-failed")
+        if conflicts:
+            lines.append(
+                f"  {conflicts:,} CONFLICT(S): the issuer holds a different payload under the grant id; nothing was "
+                "overwritten. List them: entitle query delivery_conflicts"
+            )
+        emit(args, document, lines)
+        if unfinished:
+            return DeliveryFailedError.exit_code
+        return DeliveryConflictError.exit_code if conflicts else 0
 
 
 def delivery_plan_lines(plans: Sequence[delivery.IssuerPlan]) -> list[str]:

@@ -70,27 +70,30 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """Freeze, partition, grant."""
-    pipeline = runs.open_pipeline(settings)
-    pipeline.campaign.require_started(settings.clock())
-    report = runs.freeze(pipeline, args.users, args.exclude)
-    say(args, *_snapshot_lines(report))
-    bar = Progress("partition", settings.partitions_for(report.eligible_users), enabled=not args.no_progress)
-    prepared = runs.partition(pipeline, report, bar.advance)
-    bar.close()
-    run = runs.start_run(pipeline, args.run_id, prepared.report.snapshot_id)
-    return _grant_and_report(args, pipeline, run, list(run.entries), {"snapshot": prepared.as_dict()})
+    with runs.open_pipeline(settings) as pipeline:
+        runs.register(pipeline)
+        pipeline.campaign.require_started(settings.clock())
+        report = runs.freeze(pipeline, args.users, args.exclude)
+        say(args, *_snapshot_lines(report))
+        bar = Progress("partition", settings.partitions_for(report.eligible_users), enabled=not args.no_progress)
+        prepared = runs.partition(pipeline, report, bar.advance)
+        bar.close()
+        run = runs.start_run(pipeline, args.run_id, prepared.report.snapshot_id)
+        return _grant_and_report(args, pipeline, run, list(run.entries), {"snapshot": prepared.as_dict()})
 
 
 def cmd_grant(args: argparse.Namespace, settings: Settings) -> int:
     """Grant chosen partitions."""
-    pipeline = runs.open_pipeline(settings)
-    pipeline.campaign.require_started(settings.clock())
-    run = runs.start_run(pipeline, args.run_id, args.snapshot)
-    entries = runs.select_partitions(pipeline, run, args.partitions, args.only_failed)
-    if not entries:
-        emit(args, {"run_id": run.run_id, "partitions": 0, "outcomes": []}, ["nothing to do: no partition selected"])
-        return 0
-    return _grant_and_report(args, pipeline, run, entries, {})
+    with runs.open_pipeline(settings) as pipeline:
+        runs.register(pipeline)
+        pipeline.campaign.require_started(settings.clock())
+        run = runs.start_run(pipeline, args.run_id, args.snapshot)
+        entries = runs.select_partitions(pipeline, run, args.partitions, args.only_failed)
+        if not entries:
+            document = {"run_id": run.run_id, "partitions": 0, "outcomes": []}
+            emit(args, document, ["nothing to do: no partition selected"])
+            return 0
+        return _grant_and_report(args, pipeline, run, entries, {})
 
 
 def _grant_and_report(
@@ -140,43 +143,44 @@ def _grant_and_report(
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     """Partition states."""
-    pipeline = runs.open_pipeline(settings)
-    report = runs.status(pipeline, args.snapshot)
-    lines = [
-        f"campaign {report.campaign_id}, snapshot {report.snapshot_id}, {report.partition_count} partitions: "
-        f"{report.done} done, {report.failed} failed, {report.running} running or interrupted, {report.pending} pending"
-    ]
-    for part in report.partitions:
-        if args.all or part["status"] != "done":
-            error = f"  error: {part['error']}" if part["error"] else ""
-            lines.append(f"  part-{part['partition_id']:04d}  {part['status']:<8} run {part['run_id']}{error}")
-    document = report.as_dict()
-    document["delivery"] = delivery.issuer_totals(pipeline.engine, pipeline.keys.campaign_key, report.snapshot_id)
-    lines += delivery_lines(pipeline.campaign, document["delivery"])
-    emit(args, document, lines)
-    return 0
+    with runs.open_pipeline(settings) as pipeline:
+        report = runs.status(pipeline, args.snapshot)
+        lines = [
+            f"campaign {report.campaign_id}, snapshot {report.snapshot_id}, {report.partition_count} partitions: "
+            f"{report.done} done, {report.failed} failed, {report.running} running or interrupted, "
+            f"{report.pending} pending"
+        ]
+        for part in report.partitions:
+            if args.all or part["status"] != "done":
+                error = f"  error: {part['error']}" if part["error"] else ""
+                lines.append(f"  part-{part['partition_id']:04d}  {part['status']:<8} run {part['run_id']}{error}")
+        document = report.as_dict()
+        document["delivery"] = delivery.issuer_totals(pipeline.engine, pipeline.keys.campaign_key, report.snapshot_id)
+        lines += delivery_lines(pipeline.campaign, document["delivery"])
+        emit(args, document, lines)
+        return 0
 
 
 def cmd_summary(args: argparse.Namespace, settings: Settings) -> int:
     """Ledger totals."""
-    pipeline = runs.open_pipeline(settings)
-    totals = runs.ledger_totals(pipeline)
-    document: dict[str, Any] = {
-        "campaign_id": pipeline.campaign.campaign_id,
-        "ledger": settings.describe_ledger(),
-        "items": [vars(t) for t in totals],
-        "total_grants": sum(t.grants for t in totals),
-        "total_face_value_krw": sum(t.face_value_krw for t in totals),
-    }
-    lines = [f"campaign {pipeline.campaign.campaign_id}, ledger {settings.describe_ledger()}", *_item_lines(totals)]
-    current = ledger.current_snapshot(pipeline.engine, pipeline.keys.campaign_key)
-    if current is not None:
-        document["delivery"] = delivery.issuer_totals(
-            pipeline.engine, pipeline.keys.campaign_key, str(current["snapshot_id"])
-        )
-        lines += delivery_lines(pipeline.campaign, document["delivery"])
-    emit(args, document, lines)
-    return 0
+    with runs.open_pipeline(settings) as pipeline:
+        totals = runs.ledger_totals(pipeline)
+        document: dict[str, Any] = {
+            "campaign_id": pipeline.campaign.campaign_id,
+            "ledger": settings.describe_ledger(),
+            "items": [vars(t) for t in totals],
+            "total_grants": sum(t.grants for t in totals),
+            "total_face_value_krw": sum(t.face_value_krw for t in totals),
+        }
+        lines = [f"campaign {pipeline.campaign.campaign_id}, ledger {settings.describe_ledger()}", *_item_lines(totals)]
+        current = ledger.current_snapshot(pipeline.engine, pipeline.keys.campaign_key)
+        if current is not None:
+            document["delivery"] = delivery.issuer_totals(
+                pipeline.engine, pipeline.keys.campaign_key, str(current["snapshot_id"])
+            )
+            lines += delivery_lines(pipeline.campaign, document["delivery"])
+        emit(args, document, lines)
+        return 0
 
 
 def _snapshot_lines(report: snapshot.SnapshotReport) -> list[str]:

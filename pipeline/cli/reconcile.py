@@ -16,21 +16,22 @@ from pipeline.progress import Progress
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     """Reconcile and print the verdict and the bridge."""
-    pipeline = runs.open_pipeline(settings)
-    partition_count = int(runs.snapshot_row(pipeline, args.snapshot)["partition_count"])
-    bar = Progress("reconcile", partition_count, enabled=not args.no_progress)
-    result = reconciliation.reconcile(
-        pipeline, args.snapshot, args.method, args.workers, on_partition=lambda _check: bar.advance(1)
-    )
-    bar.close()
-    document = result.as_dict()
-    if args.report:
-        from pipeline import report
+    with runs.open_pipeline(settings) as pipeline:
+        runs.register(pipeline)
+        partition_count = int(runs.snapshot_row(pipeline, args.snapshot)["partition_count"])
+        bar = Progress("reconcile", partition_count, enabled=not args.no_progress)
+        result = reconciliation.reconcile(
+            pipeline, args.snapshot, args.method, args.workers, on_partition=lambda _check: bar.advance(1)
+        )
+        bar.close()
+        document = result.as_dict()
+        if args.report:
+            from pipeline import report
 
-        html, png = report.write_report(document, Path(result.export_dir))
-        document["report_html"], document["report_png"] = str(html), str(png)
-    emit(args, document, _reconciliation_lines(document))
-    return _verdict_exit(result.verdict)
+            html, png = report.write_report(document, Path(result.export_dir))
+            document["report_html"], document["report_png"] = str(html), str(png)
+        emit(args, document, _reconciliation_lines(document))
+        return _verdict_exit(result.verdict)
 
 
 def _verdict_exit(verdict: str) -> int:
@@ -79,66 +80,69 @@ def _reconciliation_lines(document: dict[str, Any]) -> list[str]:
 
 def cmd_repair(args: argparse.Namespace, settings: Settings) -> int:
     """Repair missing and wrong-terms grants found by the latest reconciliation."""
-    pipeline = runs.open_pipeline(settings)
-    pipeline.campaign.require_started(settings.clock())
-    done = corrections.repair(pipeline, args.actor, args.run_id)
-    document: dict[str, Any] = {"repair": done.as_dict()}
-    lines = [
-        f"repair of reconciliation {done.reconciliation_id} (run {done.run_id}): {done.granted_missing:,} missing "
-        f"grants granted, {done.reissued:,} grants with wrong terms voided and reissued, {done.already_fixed:,} "
-        f"already fixed, {len(done.partitions_granted)} ungranted partition(s) granted",
-    ]
-    if done.issuer_delivery is not None:
-        d = done.issuer_delivery
-        lines.append(
-            f"  issuer_missing: {done.issuer_redriven:,} grant(s) delivered again; their partitions now: created "
-            f"{d['created']:,}, exists {d['exists']:,}, conflict {d['conflict']:,}, failed {d['failed']:,}, not "
-            f"attempted {d['not_attempted']:,}"
-        )
-    ledger_decisions = {c: n for c, n in done.needs_decision.items() if c != "issuer_unexpected"}
-    if ledger_decisions:
-        listed = ", ".join(f"{n:,} {c}" for c, n in sorted(ledger_decisions.items()))
-        lines.append(
-            f"  not repaired, needs a decision: {listed}; void them with `entitle void --break ID` if they should "
-            "not exist"
-        )
-    if done.needs_decision.get("issuer_unexpected"):
-        lines.append(
-            f"  not repaired, needs a decision: {done.needs_decision['issuer_unexpected']:,} issuer_unexpected; "
-            "the issuer holds grants the ledger does not (list: `entitle query open_breaks --param "
-            "break_class=issuer_unexpected`); revoke them at the issuer if they should not exist"
-        )
-    if args.no_reconcile:
-        emit(args, document, [*lines, "next: entitle reconcile"])
-        return 0
-    say(args, *lines)
-    partition_count = int(runs.snapshot_row(pipeline, None)["partition_count"])
-    bar = Progress("reconcile", partition_count, enabled=not args.no_progress)
-    result = reconciliation.reconcile(pipeline, on_partition=lambda _check: bar.advance(1))
-    bar.close()
-    document["reconciliation"] = result.as_dict()
-    emit(args, document, _reconciliation_lines(document["reconciliation"]))
-    return _verdict_exit(result.verdict)
+    with runs.open_pipeline(settings) as pipeline:
+        runs.register(pipeline)
+        pipeline.campaign.require_started(settings.clock())
+        done = corrections.repair(pipeline, args.actor, args.run_id)
+        document: dict[str, Any] = {"repair": done.as_dict()}
+        lines = [
+            f"repair of reconciliation {done.reconciliation_id} (run {done.run_id}): {done.granted_missing:,} missing "
+            f"grants granted, {done.reissued:,} grants with wrong terms voided and reissued, {done.already_fixed:,} "
+            f"already fixed, {len(done.partitions_granted)} ungranted partition(s) granted",
+        ]
+        if done.issuer_delivery is not None:
+            d = done.issuer_delivery
+            lines.append(
+                f"  issuer_missing: {done.issuer_redriven:,} grant(s) delivered again; their partitions now: created "
+                f"{d['created']:,}, exists {d['exists']:,}, conflict {d['conflict']:,}, failed {d['failed']:,}, not "
+                f"attempted {d['not_attempted']:,}"
+            )
+        ledger_decisions = {c: n for c, n in done.needs_decision.items() if c != "issuer_unexpected"}
+        if ledger_decisions:
+            listed = ", ".join(f"{n:,} {c}" for c, n in sorted(ledger_decisions.items()))
+            lines.append(
+                f"  not repaired, needs a decision: {listed}; void them with `entitle void --break ID` if they should "
+                "not exist"
+            )
+        if done.needs_decision.get("issuer_unexpected"):
+            lines.append(
+                f"  not repaired, needs a decision: {done.needs_decision['issuer_unexpected']:,} issuer_unexpected; "
+                "the issuer holds grants the ledger does not (list: `entitle query open_breaks --param "
+                "break_class=issuer_unexpected`); revoke them at the issuer if they should not exist"
+            )
+        if args.no_reconcile:
+            emit(args, document, [*lines, "next: entitle reconcile"])
+            return 0
+        say(args, *lines)
+        partition_count = int(runs.snapshot_row(pipeline, None)["partition_count"])
+        bar = Progress("reconcile", partition_count, enabled=not args.no_progress)
+        result = reconciliation.reconcile(pipeline, on_partition=lambda _check: bar.advance(1))
+        bar.close()
+        document["reconciliation"] = result.as_dict()
+        emit(args, document, _reconciliation_lines(document["reconciliation"]))
+        return _verdict_exit(result.verdict)
 
 
 def cmd_void(args: argparse.Namespace, settings: Settings) -> int:
     """Void grants."""
-    pipeline = runs.open_pipeline(settings)
-    if args.from_file is not None:
-        if args.item:
-            raise CorrectionError("--item goes with --user; in a file, use an item_sku column")
-        requests = corrections.read_void_file(args.from_file, args.reason)
-    else:
-        if not args.reason:
-            raise CorrectionError("--reason is required: say why (it is audited)")
-        if args.break_id and args.item:
-            raise CorrectionError("--item goes with --user; a break names its item already")
-        requests = [corrections.VoidRequest(args.reason, args.user, args.item, args.break_id, source="command line")]
-    voided = corrections.void_grants(pipeline, requests, args.actor, settings.clock())
-    lines = [f"voided {len(voided):,} grant(s) by {args.actor}:"]
-    lines += [f"  user {v.user_id} {v.item_sku} (issue {v.issue_no}): {v.reason}" for v in voided[:20]]
-    if len(voided) > 20:
-        lines.append(f"  ... and {len(voided) - 20:,} more")
-    lines.append("they stay in grant_history; run `entitle reconcile` to see the effect")
-    emit(args, {"voided": [v.as_dict() for v in voided], "actor": args.actor}, lines)
-    return 0
+    with runs.open_pipeline(settings) as pipeline:
+        runs.register(pipeline)
+        if args.from_file is not None:
+            if args.item:
+                raise CorrectionError("--item goes with --user; in a file, use an item_sku column")
+            requests = corrections.read_void_file(args.from_file, args.reason)
+        else:
+            if not args.reason:
+                raise CorrectionError("--reason is required: say why (it is audited)")
+            if args.break_id and args.item:
+                raise CorrectionError("--item goes with --user; a break names its item already")
+            request = corrections.VoidRequest(args.reason, args.user, args.item, args.break_id, source="command line")
+            requests = [request]
+        voided = corrections.void_grants(pipeline, requests, args.actor, settings.clock())
+        lines = [f"voided {len(voided):,} grant(s) by {args.actor}:"]
+        lines += [f"  user {v.user_id} {v.item_sku} (issue {v.issue_no}): {v.reason}" for v in voided[:20]]
+        if len(voided) > 20:
+            lines.append(f"  ... and {len(voided) - 20:,} more")
+        lines.append("they stay in grant_history; run `entitle reconcile` to see the effect")
+        emit(args, {"voided": [v.as_dict() for v in voided], "actor": args.actor}, lines)
+        return 0

@@ -24,8 +24,8 @@ from pipeline.errors import (
     ReconciliationIncompleteError,
     SnapshotError,
 )
-from pipeline.grants import notices, runs, snapshot
-from pipeline.grants.partitioning import load_manifest, partition_label, partition_snapshot, partitions_dir
+from pipeline.grants import notices, runs
+from pipeline.grants.partitioning import load_manifest, partition_label
 
 DEFAULT_INPUT_FILE = "users.parquet"
 
@@ -174,28 +174,12 @@ def freeze_snapshot(
             f"{storage.missing_message(users_file)}; pass the 'snapshot_uri' param (a path or s3:// URI) "
             "or put the file there"
         )
-    if dry_run:
-        # A dry run writes content-addressed files only (a cache), never the ledger.
-        loaded = settings.campaign()
-        report = snapshot.freeze_snapshot(
-            users_file,
-            settings.data_root,
-            loaded.campaign_id,
-            exclusion,
-            settings.rejected_share_max,
-            id_column=loaded.id_column,
-        )
-        count = settings.partitions_for(report.eligible_users)
-        out_dir = partitions_dir(report.location, count)
-        partition_snapshot(report.users_file, out_dir, count)
-        return _prepared(runs.PreparedSnapshot(report, out_dir, count), dry_run=True)
-    pipeline = runs.open_pipeline(settings)
-    try:
-        pipeline.campaign.require_started(settings.clock())
+    with runs.open_pipeline(settings) as pipeline:
+        if not dry_run:  # a dry run writes content-addressed files only (a cache), never the ledger
+            runs.register(pipeline)
+            pipeline.campaign.require_started(settings.clock())
         report = runs.freeze(pipeline, users_file, exclusion)
-        return _prepared(runs.partition(pipeline, report), dry_run=False)
-    finally:
-        pipeline.engine.dispose()
+        return _prepared(runs.partition(pipeline, report, record=not dry_run), dry_run=dry_run)
 
 
 def _prepared(prepared: runs.PreparedSnapshot, dry_run: bool) -> PreparedSnapshot:
@@ -230,11 +214,8 @@ def plan_partitions(
             f"partition id(s) {unknown} do not exist; snapshot {prepared['snapshot_id']} has partitions 0..{count - 1}"
         )
     if not (prepared.get("dry_run") or params.get("verify")):
-        pipeline = runs.open_pipeline(settings)
-        try:
+        with runs.open_pipeline(settings) as pipeline:
             finished = runs.finished_partitions(pipeline, str(prepared["snapshot_id"]), entries)
-        finally:
-            pipeline.engine.dispose()
         wanted = [p for p in wanted if p not in finished]
     return [
         PlannedPartition(
@@ -264,18 +245,14 @@ def grant(
     if params.get("dry_run"):
         planned = int(partition["rows"]) * len(settings.campaign().items)
         return GrantedPartition(partition_id=partition_id, status="dry_run", planned=planned, written=0)
-    pipeline = runs.open_pipeline(settings)
-    try:
+    with runs.open_pipeline(settings) as pipeline:
+        runs.register(pipeline)
         run = runs.start_run(pipeline, run_id, str(partition["snapshot_id"]), trigger="airflow")
         entry = runs.select_partitions(pipeline, run, [partition_id], only_failed=False)[0]
         outcome = runs.grant(pipeline, run, [entry], bool(params.get("verify")))[0]
         if outcome.status != "done":
             raise GrantFailedError(f"{entry.label} failed: {outcome.error}", retryable=outcome.retryable)
         reports = _deliver(pipeline, partition_id)
-    finally:
-        # Close the ledger inside the task: on SQLite the last connection's close checkpoints
-        # the WAL, which is ledger work and belongs to this task's time.
-        pipeline.engine.dispose()
     return GrantedPartition(
         partition_id=outcome.partition_id,
         status=outcome.status,
@@ -321,14 +298,11 @@ def reconcile(
     """
     if prepared.get("dry_run"):
         return Checked(verdict="DRY_RUN", explanation="dry run: nothing was granted, nothing to check")
-    pipeline = runs.open_pipeline(task_settings(campaign, ledger_url))
-    try:
+    with runs.open_pipeline(task_settings(campaign, ledger_url)) as pipeline:
         result = reconciliation.reconcile(pipeline, str(prepared["snapshot_id"]))
         failed = runs.unfinished_partitions(
             pipeline, str(prepared["snapshot_id"]), [int(p["partition_id"]) for p in planned]
         )
-    finally:
-        pipeline.engine.dispose()
     return Checked(
         reconciliation_id=result.reconciliation_id,
         verdict=result.verdict,
@@ -358,16 +332,13 @@ def notify(
     """
     if prepared.get("dry_run"):
         return Notified(skipped="dry run", partitions_failed={})
-    pipeline = runs.open_pipeline(task_settings(campaign, ledger_url))
-    try:
+    with runs.open_pipeline(task_settings(campaign, ledger_url)) as pipeline:
         failed = runs.unfinished_partitions(
             pipeline, str(prepared["snapshot_id"]), [int(p["partition_id"]) for p in planned]
         )
         if not runs.run_wrote_grants(pipeline, run_id):
             return Notified(skipped="the run granted nothing", users=0, partitions_failed=failed)
         export = notices.export_granted(pipeline, run_id, complete=not failed)
-    finally:
-        pipeline.engine.dispose()
     return Notified(
         directory=str(export.directory), users=export.users, partitions=export.partitions, partitions_failed=failed
     )
@@ -401,15 +372,12 @@ def summary(
     failed = dict(checked.get("partitions_failed") or {})
     outcomes: list[dict[str, Any]] = []
     if not prepared.get("dry_run"):
-        pipeline = runs.open_pipeline(settings)
-        try:
+        with runs.open_pipeline(settings) as pipeline:
             outcomes = runs.run_outcomes(pipeline, run_id)
             if not failed:
                 failed = runs.unfinished_partitions(
                     pipeline, str(prepared["snapshot_id"]), [int(p["partition_id"]) for p in planned]
                 )
-        finally:
-            pipeline.engine.dispose()
     result = Summary(
         snapshot_id=prepared["snapshot_id"],
         eligible_users=prepared["eligible_users"],

@@ -22,7 +22,7 @@ from pipeline import delivery, ledger
 from pipeline.campaigns import Campaign
 from pipeline.config import Settings
 from pipeline.delivery import DeliveryContext
-from pipeline.errors import GrantFailedError, SnapshotError
+from pipeline.errors import GrantFailedError, LedgerError, SnapshotError
 from pipeline.grants import snapshot
 from pipeline.grants.granting import GrantContext, PartitionOutcome, grant_partition
 from pipeline.grants.partitioning import (
@@ -32,30 +32,54 @@ from pipeline.grants.partitioning import (
     partition_snapshot,
     partitions_dir,
 )
-from pipeline.ledger import CampaignKeys
+from pipeline.ledger import CampaignKeys, LedgerSession
 from pipeline.storage import Location, ObjectUri
 
 UserFile = str | PathLike[str] | ObjectUri  # a local path or an s3:// URI
 
 
-@dataclass(frozen=True)
-class Pipeline:
-    """An open pipeline: settings, the validated campaign and the ledger engine."""
+@dataclass(eq=False)
+class Pipeline(LedgerSession):
+    """An open pipeline: settings, the validated campaign and the ledger engine; use it in ``with``.
+
+    ``keys`` are the registered campaign's: :func:`register` writes them (the explicit step of
+    every command that writes); a reading command finds them, read-only, on first use.
+    """
 
     settings: Settings
     campaign: Campaign
     engine: Engine
-    keys: CampaignKeys
+    registered: CampaignKeys | None = None
+
+    @property
+    def keys(self) -> CampaignKeys:
+        """The campaign's and its items' keys in the ledger; refused when not registered with these terms."""
+        if self.registered is None:
+            ledger.require_current_schema(self.engine)
+            self.registered = ledger.registered_keys(self.engine, self.campaign)
+            if self.registered is None:
+                raise LedgerError(
+                    f"campaign {self.campaign.campaign_id} is not registered in the ledger with the terms of "
+                    f"{self.campaign.source}: `entitle run` (or the DAG's freeze_snapshot) registers it"
+                )
+        return self.registered
 
 
 def open_pipeline(settings: Settings) -> Pipeline:
-    """Validate the campaign, create the ledger schema if needed and register the campaign."""
-    campaign = settings.campaign()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    engine = ledger.create_ledger_engine(settings.ledger_url)
-    ledger.create_schema(engine)
-    keys = ledger.register_campaign(engine, campaign, settings.clock())
-    return Pipeline(settings, campaign, engine, keys)
+    """Validate the campaign and open the ledger: reads and writes nothing (see :func:`register`)."""
+    return Pipeline(settings, settings.campaign(), ledger.create_ledger_engine(settings.ledger_url))
+
+
+def register(pipeline: Pipeline) -> CampaignKeys:
+    """The write step before any other: create the ledger's schema if absent, register the campaign and items.
+
+    Idempotent, and one read when nothing changed. Refuses a ledger of another schema version
+    and changed terms for items that have grants.
+    """
+    pipeline.settings.home.mkdir(parents=True, exist_ok=True)
+    ledger.create_schema(pipeline.engine)
+    pipeline.registered = ledger.register_campaign(pipeline.engine, pipeline.campaign, pipeline.settings.clock())
+    return pipeline.registered
 
 
 @dataclass(frozen=True)
@@ -95,12 +119,21 @@ def freeze(
 
 
 def partition(
-    pipeline: Pipeline, report: snapshot.SnapshotReport, on_progress: Callable[[int], None] | None = None
+    pipeline: Pipeline,
+    report: snapshot.SnapshotReport,
+    on_progress: Callable[[int], None] | None = None,
+    record: bool = True,
 ) -> PreparedSnapshot:
-    """Partition a frozen snapshot and register it as the campaign's current snapshot."""
+    """Partition a frozen snapshot and register it as the campaign's current snapshot (``record``).
+
+    A dry run passes ``record=False``: the partition files are written (content-addressed, a
+    cache), the ledger is not.
+    """
     count = pipeline.settings.partitions_for(report.eligible_users)
     out_dir = partitions_dir(report.location, count)
     partition_snapshot(report.users_file, out_dir, count, on_progress)
+    if not record:
+        return PreparedSnapshot(report, out_dir, count)
     ledger.register_snapshot(
         pipeline.engine,
         pipeline.keys.campaign_key,

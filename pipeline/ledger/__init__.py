@@ -34,6 +34,7 @@ from pipeline.ledger.registry import (
     register_campaign,
     register_run,
     register_snapshot,
+    registered_keys,
 )
 from pipeline.ledger.schema import (
     LEDGER_ROLES,
@@ -49,6 +50,11 @@ from pipeline.ledger.schema import (
     split_sql,
     upgrade,
     view_sql,
+)
+from pipeline.ledger.session import (
+    LedgerSession,
+    open_ledger,
+    require_current_schema,
 )
 from pipeline.ledger.tables import (
     DELIVERY_OUTCOMES,
@@ -92,6 +98,9 @@ from pipeline.ledger.tables import (
 )
 
 __all__ = [
+    "LedgerSession",
+    "open_ledger",
+    "require_current_schema",
     "CampaignKeys",
     "DELIVERY_OUTCOMES",
     "FINAL_OUTCOMES",
@@ -149,6 +158,7 @@ __all__ = [
     "register_campaign",
     "register_run",
     "register_snapshot",
+    "registered_keys",
     "runs",
     "same_grant",
     "snapshots",

@@ -68,7 +68,7 @@ class CampaignKeys:
 
 def register_campaign(engine: Engine, campaign: Campaign, now: dt.datetime) -> CampaignKeys:
     """Record the campaign and its items; refuse changed terms for items that have grants."""
-    registered = _registered_unchanged(engine, campaign)
+    registered = registered_keys(engine, campaign)
     if registered is not None:
         return registered
     with write_transaction(engine, serialized=True) as connection:
@@ -97,8 +97,8 @@ def register_campaign(engine: Engine, campaign: Campaign, now: dt.datetime) -> C
         item_keys = {item.sku: _register_item(connection, campaign, campaign_key, item) for item in campaign.items}
     return CampaignKeys(campaign_key, item_keys)
 
-def _registered_unchanged(engine: Engine, campaign: Campaign) -> CampaignKeys | None:
-    """The keys when the campaign and every item are already registered exactly as in the file."""
+def registered_keys(engine: Engine, campaign: Campaign) -> CampaignKeys | None:
+    """The keys when the campaign and every item are already registered exactly as in the file (reads only)."""
     with engine.connect() as connection:
         row = connection.execute(
             sa.select(campaigns.c.campaign_key, campaigns.c.name, campaigns.c.time_zone, campaigns.c.starts_at).where(

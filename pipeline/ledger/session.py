@@ -1,0 +1,71 @@
+"""The one way to open the ledger: an engine with a lifetime, and nothing else.
+
+Opening reads and writes nothing: no schema is created, no campaign registered, no file or
+folder made. The core pipeline and every program open their context through
+:class:`LedgerSession` and close it with ``with``::
+
+    with runs.open_pipeline(settings) as pipeline:      # opens; no writes
+        runs.register(pipeline)                         # the explicit write step of a real run
+        ...
+
+Writing steps say so: :func:`pipeline.ledger.schema.create_schema` and the registry's
+``register_*`` functions. Reading steps check that the schema is this program's version
+(:func:`require_current_schema`) and find what was registered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from sqlalchemy.engine import Engine
+
+from pipeline.errors import LedgerError
+from pipeline.ledger.engine import create_ledger_engine
+from pipeline.ledger.schema import SCHEMA_VERSION, recorded_version
+
+
+class LedgerSession:
+    """An open ledger: its engine, disposed when the ``with`` block (or :meth:`close`) ends."""
+
+    engine: Engine
+
+    def close(self) -> None:
+        """Close every pooled connection (on SQLite the last close checkpoints the WAL)."""
+        self.engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class OpenLedger(LedgerSession):
+    """Just the ledger, for commands that need no campaign (``entitle db``, named queries)."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = create_ledger_engine(url)
+
+
+def open_ledger(url: str) -> OpenLedger:
+    """Open the ledger at ``url`` (a SQLAlchemy URL); use it in a ``with`` block."""
+    return OpenLedger(url)
+
+
+def require_current_schema(engine: Engine) -> None:
+    """Refuse a ledger without this program's schema version, saying which command fixes it (reads only)."""
+    database = engine.url.database
+    missing_file = engine.dialect.name == "sqlite" and bool(database) and not Path(str(database)).exists()
+    version = None if missing_file else recorded_version(engine)  # connecting would create the file
+    if version is None:
+        raise LedgerError(
+            f"the ledger at {engine.url.render_as_string(hide_password=True)} has no schema yet: "
+            "run `entitle db upgrade` (or a first `entitle run`, which creates it)"
+        )
+    if version != SCHEMA_VERSION:
+        advice = "back the ledger up, then run `entitle db upgrade`" if version < SCHEMA_VERSION else "run that release"
+        raise LedgerError(f"ledger schema version {version}, this program needs {SCHEMA_VERSION}: {advice}")
