@@ -122,6 +122,7 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
 
     settings = load_settings(env)
     pipeline = runs.open_pipeline(settings)
+    runs.register(pipeline)
     started = time.perf_counter()
     snapshot_report = runs.freeze(pipeline, users_file)
     report("freeze snapshot", snapshot_report.rows_read, time.perf_counter() - started, self_rss_mb())
@@ -281,6 +282,7 @@ def child_grant(env: dict[str, str], writers: int) -> int:
     from pipeline.grants import runs
 
     pipeline = runs.open_pipeline(load_settings(env))
+    runs.register(pipeline)
     run = runs.start_run(pipeline, trigger="bench")
     started = time.perf_counter()
     outcomes = runs.grant(pipeline, run, run.entries, writers=writers)

@@ -86,6 +86,7 @@ def main() -> None:
         paths = write_batches(home, args.applications, args.batches)
         program = parse_program(PROGRAM.format(cap=args.cap), "<bench>")
         context = pass_allocation.open_pass(settings, program)
+        pass_allocation.register(context)
         _require_empty(context)
         started = time.perf_counter()
         shares = [(environ, args.cap, paths[i :: args.processes]) for i in range(args.processes)]
@@ -115,11 +116,8 @@ def main() -> None:
 def _ingest(environ: dict[str, str], cap: int, paths: list[Path]) -> int:
     """One intake worker: its own engine, its share of the batch files; returns applications stored."""
     settings = dataclasses.replace(load_settings(environ), clock=lambda: dt.datetime(2023, 1, 10, tzinfo=dt.UTC))
-    context = pass_allocation.open_pass(settings, parse_program(PROGRAM.format(cap=cap), "<bench>"))
-    try:
+    with pass_allocation.open_pass(settings, parse_program(PROGRAM.format(cap=cap), "<bench>")) as context:
         return sum(intake.ingest(context, path).new_applications for path in paths)
-    finally:
-        context.engine.dispose()
 
 
 def _require_empty(context: pass_allocation.PassContext) -> None:

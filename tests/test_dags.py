@@ -272,11 +272,10 @@ def reconciliation_verdicts(env: dict[str, str]) -> list[str]:
 
 def _break_partition(env: dict[str, str], partition_id: int) -> Path:
     """Freeze and partition the user file ahead of the DAG, then corrupt one partition file."""
-    settings = load_settings(env)
-    pipeline = runs.open_pipeline(settings)
-    report = runs.freeze(pipeline, Path(env["ENTITLE_HOME"]) / "incoming" / "users.parquet")
-    prepared = runs.partition(pipeline, report)
-    pipeline.engine.dispose()
+    with runs.open_pipeline(load_settings(env)) as pipeline:
+        runs.register(pipeline)
+        report = runs.freeze(pipeline, Path(env["ENTITLE_HOME"]) / "incoming" / "users.parquet")
+        prepared = runs.partition(pipeline, report)
     broken = prepared.partitions_dir / f"part-{partition_id:04d}.parquet"
     broken.write_bytes(b"this is not parquet")
     return broken
@@ -285,11 +284,10 @@ def _break_partition(env: dict[str, str], partition_id: int) -> Path:
 def _repair_partitions(env: dict[str, str], broken: Path) -> None:
     """Regenerate the partitions (byte-identical) so the broken one is readable again."""
     shutil.rmtree(broken.parent)
-    settings = load_settings(env)
-    pipeline = runs.open_pipeline(settings)
-    report = runs.freeze(pipeline, Path(env["ENTITLE_HOME"]) / "incoming" / "users.parquet")
-    runs.partition(pipeline, report)
-    pipeline.engine.dispose()
+    with runs.open_pipeline(load_settings(env)) as pipeline:
+        runs.register(pipeline)
+        report = runs.freeze(pipeline, Path(env["ENTITLE_HOME"]) / "incoming" / "users.parquet")
+        runs.partition(pipeline, report)
     assert partitions_dir(Path(report.directory), PARTITIONS) == broken.parent
 
 

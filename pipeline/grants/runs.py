@@ -22,7 +22,7 @@ from pipeline import delivery, ledger
 from pipeline.campaigns import Campaign
 from pipeline.config import Settings
 from pipeline.delivery import DeliveryContext
-from pipeline.errors import GrantFailedError, LedgerError, SnapshotError
+from pipeline.errors import GrantFailedError, SnapshotError
 from pipeline.grants import snapshot
 from pipeline.grants.granting import GrantContext, PartitionOutcome, grant_partition
 from pipeline.grants.partitioning import (
@@ -55,13 +55,7 @@ class Pipeline(LedgerSession):
     def keys(self) -> CampaignKeys:
         """The campaign's and its items' keys in the ledger; refused when not registered with these terms."""
         if self.registered is None:
-            ledger.require_current_schema(self.engine)
-            self.registered = ledger.registered_keys(self.engine, self.campaign)
-            if self.registered is None:
-                raise LedgerError(
-                    f"campaign {self.campaign.campaign_id} is not registered in the ledger with the terms of "
-                    f"{self.campaign.source}: `entitle run` (or the DAG's freeze_snapshot) registers it"
-                )
+            self.registered = ledger.registered_keys_of(self.engine, self.campaign)
         return self.registered
 
 

@@ -54,6 +54,7 @@ from pipeline.ledger.schema import (
 from pipeline.ledger.session import (
     LedgerSession,
     open_ledger,
+    registered_keys_of,
     require_current_schema,
 )
 from pipeline.ledger.tables import (
@@ -100,6 +101,7 @@ from pipeline.ledger.tables import (
 __all__ = [
     "LedgerSession",
     "open_ledger",
+    "registered_keys_of",
     "require_current_schema",
     "CampaignKeys",
     "DELIVERY_OUTCOMES",

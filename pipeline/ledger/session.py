@@ -21,8 +21,10 @@ from typing import Self
 
 from sqlalchemy.engine import Engine
 
+from pipeline.campaigns import Campaign
 from pipeline.errors import LedgerError
 from pipeline.ledger.engine import create_ledger_engine
+from pipeline.ledger.registry import CampaignKeys, registered_keys
 from pipeline.ledger.schema import SCHEMA_VERSION, recorded_version
 
 
@@ -54,6 +56,18 @@ class OpenLedger(LedgerSession):
 def open_ledger(url: str) -> OpenLedger:
     """Open the ledger at ``url`` (a SQLAlchemy URL); use it in a ``with`` block."""
     return OpenLedger(url)
+
+
+def registered_keys_of(engine: Engine, campaign: Campaign) -> CampaignKeys:
+    """The keys of ``campaign`` as registered with exactly these terms (reads only); refused, saying why, if not."""
+    require_current_schema(engine)
+    found = registered_keys(engine, campaign)
+    if found is None:
+        raise LedgerError(
+            f"campaign {campaign.campaign_id} is not registered in the ledger with the terms of {campaign.source}: "
+            "the command or DAG task that writes its first grants registers it (`entitle run`, a program's intake)"
+        )
+    return found
 
 
 def require_current_schema(engine: Engine) -> None:

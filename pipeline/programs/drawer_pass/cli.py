@@ -122,11 +122,10 @@ def cmd_pass(args: argparse.Namespace, settings: Settings) -> int:
     if args.pass_command is None:
         print("entitle pass: give an action: " + ", ".join(handlers) + " (entitle pass --help)")
         return EXIT_USAGE
-    context = open_context(args, settings)
-    try:
+    with open_context(args, settings) as context:
+        if args.pass_command != "status":  # every other action writes: register the program first
+            allocation.register(context)
         return handlers[args.pass_command](args, context)
-    finally:
-        context.engine.dispose()
 
 
 def _apply(args: argparse.Namespace, context: PassContext) -> int:

@@ -21,8 +21,11 @@ BATCH_SUFFIXES = (".csv", ".parquet")
 
 
 def _open() -> PassContext:
+    """The configured program, registered: the DAG's tasks write."""
     settings = load_settings()
-    return allocation.open_pass(settings, load_program(settings.pass_program_file))
+    context = allocation.open_pass(settings, load_program(settings.pass_program_file))
+    allocation.register(context)
+    return context
 
 
 def incoming_dir(context: PassContext) -> Path:
@@ -32,40 +35,28 @@ def incoming_dir(context: PassContext) -> Path:
 
 def list_batches() -> list[str]:
     """Every batch file in the incoming folder, in name order (stored ones are skipped by ingest)."""
-    context = _open()
-    try:
+    with _open() as context:
         folder = incoming_dir(context)
         folder.mkdir(parents=True, exist_ok=True)
         return [str(p) for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in BATCH_SUFFIXES]
-    finally:
-        context.engine.dispose()
 
 
 def ingest(path: str) -> dict[str, Any]:
     """Store one batch file; returns its intake report."""
-    context = _open()
-    try:
+    with _open() as context:
         return intake.ingest(context, Path(path)).as_dict()
-    finally:
-        context.engine.dispose()
 
 
 def allocate() -> dict[str, Any]:
     """Allocate up to the default cut-off (now minus the intake lag)."""
-    context = _open()
-    try:
+    with _open() as context:
         return allocation.allocate(context).as_dict()
-    finally:
-        context.engine.dispose()
 
 
 def reconcile() -> dict[str, Any]:
     """Reconcile the program; BREAKS fails the task (after logging the checks)."""
-    context = _open()
-    try:
+    with _open() as context:
         result = allocation.reconcile(context)
-    finally:
-        context.engine.dispose()
     document = result.as_dict()
     if result.verdict != "RECONCILED":
         raise ReconciliationBreaksError(f"pass reconciliation verdict {result.verdict}: breaks {document['breaks']}")
@@ -74,9 +65,6 @@ def reconcile() -> dict[str, Any]:
 
 def reminders() -> dict[str, Any]:
     """Write the expiry reminder files (the program's lead days)."""
-    context = _open()
-    try:
+    with _open() as context:
         exports = notices.export_reminders(context)
-    finally:
-        context.engine.dispose()
     return {"exports": [e.as_dict() for e in exports]}

@@ -20,7 +20,7 @@ from pipeline.programs.merchant_cash.cases import (
     plan_case,
     refresh_cases,
 )
-from pipeline.programs.merchant_cash.context import OpenProgram, open_program
+from pipeline.programs.merchant_cash.context import OpenProgram, open_program, register
 from pipeline.programs.merchant_cash.intake import (
     CLAIM_FILE_SUFFIXES,
     Claim,
@@ -56,6 +56,7 @@ __all__ = [
     "ingest_file",
     "live_payouts",
     "open_program",
+    "register",
     "parse_case_id",
     "pay",
     "plan_case",

@@ -104,9 +104,13 @@ def _action(actions: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     return p
 
 
-def _open(args: argparse.Namespace, settings: Settings) -> OpenProgram:
+def _open(args: argparse.Namespace, settings: Settings, write: bool = True) -> OpenProgram:
+    """The program on the ledger; a command that writes registers it first (``write``)."""
     program_file = args.program if args.program is not None else settings.merchant_program_file
-    return merchant_claims.open_program(settings, program_file)
+    op = merchant_claims.open_program(settings, program_file)
+    if write:
+        merchant_claims.register(op)
+    return op
 
 
 def _emit(args: argparse.Namespace, document: dict[str, Any], lines: list[str]) -> None:
@@ -118,11 +122,8 @@ def _emit(args: argparse.Namespace, document: dict[str, Any], lines: list[str]) 
 
 def cmd_claims_ingest(args: argparse.Namespace, settings: Settings) -> int:
     """Ingest one claims file."""
-    op = _open(args, settings)
-    try:
+    with _open(args, settings) as op:
         report = merchant_claims.ingest_file(op, args.from_file)
-    finally:
-        op.engine.dispose()
     if report.already_ingested:
         lines = [f"{report.source_file}: already ingested (same bytes); nothing changed"]
     else:
@@ -144,22 +145,16 @@ def cmd_claims_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_claims_assign(args: argparse.Namespace, settings: Settings) -> int:
     """Re-derive undecided cases."""
-    op = _open(args, settings)
-    try:
+    with _open(args, settings) as op:
         changed = merchant_claims.assign_cases(op)
-    finally:
-        op.engine.dispose()
     _emit(args, {"cases_changed": changed}, [f"{changed:,} cases opened or changed"])
     return 0
 
 
 def cmd_claims_pay(args: argparse.Namespace, settings: Settings) -> int:
     """Pay the payable cases."""
-    op = _open(args, settings)
-    try:
+    with _open(args, settings) as op:
         report = merchant_claims.pay(op, args.run_id, batch_cases_max=args.batch_cases)
-    finally:
-        op.engine.dispose()
     lines = [
         f"run {report.run_id}: paid {report.paid:,} cases, {report.paid_krw:,} KRW in {report.batches} batch(es); "
         f"{report.already_granted:,} already held a payout"
@@ -170,11 +165,8 @@ def cmd_claims_pay(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_claims_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     """Reconcile payouts; exit 8 on breaks."""
-    op = _open(args, settings)
-    try:
+    with _open(args, settings) as op:
         result = reconciliation.reconcile(op)
-    finally:
-        op.engine.dispose()
     lines = [f"{result.verdict}: {result.explanation}", f"program {result.program_id}"]
     lines.append("  claims: " + (", ".join(f"{s} {n:,}" for s, n in result.claims_by_status.items()) or "none"))
     lines.append(
@@ -202,11 +194,8 @@ def cmd_claims_void(args: argparse.Namespace, settings: Settings) -> int:
         requests.append(
             corrections.VoidRequest(args.reason, merchant, None, source=f"case {merchant_claims.case_id(merchant)}")
         )
-    op = _open(args, settings)
-    try:
+    with _open(args, settings) as op:
         voided = corrections.void_grants(op, requests, args.actor, settings.clock())
-    finally:
-        op.engine.dispose()
     lines = [f"voided {len(voided):,} payout(s) of program {op.program.program_id} by {args.actor}:"]
     lines += [
         f"  case {merchant_claims.case_id(v.user_id)}: {v.amount_krw or 0:,} KRW taken back: {v.reason}" for v in voided
@@ -218,11 +207,8 @@ def cmd_claims_void(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_review_list(args: argparse.Namespace, settings: Settings) -> int:
     """List open reviews."""
-    op = _open(args, settings)
-    try:
+    with _open(args, settings, write=False) as op:
         reviews = merchant_review.open_reviews(op)
-    finally:
-        op.engine.dispose()
     lines = [f"{len(reviews):,} case(s) in review"]
     for r in reviews[:OPEN_REVIEWS_SHOWN_MAX]:
         lines.append(
@@ -237,13 +223,10 @@ def cmd_review_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_review_decide(args: argparse.Namespace, settings: Settings) -> int:
     """Approve or reject a case."""
-    op = _open(args, settings)
-    try:
+    with _open(args, settings) as op:
         result = merchant_review.decide(
             op, args.case, args.decision, getattr(args, "amount", None), args.actor, args.reason
         )
-    finally:
-        op.engine.dispose()
     amount = f" {result.amount_krw:,} KRW" if result.amount_krw is not None else ""
     if result.already_recorded:
         line = f"case {result.case_id}: this decision was already recorded at {result.decided_at.isoformat()}"

@@ -1,7 +1,8 @@
 """An open merchant cash program: the validated program on the ledger, and how its writers share the ledger.
 
-:func:`open_program` validates the program file, creates the ledger schema if needed and
-registers the program as a campaign whose one item is the cash payout. Intake, case
+:func:`open_program` validates the program file and opens the ledger (no writes);
+:func:`register` creates the ledger schema if needed and registers the program as a campaign
+whose one item is the cash payout. Intake, case
 assignment and payouts take :func:`lock_program` in their transactions, so that one of
 them at a time writes a program's claims, cases and payouts.
 """
@@ -19,21 +20,28 @@ from sqlalchemy.engine import Connection, Engine
 from pipeline import ledger
 from pipeline.campaigns import Campaign
 from pipeline.config import Settings
-from pipeline.ledger import CampaignKeys
+from pipeline.ledger import CampaignKeys, LedgerSession
 from pipeline.programs.merchant_cash.program import Program, load_program
 
 SQL_IN_CHUNK_MAX = 500  # ids per IN (...) list: well under SQLite's and psycopg's parameter limits
 _LOCK_PAYOUTS = -2  # second key of the PostgreSQL advisory lock that serialises a program's writers
 
 
-@dataclass(frozen=True)
-class OpenProgram:
-    """An open merchant program: settings, the validated program, the ledger engine and its keys."""
+@dataclass(eq=False)
+class OpenProgram(LedgerSession):
+    """An open merchant program: settings, the validated program and the ledger engine; use it in ``with``."""
 
     settings: Settings
     program: Program
     engine: Engine
-    keys: CampaignKeys
+    registered: CampaignKeys | None = None
+
+    @property
+    def keys(self) -> CampaignKeys:
+        """The program's campaign keys: written by :func:`register`, else found (read-only) on first use."""
+        if self.registered is None:
+            self.registered = ledger.registered_keys_of(self.engine, self.campaign)
+        return self.registered
 
     @property
     def campaign_key(self) -> int:
@@ -57,13 +65,16 @@ class OpenProgram:
 
 
 def open_program(settings: Settings, program_file: Path | None) -> OpenProgram:
-    """Validate the program, create the ledger schema if needed and register the program as a campaign."""
-    program = load_program(program_file)
-    settings.home.mkdir(parents=True, exist_ok=True)
-    engine = ledger.create_ledger_engine(settings.ledger_url)
-    ledger.create_schema(engine)
-    keys = ledger.register_campaign(engine, program.campaign(), settings.clock())
-    return OpenProgram(settings, program, engine, keys)
+    """Validate the program file and open the ledger: reads and writes nothing (see :func:`register`)."""
+    return OpenProgram(settings, load_program(program_file), ledger.create_ledger_engine(settings.ledger_url))
+
+
+def register(op: OpenProgram) -> CampaignKeys:
+    """The write step before any other: create the ledger's schema if absent, register the program as a campaign."""
+    op.settings.home.mkdir(parents=True, exist_ok=True)
+    ledger.create_schema(op.engine)
+    op.registered = ledger.register_campaign(op.engine, op.campaign, op.settings.clock())
+    return op.registered
 
 
 def chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:

@@ -22,8 +22,11 @@ class ClaimsFilesRefusedError(claims.ClaimsInputError):
 
 
 def _open() -> OpenProgram:
+    """The configured program, registered: every task of the DAG writes."""
     settings: Settings = load_settings()
-    return claims.open_program(settings, settings.merchant_program_file)
+    op = claims.open_program(settings, settings.merchant_program_file)
+    claims.register(op)
+    return op
 
 
 def incoming_dir(op: OpenProgram) -> Path:
@@ -37,8 +40,7 @@ def ingest_claims() -> dict[str, Any]:
     A refused file does not stop the others: its error is returned, and :func:`check` fails the run
     after the payable cases are paid.
     """
-    op = _open()
-    try:
+    with _open() as op:
         folder = incoming_dir(op)
         files = sorted(p for p in folder.glob("*") if p.is_file() and p.name.lower().endswith(CLAIM_FILE_SUFFIXES))
         reports: list[dict[str, Any]] = []
@@ -55,35 +57,24 @@ def ingest_claims() -> dict[str, Any]:
             "quarantined_rows": sum(r["quarantined_rows"] for r in reports),
             "refused": refused,
         }
-    finally:
-        op.engine.dispose()
 
 
 def assign_tiers() -> dict[str, Any]:
     """Re-derive every undecided case from its claims and the tier table."""
-    op = _open()
-    try:
+    with _open() as op:
         return {"cases_changed": claims.assign_cases(op)}
-    finally:
-        op.engine.dispose()
 
 
 def pay(run_id: str) -> dict[str, Any]:
     """Pay every payable case once; the Airflow run id is the ledger run id (retries share it)."""
-    op = _open()
-    try:
+    with _open() as op:
         return claims.pay(op, f"merchant_cash__{run_id}", trigger="airflow").as_dict()
-    finally:
-        op.engine.dispose()
 
 
 def reconcile() -> dict[str, Any]:
     """Reconcile payouts against claims and decisions; the verdict and counts (breaks listed by the CLI)."""
-    op = _open()
-    try:
+    with _open() as op:
         result = reconciliation.reconcile(op)
-    finally:
-        op.engine.dispose()
     return {
         "verdict": result.verdict,
         "explanation": result.explanation,
