@@ -32,14 +32,14 @@ from pipeline.grants.partitioning import (
     partition_snapshot,
     partitions_dir,
 )
-from pipeline.ledger import CampaignKeys, LedgerSession
+from pipeline.ledger import CampaignKeys, CampaignSession
 from pipeline.storage import Location, ObjectUri
 
 UserFile = str | PathLike[str] | ObjectUri  # a local path or an s3:// URI
 
 
 @dataclass(eq=False)
-class Pipeline(LedgerSession):
+class Pipeline(CampaignSession):
     """An open pipeline: settings, the validated campaign and the ledger engine; use it in ``with``.
 
     ``keys`` are the registered campaign's: :func:`register` writes them (the explicit step of
@@ -51,12 +51,9 @@ class Pipeline(LedgerSession):
     engine: Engine
     registered: CampaignKeys | None = None
 
-    @property
-    def keys(self) -> CampaignKeys:
-        """The campaign's and its items' keys in the ledger; refused when not registered with these terms."""
-        if self.registered is None:
-            self.registered = ledger.registered_keys_of(self.engine, self.campaign)
-        return self.registered
+    def ledger_campaign(self) -> Campaign:
+        """The configured campaign."""
+        return self.campaign
 
 
 def open_pipeline(settings: Settings) -> Pipeline:
@@ -70,10 +67,7 @@ def register(pipeline: Pipeline) -> CampaignKeys:
     Idempotent, and one read when nothing changed. Refuses a ledger of another schema version
     and changed terms for items that have grants.
     """
-    pipeline.settings.home.mkdir(parents=True, exist_ok=True)
-    ledger.create_schema(pipeline.engine)
-    pipeline.registered = ledger.register_campaign(pipeline.engine, pipeline.campaign, pipeline.settings.clock())
-    return pipeline.registered
+    return pipeline.register_campaign()
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from pipeline.ledger.schema import (
     view_sql,
 )
 from pipeline.ledger.session import (
+    CampaignSession,
     LedgerSession,
     open_ledger,
     registered_keys_of,
@@ -99,6 +100,7 @@ from pipeline.ledger.tables import (
 )
 
 __all__ = [
+    "CampaignSession",
     "LedgerSession",
     "open_ledger",
     "registered_keys_of",

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from sqlalchemy.engine import Engine
 
 from pipeline.campaigns import Campaign
 from pipeline.errors import LedgerError
 from pipeline.ledger.engine import create_ledger_engine
-from pipeline.ledger.registry import CampaignKeys, registered_keys
-from pipeline.ledger.schema import SCHEMA_VERSION, recorded_version
+from pipeline.ledger.registry import CampaignKeys, register_campaign, registered_keys
+from pipeline.ledger.schema import SCHEMA_VERSION, create_schema, recorded_version
+
+if TYPE_CHECKING:
+    from pipeline.config import Settings
 
 
 class LedgerSession:
@@ -44,6 +47,35 @@ class LedgerSession:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.close()
+
+
+class CampaignSession(LedgerSession):
+    """A ledger session for one campaign (the core's or a program's): settings, engine and its keys.
+
+    ``keys`` are written by the context's ``register`` step (:meth:`register_campaign`), or found,
+    read-only, on first use by a command that only reads.
+    """
+
+    settings: Settings
+    registered: CampaignKeys | None
+
+    def ledger_campaign(self) -> Campaign:
+        """The campaign this session registers and reads (its items are what the ledger grants)."""
+        raise NotImplementedError
+
+    @property
+    def keys(self) -> CampaignKeys:
+        """The campaign's and its items' keys in the ledger; refused, saying why, when not registered."""
+        if self.registered is None:
+            self.registered = registered_keys_of(self.engine, self.ledger_campaign())
+        return self.registered
+
+    def register_campaign(self) -> CampaignKeys:
+        """Create the ledger's schema if absent and register the campaign (idempotent; one read when unchanged)."""
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        create_schema(self.engine)
+        self.registered = register_campaign(self.engine, self.ledger_campaign(), self.settings.clock())
+        return self.registered
 
 
 class OpenLedger(LedgerSession):

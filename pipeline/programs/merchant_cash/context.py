@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 from pipeline import ledger
 from pipeline.campaigns import Campaign
 from pipeline.config import Settings
-from pipeline.ledger import CampaignKeys, LedgerSession
+from pipeline.ledger import CampaignKeys, CampaignSession
 from pipeline.programs.merchant_cash.program import Program, load_program
 
 SQL_IN_CHUNK_MAX = 500  # ids per IN (...) list: well under SQLite's and psycopg's parameter limits
@@ -28,7 +28,7 @@ _LOCK_PAYOUTS = -2  # second key of the PostgreSQL advisory lock that serialises
 
 
 @dataclass(eq=False)
-class OpenProgram(LedgerSession):
+class OpenProgram(CampaignSession):
     """An open merchant program: settings, the validated program and the ledger engine; use it in ``with``."""
 
     settings: Settings
@@ -36,12 +36,9 @@ class OpenProgram(LedgerSession):
     engine: Engine
     registered: CampaignKeys | None = None
 
-    @property
-    def keys(self) -> CampaignKeys:
-        """The program's campaign keys: written by :func:`register`, else found (read-only) on first use."""
-        if self.registered is None:
-            self.registered = ledger.registered_keys_of(self.engine, self.campaign)
-        return self.registered
+    def ledger_campaign(self) -> Campaign:
+        """The program as a campaign."""
+        return self.campaign
 
     @property
     def campaign_key(self) -> int:
@@ -71,10 +68,7 @@ def open_program(settings: Settings, program_file: Path | None) -> OpenProgram:
 
 def register(op: OpenProgram) -> CampaignKeys:
     """The write step before any other: create the ledger's schema if absent, register the program as a campaign."""
-    op.settings.home.mkdir(parents=True, exist_ok=True)
-    ledger.create_schema(op.engine)
-    op.registered = ledger.register_campaign(op.engine, op.campaign, op.settings.clock())
-    return op.registered
+    return op.register_campaign()
 
 
 def chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
