@@ -31,6 +31,7 @@ from pipeline.errors import CampaignError, CorrectionError
 from pipeline.grants import corrections
 from pipeline.ledger import queries
 from pipeline.programs.merchant_cash import claims, reconciliation
+from pipeline.programs.merchant_cash import payouts as merchant_payouts
 from pipeline.programs.merchant_cash import review as merchant_review
 from pipeline.programs.merchant_cash.claims import ClaimsInputError, OpenProgram
 from pipeline.programs.merchant_cash.program import load_program, parse_program
@@ -64,11 +65,12 @@ def open_program(
     def factory(program_file: Path | None = None) -> OpenProgram:
         op = claims.open_program(settings_for(tmp_path / "var", ledger_url=url), program_file)
         opened.append(op)
+        claims.register(op)
         return op
 
     yield factory
     for op in opened:
-        op.engine.dispose()
+        op.close()
 
 
 @pytest.fixture
@@ -530,16 +532,16 @@ def test_a_failure_inside_a_batch_writes_nothing_of_it(
     claims.ingest_file(
         op, write_claims(tmp_path / "claims.csv", [claim(f"k{m}", m, 1000) for m in range(1, 11)])
     )
-    real_granted = claims._granted
+    real_granted = merchant_payouts._granted
 
     def granted_then_die(*args: Any) -> set[int]:
         raise Crash("the process dies before the batch commits")
 
-    monkeypatch.setattr(claims, "_granted", granted_then_die)
+    monkeypatch.setattr(merchant_payouts, "_granted", granted_then_die)
     with pytest.raises(Crash):
         claims.pay(op)
     assert payouts(op) == [] and {c["state"] for c in cases(op).values()} == {"auto_tier"}
-    monkeypatch.setattr(claims, "_granted", real_granted)
+    monkeypatch.setattr(merchant_payouts, "_granted", real_granted)
     assert claims.pay(op).paid == 10 and len(payouts(op)) == 10
 
 

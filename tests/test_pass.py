@@ -71,11 +71,12 @@ def open_program(tmp_path: Path) -> Iterator[Callable[..., PassContext]]:
         settings = build_settings(tmp_path / "var", ledger_url=url, clock=lambda: clock, rejected_share_max=share)
         context = pass_allocation.open_pass(settings, load_program(path))
         opened.append(context)
+        pass_allocation.register(context)
         return context
 
     yield factory
     for context in opened:
-        context.engine.dispose()
+        context.close()
 
 
 def write_applications(path: Path, rows: list[tuple[object, object]]) -> Path:
@@ -418,8 +419,10 @@ def test_four_processes_grant_exactly_the_cap_to_the_earliest_applicants(ledger_
     env = cli_environment(
         ENTITLE_HOME=str(tmp_path / "var"), ENTITLE_LEDGER_URL=ledger_url, ENTITLE_PASS_PROGRAM=str(program)
     )
-    # The schema and program rows first, so the four processes race on applications, not on DDL.
-    assert run_entitle(["pass", "status"], env).returncode == 0
+    # The schema and program rows first (the explicit register step), so the four processes race on
+    # applications, not on DDL.
+    with pass_allocation.open_pass(build_settings(tmp_path / "var", ledger_url=ledger_url), load_program(program)) as c:
+        pass_allocation.register(c)
 
     def at_once(commands: list[list[str]]) -> list[subprocess.CompletedProcess[str]]:
         running = [

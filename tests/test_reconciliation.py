@@ -24,6 +24,7 @@ from pipeline.config import Settings
 from pipeline.errors import CorrectionError
 from pipeline.grants import corrections, runs
 from pipeline.grants.partitioning import partition_of, user_bucket
+from pipeline.reconciliation import checksums
 
 USERS = list(range(30_000_000, 30_002_000, 2))  # 1,000 users
 STRANGER = 99_999_999_001  # never in the snapshot
@@ -504,7 +505,7 @@ def test_the_expected_checksum_equals_the_databases_on_the_same_rows(granted: Pr
     entry = granted.run.entries[0]
     users = pl.read_parquet(entry.path).select("user_id")
     expected = reconciliation.expected_checksum(users, items)
-    h1, h2 = reconciliation._hash_sql(granted.engine.dialect.name)
+    h1, h2 = checksums.hash_sql(granted.engine.dialect.name)
     with granted.engine.connect() as connection:
         row = connection.execute(
             sa.text(
@@ -514,7 +515,7 @@ def test_the_expected_checksum_equals_the_databases_on_the_same_rows(granted: Pr
             {"ck": granted.pipeline.keys.campaign_key, "lo": entry.bucket_lo, "hi": entry.bucket_hi},
         ).one()
     assert expected == (int(row[0]), int(row[1]), int(row[2]))
-    one = [reconciliation._row_hashes(u, items[0]) for u in users["user_id"].to_list()]
+    one = [checksums.row_hashes(u, items[0]) for u in users["user_id"].to_list()]
     single = reconciliation.expected_checksum(users, items[:1])
     assert single == (users.height, sum(h for h, _ in one), sum(h for _, h in one))
 

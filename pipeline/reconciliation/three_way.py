@@ -15,8 +15,9 @@ issuer delivers, on the grant id (``{campaign}:{user}:{sku}:{issue_no}``):
   decides; the pipeline revokes only what it voided).
 
 Per issuer: ledger_live = matched + issuer_missing and issuer_held = matched +
-issuer_unexpected, where issuer_held counts the distinct grant ids exported. An
-issuer whose export cannot be read makes the reconciliation ``INCOMPLETE``.
+issuer_unexpected, where issuer_held counts the distinct grant ids exported; that is
+the bridge of the issuer's verdict (:attr:`IssuerCheck.outcome`). An issuer whose
+export cannot be read makes its verdict, and the reconciliation's, ``INCOMPLETE``.
 
 Both sides are compared on the grant's integer key (user_id, item_key,
 issue_no), never its id string. The export is reduced chunk by chunk to that
@@ -45,6 +46,7 @@ from pipeline.campaigns import IssuerSpec
 from pipeline.delivery.issuers import Issuer, IssuerRejected, IssuerUnavailable, build_issuer
 from pipeline.grants import runs
 from pipeline.grants.partitioning import BUCKET_MODULUS, bucket_range, user_bucket_expr
+from pipeline.reconciliation.verdict import BREAKS, INCOMPLETE, Bridge, Step, Verdict, judge
 
 ISSUER_BREAK_CLASSES = ("issuer_missing", "issuer_unexpected")
 EXPORT_FRAME_ROWS = 200_000  # export rows gathered per frame while streaming
@@ -89,7 +91,49 @@ class IssuerCheck:
             "issuer_unexpected": self.issuer_unexpected,
             "error": self.error,
             "duration_s": round(self.duration_s, 3),
+            "outcome": self.outcome.as_dict(),
         }
+
+    @property
+    def outcome(self) -> Verdict:
+        """This issuer's verdict: live in the ledger - issuer_missing = matched + issuer_unexpected = held."""
+        steps: tuple[Step, ...]
+        if self.state == "compared":
+            steps = (
+                Step("issuer_missing", -self.issuer_missing),
+                Step("matched", self.matched, checkpoint=True),
+                Step("issuer_unexpected", self.issuer_unexpected),
+            )
+            reasons: tuple[str, ...] = ()
+        else:
+            steps = (Step("not compared: the export cannot be read", -self.ledger_live),)
+            reasons = (
+                f"{self.error}; its {self.ledger_live:,} live ledger grants could not be compared with it "
+                "(is the issuer up? then reconcile again)",
+            )
+
+        def explain(status: str, incomplete: tuple[str, ...]) -> str:
+            if status == INCOMPLETE:
+                return "; ".join(incomplete)
+            if status == BREAKS:
+                return (
+                    f"issuer {self.issuer!r}: {self.issuer_missing:,} issuer_missing, {self.issuer_unexpected:,} "
+                    "issuer_unexpected; `entitle repair` delivers issuer_missing again; issuer_unexpected is revoked "
+                    "at the issuer by a person"
+                )
+            return f"issuer {self.issuer!r} holds exactly the {self.matched:,} live grants it delivers"
+
+        return judge(
+            Bridge(
+                "grants",
+                Step(f"live in the ledger, items issuer {self.issuer!r} delivers", self.ledger_live),
+                steps,
+                Step(f"held by issuer {self.issuer!r}", self.issuer_held),
+            ),
+            {name: int(getattr(self, name)) for name in ISSUER_BREAK_CLASSES},
+            reasons,
+            explain=explain,
+        )
 
 
 def delivering_issuers(pipeline: runs.Pipeline) -> list[IssuerSpec]:

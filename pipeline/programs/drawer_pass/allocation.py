@@ -25,23 +25,37 @@ Atomicity
 
 Outcomes are derived, not copied: an application at or before the watermark is ``granted``
 when the ledger holds its pass and ``sold_out`` otherwise; later ones are ``pending``.
-:func:`reconcile` checks that this reading agrees with the counters and the order.
+:mod:`pipeline.programs.drawer_pass.reconciliation` checks that this reading agrees with the
+counters and the order (:func:`reconcile` here runs it).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from pipeline import ledger
+from pipeline.campaigns import Campaign
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, TermsChangedError, invariant
-from pipeline.ledger import Instant, pass_allocations, pass_applications, pass_programs, pgcopy, write_transaction
+from pipeline.ledger import (
+    CampaignKeys,
+    CampaignSession,
+    Instant,
+    pass_allocations,
+    pass_applications,
+    pass_programs,
+    pgcopy,
+    write_transaction,
+)
 from pipeline.programs.drawer_pass.program import PassProgram
+
+if TYPE_CHECKING:
+    from pipeline.programs.drawer_pass.reconciliation import PassReconciliation
 
 # Applications start after this when a program has no watermark yet (intake refuses anything
 # before the program opens, so no application is this old).
@@ -53,29 +67,43 @@ FUTURE_CUTOFF_TOLERANCE_S = 0  # a cut-off after now could close a window applic
 OUTCOMES = ("granted", "sold_out", "pending")
 
 
-@dataclass(frozen=True)
-class PassContext:
-    """An open pass program: settings, the program, the ledger engine and its keys."""
+@dataclass(eq=False)
+class PassContext(CampaignSession):
+    """An open pass program: settings, the program and the ledger engine; use it in ``with``."""
 
     settings: Settings
     program: PassProgram
     engine: Engine
-    campaign_key: int
-    item_key: int
+    registered: CampaignKeys | None = None
+
+    def ledger_campaign(self) -> Campaign:
+        """The program as a campaign."""
+        return self.program.campaign()
+
+    @property
+    def campaign_key(self) -> int:
+        """The program's campaign key in the ledger."""
+        return self.keys.campaign_key
+
+    @property
+    def item_key(self) -> int:
+        """The key of the program's pass item."""
+        return self.keys.item_keys[self.program.sku]
 
 
 def open_pass(settings: Settings, program: PassProgram) -> PassContext:
-    """Create the ledger schema if needed, register the program as a campaign and its stock row."""
-    settings.home.mkdir(parents=True, exist_ok=True)
-    engine = ledger.create_ledger_engine(settings.ledger_url)
-    ledger.create_schema(engine)
-    now = settings.clock()
-    keys = ledger.register_campaign(engine, program.as_campaign(), now)
-    campaign_key, item_key = keys.campaign_key, keys.item_keys[program.sku]
-    _register_program(engine, program, campaign_key, item_key, now)
+    """Open the ledger for a validated pass program: reads and writes nothing (see :func:`register`)."""
+    return PassContext(settings, program, ledger.create_ledger_engine(settings.ledger_url))
+
+
+def register(context: PassContext) -> CampaignKeys:
+    """The write step before any other: the ledger's schema if absent, the program as a campaign, its stock row."""
+    keys = context.register_campaign()
+    program, engine = context.program, context.engine
+    _register_program(engine, program, keys.campaign_key, keys.item_keys[program.sku], context.settings.clock())
     if engine.dialect.name == "postgresql":
-        pgcopy.ensure_campaign_table(engine, campaign_key)
-    return PassContext(settings, program, engine, campaign_key, item_key)
+        pgcopy.ensure_campaign_table(engine, keys.campaign_key)
+    return keys
 
 
 def _register_program(engine: Engine, program: PassProgram, campaign_key: int, item_key: int, now: dt.datetime) -> None:
@@ -447,186 +475,8 @@ def user_status(context: PassContext, user_id: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- reconciliation
 
 
-@dataclass(frozen=True)
-class PassCheck:
-    """One reconciliation check: the count of offending rows (0 = fine) and what it means."""
-
-    name: str
-    count: int
-    meaning: str
-
-
-@dataclass(frozen=True)
-class PassReconciliation:
-    """The pass program's reconciliation: verdict, the figures compared and every check."""
-
-    program_id: str
-    verdict: str  # RECONCILED | BREAKS
-    stock_cap: int
-    counter_granted: int
-    allocations_granted: int
-    ledger_passes: int
-    voided: int
-    allocated_applications: int
-    allocations_considered: int
-    sold_out: int
-    checks: tuple[PassCheck, ...]
-
-    @property
-    def explanation(self) -> str:
-        """One sentence: what agrees, or which checks found offending rows."""
-        failed = [f"{c.name} ({c.count:,}: {c.meaning})" for c in self.checks if c.count]
-        if failed:
-            return f"{len(failed)} check(s) found breaks: " + "; ".join(failed)
-        return (
-            f"{self.ledger_passes:,} live passes = the stock counter = the allocations' records, within the cap of "
-            f"{self.stock_cap:,}, to the earliest applicants in order; {self.sold_out:,} sold_out"
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain values for --json."""
-        values = asdict(self)
-        values["breaks"] = [c.name for c in self.checks if c.count]
-        values["explanation"] = self.explanation
-        return values
-
-
 def reconcile(context: PassContext) -> PassReconciliation:
-    """Compare the ledger's passes with the allocations, the counter and the application order; store the result."""
-    started = context.settings.clock()
-    result = _compare(context)
-    ledger.record_program_reconciliation(
-        context.engine, context.campaign_key, "pass", result.as_dict(), started, context.settings.clock()
-    )
-    return result
+    """Reconcile the program: :func:`pipeline.programs.drawer_pass.reconciliation.reconcile`."""
+    from pipeline.programs.drawer_pass import reconciliation  # imported here: that module builds on this one
 
-
-def _compare(context: PassContext) -> PassReconciliation:
-    """Compare the ledger's passes with the allocations, the stock counter and the application order."""
-    key, item = context.campaign_key, context.item_key
-    params = {"c": key, "i": item}
-    with context.engine.connect() as connection:
-        program = _program_row(connection, key)
-        through = program.allocated_through or EPOCH
-        allocated_params = {**params, "through": through}
-
-        def scalar(sql: str, values: dict[str, Any] | None = None) -> int:
-            statement = (
-                sa.text(sql).bindparams(sa.bindparam("through", type_=Instant())) if ":through" in sql else sa.text(sql)
-            )
-            return int(connection.execute(statement, values or params).scalar_one() or 0)
-
-        ledger_passes = scalar("SELECT count(*) FROM grants AS g WHERE g.campaign_key = :c AND g.item_key = :i")
-        voided = scalar("SELECT count(*) FROM grant_voids AS v WHERE v.campaign_key = :c AND v.item_key = :i")
-        sums = connection.execute(
-            sa.select(
-                sa.func.coalesce(sa.func.sum(pass_allocations.c.granted), 0),
-                sa.func.coalesce(sa.func.sum(pass_allocations.c.considered), 0),
-                sa.func.coalesce(sa.func.sum(pass_allocations.c.sold_out), 0),
-            ).where(pass_allocations.c.campaign_key == key)
-        ).one()
-        allocated = scalar(
-            "SELECT count(*) FROM pass_applications AS a WHERE a.campaign_key = :c AND a.applied_at <= :through",
-            allocated_params,
-        )
-        checks = (
-            PassCheck(
-                "over_cap",
-                max(0, ledger_passes - int(program.stock_cap)),
-                "passes in the ledger beyond the stock cap",
-            ),
-            PassCheck(
-                "counter_mismatch",
-                abs(ledger_passes - int(program.granted)),
-                "difference between the ledger's passes and the program's stock counter",
-            ),
-            PassCheck(
-                "allocations_mismatch",
-                abs(ledger_passes - int(sums[0])),
-                "difference between the ledger's passes and the passes the allocations recorded",
-            ),
-            PassCheck(
-                "grant_without_application",
-                scalar(
-                    "SELECT count(*) FROM grants AS g WHERE g.campaign_key = :c AND g.item_key = :i AND NOT EXISTS "
-                    "(SELECT 1 FROM pass_applications AS a WHERE a.campaign_key = g.campaign_key "
-                    "AND a.user_id = g.user_id)"
-                ),
-                "passes whose user has no application",
-            ),
-            PassCheck(
-                "grant_not_allocated",
-                scalar(
-                    "SELECT count(*) FROM grants AS g JOIN pass_applications AS a ON a.campaign_key = g.campaign_key "
-                    "AND a.user_id = g.user_id WHERE g.campaign_key = :c AND g.item_key = :i "
-                    "AND a.applied_at > :through",
-                    allocated_params,
-                ),
-                "passes whose application is after the allocation watermark (not yet allocated)",
-            ),
-            PassCheck(
-                "duplicate_user",
-                scalar(
-                    "SELECT count(*) - count(DISTINCT g.user_id) FROM grants AS g "
-                    "WHERE g.campaign_key = :c AND g.item_key = :i"
-                ),
-                "users holding more than one pass",
-            ),
-            PassCheck(
-                "terms_mismatch",
-                scalar(
-                    "SELECT count(*) FROM grants AS g LEFT JOIN pass_allocations AS l ON l.run_key = g.run_key "
-                    "AND l.campaign_key = g.campaign_key WHERE g.campaign_key = :c AND g.item_key = :i AND "
-                    "(l.run_key IS NULL OR g.valid_from <> l.granted_at OR g.valid_until <> l.valid_until "
-                    "OR g.granted_at <> l.granted_at OR g.amount_krw IS NOT NULL)"
-                ),
-                "passes whose window is not their allocation's (or that no allocation wrote)",
-            ),
-            PassCheck(
-                "out_of_order",
-                _out_of_order(connection, key, item, through),
-                "sold-out applications ordered before an application that got a pass",
-            ),
-            PassCheck(
-                "window_mismatch",
-                abs(allocated - int(sums[1])),
-                "difference between the applications at or before the watermark and those the allocations counted",
-            ),
-        )
-    verdict = "BREAKS" if any(c.count for c in checks) else "RECONCILED"
-    return PassReconciliation(
-        context.program.program_id,
-        verdict,
-        int(program.stock_cap),
-        int(program.granted),
-        int(sums[0]),
-        ledger_passes,
-        voided,
-        allocated,
-        int(sums[1]),
-        int(sums[2]),
-        checks,
-    )
-
-
-def _out_of_order(connection: Connection, campaign_key: int, item_key: int, through: dt.datetime) -> int:
-    """Allocated applications without a pass that come before the last application with one."""
-    last = connection.execute(
-        sa.text(
-            "SELECT a.applied_at, a.user_bucket, a.user_id FROM pass_applications AS a JOIN grants AS g "
-            "ON g.campaign_key = a.campaign_key AND g.user_bucket = a.user_bucket AND g.user_id = a.user_id "
-            "AND g.item_key = :i WHERE a.campaign_key = :c "
-            "ORDER BY a.applied_at DESC, a.user_bucket DESC, a.user_id DESC LIMIT 1"
-        ).columns(sa.column("applied_at", Instant()), sa.column("user_bucket"), sa.column("user_id")),
-        {"c": campaign_key, "i": item_key},
-    ).first()
-    if last is None:
-        return 0
-    statement = sa.text(
-        "SELECT count(*) FROM pass_applications AS a WHERE a.campaign_key = :c AND a.applied_at <= :through "
-        "AND (a.applied_at < :t OR (a.applied_at = :t AND (a.user_bucket < :b OR (a.user_bucket = :b "
-        "AND a.user_id < :u)))) AND NOT EXISTS (SELECT 1 FROM grants AS g WHERE g.campaign_key = a.campaign_key "
-        "AND g.user_bucket = a.user_bucket AND g.user_id = a.user_id AND g.item_key = :i)"
-    ).bindparams(sa.bindparam("t", type_=Instant()), sa.bindparam("through", type_=Instant()))
-    values = {"c": campaign_key, "i": item_key, "through": through, "t": last[0], "b": last[1], "u": last[2]}
-    return int(connection.execute(statement, values).scalar_one())
+    return reconciliation.reconcile(context)

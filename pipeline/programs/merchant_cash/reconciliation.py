@@ -10,6 +10,10 @@ A payout voided on purpose (`entitle claims void`: who, when and why are in
 the ledger) is an explained difference, counted as ``voided``, not a break,
 as a voided grant is in a campaign's reconciliation; the case is never paid
 again. Anything else is a break with its class and detail.
+
+The verdict (:class:`pipeline.reconciliation.verdict.Verdict`) bridges the money: KRW
+due - unpaid - voided on purpose (due) + wrong amounts (paid minus due) + unexpected +
+duplicate = KRW paid in live payouts; its breaks are the breaks counted by class.
 """
 
 from __future__ import annotations
@@ -29,8 +33,16 @@ from pipeline.programs.merchant_cash.claims import (
     plan_case,
     voided_payouts,
 )
+from pipeline.reconciliation.verdict import BREAKS, INCOMPLETE, Bridge, Step, Verdict, judge
 
 BREAK_CLASSES = ("unpaid", "wrong_amount", "unexpected", "duplicate", "case_state")
+KRW_STEPS = {  # the bridge's steps from KRW due to KRW paid, in order, with their labels
+    "unpaid": "unpaid",
+    "voided_due": "voided on purpose (due)",
+    "wrong_amount": "wrong_amount: paid minus due",
+    "unexpected": "unexpected",
+    "duplicate": "duplicate",
+}
 APPROVED, REJECTED, PENDING, NO_CLAIM = "review-approved", "review-rejected", "review-pending", "no-accepted-claim"
 
 
@@ -66,15 +78,32 @@ class MerchantReconciliation:
     """The verdict and its evidence."""
 
     program_id: str
-    verdict: str
-    explanation: str
+    outcome: Verdict  # status and explanation are the document's "verdict" and "explanation"
     claims_by_status: dict[str, int]
     tiers: list[TierLine] = field(default_factory=list)
     breaks: list[PayoutBreak] = field(default_factory=list)
 
+    @property
+    def verdict(self) -> str:
+        """RECONCILED, BREAKS or INCOMPLETE."""
+        return self.outcome.status
+
+    @property
+    def explanation(self) -> str:
+        """The verdict in one sentence."""
+        return self.outcome.explanation
+
     def as_dict(self) -> dict[str, Any]:
-        """Plain values for --json and XCom."""
-        return asdict(self)
+        """Plain values for --json and XCom; the whole verdict comes last, as ``outcome``."""
+        return {
+            "program_id": self.program_id,
+            "verdict": self.verdict,
+            "explanation": self.explanation,
+            "claims_by_status": dict(self.claims_by_status),
+            "tiers": [asdict(t) for t in self.tiers],
+            "breaks": [asdict(b) for b in self.breaks],
+            "outcome": self.outcome.as_dict(),
+        }
 
 
 def _break(merchant: int, expected: int | None, paid: list[int], break_class: str, detail: str) -> PayoutBreak:
@@ -126,6 +155,7 @@ def _compare(op: OpenProgram) -> MerchantReconciliation:
     for extra in (APPROVED, REJECTED, PENDING, NO_CLAIM):
         lines[extra] = TierLine(extra)
     breaks: list[PayoutBreak] = []
+    krw = dict.fromkeys(KRW_STEPS, 0)  # the bridge's steps, KRW by kind of difference
     for merchant in sorted(set(contents) | set(decisions) | set(payouts) | set(states)):
         expected: int | None
         decision = decisions.get(merchant)
@@ -152,6 +182,7 @@ def _compare(op: OpenProgram) -> MerchantReconciliation:
             tally.voided += 1
             tally.voided_krw += void
             tally.voided_due += expected is not None
+        _bridge_steps(krw, expected, paid, void)
 
         if len(paid) > 1:
             breaks.append(
@@ -189,22 +220,46 @@ def _compare(op: OpenProgram) -> MerchantReconciliation:
                 )
             )
     used = [line for line in lines.values() if line.cases or line.tier in {t.name for t in program.tiers}]
-    if breaks:
-        classes = sorted({b.break_class for b in breaks})
-        verdict = "BREAKS"
-        explanation = f"{len(breaks)} break(s) ({', '.join(classes)}); each names the case and what to do"
-    else:
-        verdict = "RECONCILED"
-        due = sum(line.expected_payouts for line in lines.values())
-        voided = sum(line.voided for line in lines.values())
-        voided_due = sum(line.voided_due for line in lines.values())
-        explanation = f"every one of {due:,} due payouts is paid exactly once with its amount, nothing else is paid"
-        if voided:
-            explanation = (
-                f"every one of {due - voided_due:,} due payouts is paid exactly once with its amount, nothing else is "
-                f"live; voided on purpose: {voided:,} payout(s), {voided_due:,} of them due "
-                "(`entitle query voids_by_actor`)"
-            )
-    return MerchantReconciliation(
-        program.program_id, verdict, explanation, dict(sorted(by_status.items())), used, breaks
+    verdict = _judge(list(lines.values()), breaks, krw)
+    return MerchantReconciliation(program.program_id, verdict, dict(sorted(by_status.items())), used, breaks)
+
+
+def _bridge_steps(krw: dict[str, int], expected: int | None, paid: list[int], void: int | None) -> None:
+    """Add one merchant's difference between due and paid to the bridge's steps."""
+    if expected is not None and not paid:
+        krw["unpaid" if void is None else "voided_due"] -= expected
+    elif expected is not None and paid:
+        krw["wrong_amount"] += paid[0] - expected
+    elif paid:
+        krw["unexpected"] += paid[0]
+    krw["duplicate"] += sum(paid[1:])
+
+
+def _judge(lines: list[TierLine], breaks: list[PayoutBreak], krw: dict[str, int]) -> Verdict:
+    """The program's verdict: the KRW bridge from due to paid, the breaks by class."""
+    bridge = Bridge(
+        "KRW",
+        Step("due: claims, tiers and decisions", sum(line.expected_krw for line in lines)),
+        tuple(Step(KRW_STEPS[name], krw[name]) for name in KRW_STEPS),
+        Step("paid: live payouts", sum(line.paid_krw for line in lines)),
     )
+    by_class = {name: sum(1 for b in breaks if b.break_class == name) for name in BREAK_CLASSES}
+
+    def explain(status: str, reasons: tuple[str, ...]) -> str:
+        if status == INCOMPLETE:
+            return "; ".join(reasons)
+        if status == BREAKS:
+            classes = sorted({b.break_class for b in breaks})
+            return f"{len(breaks)} break(s) ({', '.join(classes)}); each names the case and what to do"
+        due = sum(line.expected_payouts for line in lines)
+        voided = sum(line.voided for line in lines)
+        voided_due = sum(line.voided_due for line in lines)
+        if not voided:
+            return f"every one of {due:,} due payouts is paid exactly once with its amount, nothing else is paid"
+        return (
+            f"every one of {due - voided_due:,} due payouts is paid exactly once with its amount, nothing else is "
+            f"live; voided on purpose: {voided:,} payout(s), {voided_due:,} of them due "
+            "(`entitle query voids_by_actor`)"
+        )
+
+    return judge(bridge, by_class, explain=explain)
