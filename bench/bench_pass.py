@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from pipeline.config import load_settings
 from pipeline.programs.drawer_pass import allocation as pass_allocation
 from pipeline.programs.drawer_pass import intake
+from pipeline.programs.drawer_pass import reconciliation as pass_reconciliation
 from pipeline.programs.drawer_pass.program import parse_program
 
 SEED = 20230105
@@ -97,7 +98,7 @@ def main() -> None:
         allocation = pass_allocation.allocate(context, dt.datetime(2023, 1, 9, tzinfo=dt.UTC))
         allocation_s = time.perf_counter() - started_allocation
         total_s = intake_s + allocation_s
-        verdict = pass_allocation.reconcile(context).verdict
+        verdict = pass_reconciliation.reconcile(context).verdict
         context.engine.dispose()
     backend = "postgresql" if args.ledger_url and args.ledger_url.startswith("postgresql") else "sqlite"
     rate = args.applications / total_s

@@ -23,6 +23,7 @@ from pipeline.grants.partitioning import user_bucket
 from pipeline.ledger import queries
 from pipeline.programs.drawer_pass import allocation as pass_allocation
 from pipeline.programs.drawer_pass import intake, notices
+from pipeline.programs.drawer_pass import reconciliation as pass_reconciliation
 from pipeline.programs.drawer_pass.allocation import PassContext
 from pipeline.programs.drawer_pass.program import add_months, load_program
 
@@ -155,7 +156,7 @@ def test_cap_is_reached_exactly_in_order_and_later_applicants_are_sold_out(
     outcomes = queries.run_query(context.engine, "pass_outcomes", {"limit": "1000"})
     by_user = {r[1]: r[3] for r in outcomes.rows}
     assert [by_user[u] for u in order] == ["granted"] * 120 + ["sold_out"] * 380
-    assert pass_allocation.reconcile(context).verdict == "RECONCILED"
+    assert pass_reconciliation.reconcile(context).verdict == "RECONCILED"
 
 
 def test_ties_are_broken_by_user_bucket_then_user_id_whatever_the_file_order(
@@ -274,7 +275,7 @@ def test_rerunning_intake_and_allocation_changes_nothing(
     assert pass_holders(context) == holders and len(holders) == 50
     later = pass_allocation.allocate(context)  # a later window with no applications: stock unchanged
     assert (later.considered, later.granted, later.stock_granted) == (0, 0, 50)
-    assert pass_allocation.reconcile(context).verdict == "RECONCILED"
+    assert pass_reconciliation.reconcile(context).verdict == "RECONCILED"
 
 
 def test_a_crash_mid_allocation_leaves_nothing_and_the_rerun_gives_the_exact_result(
@@ -304,7 +305,7 @@ def test_a_crash_mid_allocation_leaves_nothing_and_the_rerun_gives_the_exact_res
     monkeypatch.undo()
     pass_allocation.allocate(context)
     assert pass_holders(context) == set(serving_order(rows)[:100])
-    assert pass_allocation.reconcile(context).verdict == "RECONCILED"
+    assert pass_reconciliation.reconcile(context).verdict == "RECONCILED"
 
 
 def test_an_application_older_than_an_allocated_window_is_refused_as_late(

@@ -375,8 +375,8 @@ def test_the_pass_program_carries_the_shared_verdict_clean_and_broken(
     context = open_pass_program(backend_url or f"sqlite:///{tmp_path / 'var' / 'ledger.sqlite'}", cap=3)
     intake.ingest(context, write_applications(tmp_path / "a.parquet", synthetic(5, seed=3)))
     pass_allocation.allocate(context)
-    clean = pass_allocation.reconcile(context)
-    assert isinstance(clean, pass_reconciliation.PassReconciliation), "allocation.reconcile is the same"
+    clean = pass_reconciliation.reconcile(context)
+    assert isinstance(clean, pass_reconciliation.PassReconciliation)
     verdict = assert_is_the_shared_verdict(clean.outcome, RECONCILED)
     assert verdict.bridge.text() == (
         "applications at or before the watermark 5 + window_mismatch: counted by the allocations minus applied 0 "

@@ -26,14 +26,14 @@ Atomicity
 Outcomes are derived, not copied: an application at or before the watermark is ``granted``
 when the ledger holds its pass and ``sold_out`` otherwise; later ones are ``pending``.
 :mod:`pipeline.programs.drawer_pass.reconciliation` checks that this reading agrees with the
-counters and the order (:func:`reconcile` here runs it).
+counters and the order (:mod:`pipeline.programs.drawer_pass.reconciliation`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -53,9 +53,6 @@ from pipeline.ledger import (
     write_transaction,
 )
 from pipeline.programs.drawer_pass.program import PassProgram
-
-if TYPE_CHECKING:
-    from pipeline.programs.drawer_pass.reconciliation import PassReconciliation
 
 # Applications start after this when a program has no watermark yet (intake refuses anything
 # before the program opens, so no application is this old).
@@ -470,13 +467,3 @@ def user_status(context: PassContext, user_id: int) -> dict[str, Any]:
         "valid_until": None if row.valid_until is None else row.valid_until.isoformat(),
         "auto_renew": False,
     }
-
-
-# --------------------------------------------------------------------------- reconciliation
-
-
-def reconcile(context: PassContext) -> PassReconciliation:
-    """Reconcile the program: :func:`pipeline.programs.drawer_pass.reconciliation.reconcile`."""
-    from pipeline.programs.drawer_pass import reconciliation  # imported here: that module builds on this one
-
-    return reconciliation.reconcile(context)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Settings
-from pipeline.programs.drawer_pass import allocation, intake, notices
+from pipeline.programs.drawer_pass import allocation, intake, notices, reconciliation
 from pipeline.programs.drawer_pass.allocation import PassContext
 from pipeline.programs.drawer_pass.program import load_program
 
@@ -208,7 +208,7 @@ def _status(args: argparse.Namespace, context: PassContext) -> int:
 
 
 def _reconcile(args: argparse.Namespace, context: PassContext) -> int:
-    result = allocation.reconcile(context)
+    result = reconciliation.reconcile(context)
     lines = [
         f"{result.verdict}: pass program {result.program_id}: ledger {result.ledger_passes:,} passes, stock counter "
         f"{result.counter_granted:,}, allocations {result.allocations_granted:,}, cap {result.stock_cap:,}; "

@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.config import load_settings
 from pipeline.errors import ReconciliationBreaksError
-from pipeline.programs.drawer_pass import allocation, intake, notices
+from pipeline.programs.drawer_pass import allocation, intake, notices, reconciliation
 from pipeline.programs.drawer_pass.allocation import PassContext
 from pipeline.programs.drawer_pass.program import load_program
 
@@ -56,7 +56,7 @@ def allocate() -> dict[str, Any]:
 def reconcile() -> dict[str, Any]:
     """Reconcile the program; BREAKS fails the task (after logging the checks)."""
     with _open() as context:
-        result = allocation.reconcile(context)
+        result = reconciliation.reconcile(context)
     document = result.as_dict()
     if result.verdict != "RECONCILED":
         raise ReconciliationBreaksError(f"pass reconciliation verdict {result.verdict}: breaks {document['breaks']}")
