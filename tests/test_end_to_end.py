@@ -10,7 +10,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 import sqlalchemy as sa
-from conftest import FACE_VALUE_PER_USER_KRW, ITEMS_PER_USER, cli_environment, grant_counts
+from support.cli import cli_environment
+from support.ledger_state import grant_counts
+from support.settings import FACE_VALUE_PER_USER_KRW, ITEMS_PER_USER
 
 from pipeline import ledger
 from pipeline.grants.demo_users import write_demo_users

@@ -25,7 +25,9 @@ from typing import Any
 
 import polars as pl
 import pytest
-from conftest import ITEMS_PER_USER, cli_environment, grant_counts, grant_pairs, planned_pairs, prepare_pipeline
+from support.cli import cli_environment
+from support.ledger_state import grant_counts, grant_pairs, planned_pairs, prepare_pipeline
+from support.settings import ITEMS_PER_USER
 
 from pipeline import ledger, schemas, storage
 from pipeline.config import load_settings

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import ENTITLE_SCRIPT, FACE_VALUE_PER_USER_KRW, ITEMS_PER_USER, cli_environment, run_entitle
+from support.cli import ENTITLE_SCRIPT, cli_environment, run_entitle
+from support.settings import FACE_VALUE_PER_USER_KRW, ITEMS_PER_USER
 
 from pipeline.cli import build_parser
 

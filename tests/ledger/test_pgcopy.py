@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import ITEMS_PER_USER, Prepared, build_settings, cli_environment, prepare_pipeline, run_entitle
+from support.cli import cli_environment, run_entitle
+from support.ledger_state import Prepared, prepare_pipeline
+from support.settings import ITEMS_PER_USER, build_settings
 
 from pipeline import reconciliation
 from pipeline.grants import runs

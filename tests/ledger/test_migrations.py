@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from alembic import command
-from conftest import cli_environment, prepare_pipeline, run_entitle
 from sqlalchemy.engine import Engine
+from support.cli import cli_environment, run_entitle
+from support.ledger_state import prepare_pipeline
 from test_ledger import describe_schema
 
 from pipeline import ledger, reconciliation

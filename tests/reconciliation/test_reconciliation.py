@@ -15,8 +15,9 @@ from typing import Any
 import polars as pl
 import pytest
 import sqlalchemy as sa
-from conftest import ITEMS_PER_USER, Prepared, build_settings
 from sqlalchemy.engine import Engine
+from support.ledger_state import Prepared
+from support.settings import ITEMS_PER_USER, build_settings
 
 from pipeline import reconciliation
 from pipeline.campaigns import load_campaign

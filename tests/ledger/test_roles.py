@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import ITEMS_PER_USER, build_settings, prepare_pipeline
 from sqlalchemy.engine import Engine, make_url
+from support.ledger_state import prepare_pipeline
+from support.settings import ITEMS_PER_USER, build_settings
 
 from pipeline import ledger, reconciliation
 from pipeline.delivery import rate_budget
@@ -163,7 +164,7 @@ def test_roles_are_refused_on_sqlite(tmp_path: Path) -> None:
 
 
 def test_db_roles_command(tmp_path: Path, pg_url: str) -> None:
-    from conftest import cli_environment, run_entitle
+    from support.cli import cli_environment, run_entitle
 
     env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"), ENTITLE_LEDGER_URL=pg_url)
     result = run_entitle(["db", "roles", "--json"], env)

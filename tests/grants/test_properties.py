@@ -24,21 +24,11 @@ from typing import Any
 import polars as pl
 import pytest
 import sqlalchemy as sa
-from conftest import (
-    ENTITLE_SCRIPT,
-    ITEMS_PER_USER,
-    build_settings,
-    cli_environment,
-    grant_counts,
-    grant_pairs,
-    grants_per_partition,
-    planned_pairs,
-    prepare_pipeline,
-    run_entitle,
-    write_user_file,
-)
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from support.cli import ENTITLE_SCRIPT, cli_environment, run_entitle
+from support.ledger_state import grant_counts, grant_pairs, grants_per_partition, planned_pairs, prepare_pipeline
+from support.settings import ITEMS_PER_USER, build_settings, write_user_file
 
 from pipeline import ledger
 from pipeline.campaigns import load_campaign

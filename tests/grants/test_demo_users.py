@@ -6,6 +6,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from support import REPO_ROOT
 
 from pipeline.errors import ConfigError
 from pipeline.grants.demo_users import FIRST_ID, RECENT_ID_BASE, write_demo_users
@@ -62,11 +63,11 @@ def test_demo_program_inputs_go_through_their_programs(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from conftest import cli_environment, run_entitle
+    from support.cli import cli_environment, run_entitle
 
     home = tmp_path / "var"
     write_demo_users(5_000, home / "incoming" / "users.parquet", seed=5)
-    script = Path(__file__).resolve().parent.parent / "ops" / "demo_programs.py"
+    script = REPO_ROOT / "ops" / "demo_programs.py"
     sizes = ["--merchants", "600", "--claims", "500", "--applications", "2000", "--pass-cap", "300"]
     subprocess.run([sys.executable, str(script), str(home), *sizes], check=True, capture_output=True)
     env = cli_environment(ENTITLE_HOME=str(home), ENTITLE_PASS_PROGRAM=str(home / "demo" / "drawer_pass_demo.toml"))

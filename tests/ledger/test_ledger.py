@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from support import REPO_ROOT
 
 from pipeline import ledger
 from pipeline.campaigns import load_campaign
@@ -21,7 +22,7 @@ from pipeline.grants import runs as jobs
 from pipeline.grants.partitioning import user_bucket
 from pipeline.ledger.ddl import render_ddl
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO_ROOT
 SEOUL = dt.timezone(dt.timedelta(hours=9))
 START = dt.datetime(2023, 1, 5, tzinfo=SEOUL)
 BUNDLED_TOML = REPO / "pipeline" / "campaigns" / "kakao_outage_2022.toml"

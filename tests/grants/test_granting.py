@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import CAMPAIGN_START, ITEMS_PER_USER, Prepared
+from support.ledger_state import Prepared
+from support.settings import CAMPAIGN_START, ITEMS_PER_USER
 
 from pipeline import ledger
 from pipeline.config import Settings

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import REPO_ROOT
 
 from pipeline.campaigns import Campaign, load_campaign, parse_campaign
 from pipeline.errors import CampaignError, CampaignNotStartedError
@@ -111,7 +112,7 @@ def test_terms_come_from_the_file_not_the_clock(bundled: Campaign, tmp_path: Pat
     # The same file loaded from disk under another path carries the same terms.
     copy = tmp_path / "copy.toml"
     copy.write_text(
-        (Path(__file__).resolve().parent.parent / "pipeline" / "campaigns" / "kakao_outage_2022.toml").read_text(
+        (REPO_ROOT / "pipeline" / "campaigns" / "kakao_outage_2022.toml").read_text(
             encoding="utf-8"
         ),
         encoding="utf-8",

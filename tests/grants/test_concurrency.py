@@ -23,8 +23,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import ENTITLE_SCRIPT, ITEMS_PER_USER, build_settings, cli_environment, prepare_pipeline, run_entitle
 from sqlalchemy.engine import Engine
+from support.cli import ENTITLE_SCRIPT, cli_environment, run_entitle
+from support.ledger_state import prepare_pipeline
+from support.settings import ITEMS_PER_USER, build_settings
 
 from pipeline import reconciliation
 from pipeline.config import Settings

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import build_settings
+from support.settings import build_settings
 
 from pipeline import ledger
 from pipeline.errors import LedgerError

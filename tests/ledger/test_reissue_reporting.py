@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import ITEMS_PER_USER, cli_environment
+from support.cli import cli_environment
+from support.settings import ITEMS_PER_USER
 
 from pipeline.grants.partitioning import user_bucket
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import ITEMS_PER_USER, Prepared, build_settings, prepare_pipeline
+from support.ledger_state import Prepared, prepare_pipeline
+from support.settings import ITEMS_PER_USER, build_settings
 from test_delivery import CAMPAIGN, delivery_settings, write_campaign
 from test_merchant_cash import TIER_1_KRW, claim, url, write_claims  # noqa: F401 - url: a fixture
 from test_merchant_cash import open_program as open_merchant_program  # noqa: F401 - a fixture

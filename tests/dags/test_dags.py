@@ -18,13 +18,14 @@ from typing import Any
 
 import polars as pl
 import pytest
+from support import REPO_ROOT
 
 from pipeline.config import load_settings
 from pipeline.grants import runs
 from pipeline.grants.demo_users import write_demo_users
 from pipeline.grants.partitioning import partitions_dir
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 DAGS = sorted((ROOT / "dags").glob("*.py"))
 BIN = Path(sys.executable).parent
 USERS = 20_000

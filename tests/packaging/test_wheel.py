@@ -19,8 +19,9 @@ import venv
 from pathlib import Path
 
 import pytest
+from support import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 LOCK = ROOT / "requirements.lock"
 INSTALL_TIMEOUT_S = 900
 RUN_TIMEOUT_S = 300

@@ -37,8 +37,9 @@ from issuer_service.app import SPEC_PATH, create_app
 from issuer_service.faults import FaultInjector
 from issuer_service.server import bind, build_server
 from issuer_service.store import IssuerStore
+from support import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 CAMPAIGN = "kakao-outage-2022"
 START_TIMEOUT_S = 10
 STOP_TIMEOUT_S = 20

@@ -21,8 +21,9 @@ from typing import Any
 import polars as pl
 import pytest
 import sqlalchemy as sa
-from conftest import ENTITLE_SCRIPT, cli_environment, run_entitle
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from support import REPO_ROOT
+from support.cli import ENTITLE_SCRIPT, cli_environment, run_entitle
 from test_dags import airflow_env  # noqa: F401  (fixture: a project-local, migrated Airflow metadata DB)
 
 from pipeline import ledger
@@ -37,7 +38,7 @@ from pipeline.programs.merchant_cash.claims import ClaimsInputError, OpenProgram
 from pipeline.programs.merchant_cash.program import load_program, parse_program
 from pipeline.programs.merchant_cash.review import ReviewRefusedError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 BUNDLED = ROOT / "pipeline" / "campaigns" / "merchant_cash_2022.toml"
 SEOUL = dt.timezone(dt.timedelta(hours=9))
 IN_WINDOW = "2022-10-20T10:00:00+09:00"

@@ -11,8 +11,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 import sqlalchemy as sa
-from conftest import ITEMS_PER_USER, SEOUL, Prepared, cli_environment, prepare_pipeline, run_entitle
 from polars.testing import assert_frame_equal
+from support.cli import cli_environment, run_entitle
+from support.ledger_state import Prepared, prepare_pipeline
+from support.settings import ITEMS_PER_USER, SEOUL
 
 from pipeline import ledger, schemas
 from pipeline.config import Settings

@@ -16,7 +16,8 @@ import numpy as np
 import polars as pl
 import pytest
 import sqlalchemy as sa
-from conftest import ENTITLE_SCRIPT, build_settings, cli_environment, run_entitle
+from support.cli import ENTITLE_SCRIPT, cli_environment, run_entitle
+from support.settings import build_settings
 
 from pipeline.errors import TermsChangedError
 from pipeline.grants.partitioning import user_bucket

@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine, make_url
+from support import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 SCRIPT = ROOT / "ops" / "scaleout_smoke.py"
 BIN = Path(sys.executable).parent
 API_PORT, LOG_PORT = 18123, 18793

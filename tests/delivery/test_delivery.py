@@ -26,8 +26,9 @@ import httpx
 import polars as pl
 import pytest
 import sqlalchemy as sa
-from conftest import cli_environment, prepare_pipeline, run_entitle
 from issuer_service.grants import payload_sha256
+from support.cli import cli_environment, run_entitle
+from support.ledger_state import prepare_pipeline
 
 from pipeline import delivery, ledger, reconciliation
 from pipeline.campaigns import IssuerSpec, load_campaign

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import ITEMS_PER_USER, Prepared
+from support.ledger_state import Prepared
+from support.settings import ITEMS_PER_USER
 
 from pipeline import ledger, reconciliation
 from pipeline.config import Settings

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import CAMPAIGN_START, FACE_VALUE_PER_USER_KRW, ITEMS_PER_USER, Prepared
+from support import REPO_ROOT
+from support.ledger_state import Prepared
+from support.settings import CAMPAIGN_START, FACE_VALUE_PER_USER_KRW, ITEMS_PER_USER
 
 from pipeline import ledger
 from pipeline.campaigns import load_campaign
@@ -19,7 +21,7 @@ from pipeline.errors import CampaignNotStartedError, GrantFailedError, SnapshotE
 from pipeline.grants import corrections, runs
 from pipeline.grants.partitioning import partition_of
 
-BUNDLED_TOML = Path(__file__).resolve().parent.parent / "pipeline" / "campaigns" / "kakao_outage_2022.toml"
+BUNDLED_TOML = REPO_ROOT / "pipeline" / "campaigns" / "kakao_outage_2022.toml"
 USERS = list(range(20_000_000, 20_001_500))  # 1,500 users
 
 
