@@ -6,6 +6,7 @@ database per test, Parquet and CSV files written by the test itself.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import uuid
@@ -15,12 +16,19 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
-from support.cli import ENTITLE_SCRIPT, run_entitle
+from support import REPO_ROOT
+from support.cli import BIN, ENTITLE_SCRIPT, run_entitle
+from support.drawer_pass import NOW, program_text
 from support.ledger_state import LedgerProbe, Prepared, prepare_pipeline
-from support.settings import build_settings, write_user_file
+from support.settings import DAG_TEST_PARTITIONS, build_settings, write_user_file
 
 from pipeline.config import Settings
 from pipeline.grants import runs
+from pipeline.programs.drawer_pass import allocation as pass_allocation
+from pipeline.programs.drawer_pass.allocation import PassContext
+from pipeline.programs.drawer_pass.program import load_program
+from pipeline.programs.merchant_cash import claims
+from pipeline.programs.merchant_cash.claims import OpenProgram
 
 PG_TEST_URL = os.environ.get("ENTITLE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PG_CONNECT_TIMEOUT_S = 3
@@ -137,3 +145,75 @@ def pg_url(pg_admin: Engine) -> Iterator[str]:
     finally:
         with pg_admin.connect() as connection:
             connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# --------------------------------------------------------------------------- programs and Airflow
+
+
+@pytest.fixture(scope="module")
+def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for a project-local Airflow with a migrated SQLite metadata DB."""
+    home = tmp_path_factory.mktemp("airflow")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "ENTITLE_"))}
+    env.update(
+        {
+            "PATH": f"{BIN}:{env.get('PATH', '')}",
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW_CONFIG": str(REPO_ROOT / "airflow.cfg"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            "ENTITLE_PARTITIONS": str(DAG_TEST_PARTITIONS),
+            "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "1",
+            "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "1",
+        }
+    )
+    migrate = subprocess.run(
+        [str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert migrate.returncode == 0, migrate.stderr[-2000:]
+    return env
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty ledger on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'var' / 'ledger.sqlite'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def open_pass_program(tmp_path: Path) -> Iterator[Callable[..., PassContext]]:
+    """``open_pass_program(ledger_url, cap, clock=NOW, share=0.0001)`` → a registered pass program (closed after)."""
+    opened: list[PassContext] = []
+
+    def factory(url: str, cap: int, clock: dt.datetime = NOW, share: float = 0.0001) -> PassContext:
+        path = tmp_path / f"program-{cap}.toml"
+        path.write_text(program_text(cap), encoding="utf-8")
+        settings = build_settings(tmp_path / "var", ledger_url=url, clock=lambda: clock, rejected_share_max=share)
+        context = pass_allocation.open_pass(settings, load_program(path))
+        opened.append(context)
+        pass_allocation.register(context)
+        return context
+
+    yield factory
+    for context in opened:
+        context.close()
+
+
+@pytest.fixture
+def open_merchant_program(
+    tmp_path: Path, ledger_url: str, settings_for: Callable[..., Settings]
+) -> Iterator[Callable[..., OpenProgram]]:
+    """``open_merchant_program(program_file=None)``: the registered program on this ledger (closed afterwards)."""
+    opened: list[OpenProgram] = []
+
+    def factory(program_file: Path | None = None) -> OpenProgram:
+        op = claims.open_program(settings_for(tmp_path / "var", ledger_url=ledger_url), program_file)
+        opened.append(op)
+        claims.register(op)
+        return op
+
+    yield factory
+    for op in opened:
+        op.close()

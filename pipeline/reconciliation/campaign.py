@@ -92,6 +92,7 @@ class Reconciliation:
     grants_checked: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     issuers: list[dict[str, Any]] = field(default_factory=list)  # the third source, per issuer
+    time_zone: str = "UTC"  # the campaign's: the report shows times in it
 
     @property
     def verdict(self) -> str:
@@ -350,6 +351,8 @@ def _result(
     """The result document of a stored run."""
     document = tally.bridge_document()
     checks = tally.checks
+    keys = pipeline.keys.item_keys
+    amounts = {keys[i.sku]: i.amount_krw for i in pipeline.campaign.items if i.sku in keys}
     return Reconciliation(
         reconciliation_id=run.reconciliation_id,
         campaign_id=pipeline.campaign.campaign_id,
@@ -362,8 +365,10 @@ def _result(
         outcome=verdict,
         bridge=document,
         items=[
-            {"item_sku": run.item_skus.get(k, f"#{k}"), "item_key": k, **c} for k, c in sorted(tally.per_item.items())
+            {"item_sku": run.item_skus.get(k, f"#{k}"), "item_key": k, "amount_krw": amounts.get(k), **c}
+            for k, c in sorted(tally.per_item.items())
         ],
+        time_zone=pipeline.campaign.time_zone,
         partitions=[
             {
                 "partition_id": c.partition_id,

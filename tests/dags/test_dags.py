@@ -7,11 +7,9 @@ test process never imports Airflow and each module gets a clean Airflow.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,8 @@ from typing import Any
 import polars as pl
 import pytest
 from support import REPO_ROOT
+from support.cli import BIN
+from support.settings import DAG_TEST_PARTITIONS
 
 from pipeline.config import load_settings
 from pipeline.grants import runs
@@ -27,35 +27,10 @@ from pipeline.grants.partitioning import partitions_dir
 
 ROOT = REPO_ROOT
 DAGS = sorted((ROOT / "dags").glob("*.py"))
-BIN = Path(sys.executable).parent
 USERS = 20_000
-PARTITIONS = 8
+PARTITIONS = DAG_TEST_PARTITIONS
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment for a project-local Airflow with a migrated SQLite metadata DB."""
-    home = tmp_path_factory.mktemp("airflow")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "ENTITLE_"))}
-    env.update(
-        {
-            "PATH": f"{BIN}:{env.get('PATH', '')}",
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW_CONFIG": str(ROOT / "airflow.cfg"),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-            "ENTITLE_PARTITIONS": str(PARTITIONS),
-            "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "1",
-            "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "1",
-        }
-    )
-    migrate = subprocess.run(
-        [str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert migrate.returncode == 0, migrate.stderr[-2000:]
-    return env
 
 
 @pytest.fixture
@@ -393,7 +368,7 @@ def test_a_night_after_new_sign_ups_grants_only_them(entitle_env: dict[str, str]
 
 
 def test_dag_delivers_to_an_http_issuer_after_granting(entitle_env: dict[str, str], tmp_path: Path) -> None:
-    from test_delivery import Service, write_campaign
+    from support.delivery import Service, write_campaign
 
     service = Service(tmp_path / "issuer.sqlite")
     service.start()

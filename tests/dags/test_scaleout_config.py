@@ -236,7 +236,7 @@ def test_a_failed_tasks_exception_is_read_from_its_json_log(smoke: ModuleType, t
         "exc_value": "duplicate key value violates unique constraint",
         "frames": [
             {"filename": "/x/airflow/sdk/execution_time/task_runner.py", "lineno": 1579, "name": "_run"},
-            {"filename": "/x/pipeline/ledger/__init__.py", "lineno": 1001, "name": "register_run"},
+            {"filename": "/x/pipeline/ledger/registry.py", "lineno": 1001, "name": "register_run"},
         ],
     }
     log = tmp_path / "attempt=1.log"
@@ -250,5 +250,5 @@ def test_a_failed_tasks_exception_is_read_from_its_json_log(smoke: ModuleType, t
         )
     )
     assert smoke.task_log_errors(log) == [
-        "LedgerError: duplicate key value violates unique constraint (at ledger.py:1001 in register_run)"
+        "LedgerError: duplicate key value violates unique constraint (at registry.py:1001 in register_run)"
     ]

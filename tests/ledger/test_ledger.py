@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from support import REPO_ROOT
+from support.ledger_state import describe_schema
 
 from pipeline import ledger
 from pipeline.campaigns import load_campaign
@@ -83,33 +84,6 @@ def test_committed_ddl_is_the_rendered_ddl(dialect: str) -> None:
 def test_render_ddl_refuses_an_unknown_dialect() -> None:
     with pytest.raises(ConfigError, match="unknown dialect 'oracle'"):
         render_ddl("oracle")
-
-
-def describe_schema(engine: Engine, schema: str | None = None) -> dict[str, Any]:
-    """Tables, columns, keys, constraints and indexes as reflected by SQLAlchemy."""
-    inspector = sa.inspect(engine)
-    described: dict[str, Any] = {}
-    for table in sorted(inspector.get_table_names(schema=schema)):
-        described[table] = {
-            "columns": [
-                (c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(table, schema=schema)
-            ],
-            "pk": inspector.get_pk_constraint(table, schema=schema)["constrained_columns"],
-            "fks": sorted(
-                (tuple(f["constrained_columns"]), f["referred_table"], tuple(f["referred_columns"]))
-                for f in inspector.get_foreign_keys(table, schema=schema)
-            ),
-            "unique": sorted(tuple(u["column_names"]) for u in inspector.get_unique_constraints(table, schema=schema)),
-            "checks": sorted(
-                (c["name"], " ".join(c["sqltext"].split()))
-                for c in inspector.get_check_constraints(table, schema=schema)
-            ),
-            "indexes": sorted(
-                (i["name"], tuple(i["column_names"]), bool(i["unique"]))
-                for i in inspector.get_indexes(table, schema=schema)
-            ),
-        }
-    return described
 
 
 def test_committed_sqlite_ddl_builds_the_same_tables_as_the_metadata(tmp_path: Path) -> None:

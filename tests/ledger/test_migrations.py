@@ -19,8 +19,7 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.engine import Engine
 from support.cli import cli_environment, run_entitle
-from support.ledger_state import prepare_pipeline
-from test_ledger import describe_schema
+from support.ledger_state import describe_schema, prepare_pipeline
 
 from pipeline import ledger, reconciliation
 from pipeline.config import Settings

@@ -15,14 +15,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from support.delivery import CAMPAIGN, delivery_settings, write_campaign
+from support.drawer_pass import synthetic, write_applications
 from support.ledger_state import Prepared, prepare_pipeline
+from support.merchant_cash import TIER_1_KRW, claim, write_claims
+from support.reconciliation import STRANGER, USERS, tamper_for
 from support.settings import ITEMS_PER_USER, build_settings
-from test_delivery import CAMPAIGN, delivery_settings, write_campaign
-from test_merchant_cash import TIER_1_KRW, claim, url, write_claims  # noqa: F401 - url: a fixture
-from test_merchant_cash import open_program as open_merchant_program  # noqa: F401 - a fixture
-from test_pass import open_program as open_pass_program  # noqa: F401 - a fixture
-from test_pass import synthetic, write_applications
-from test_reconciliation import STRANGER, USERS, tamper_for
 
 from pipeline import ledger, reconciliation
 from pipeline.campaigns import IssuerSpec

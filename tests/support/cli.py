@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-ENTITLE_SCRIPT = Path(sys.executable).parent / "entitle"
+BIN = Path(sys.executable).parent  # the virtualenv's scripts: entitle, airflow
+ENTITLE_SCRIPT = BIN / "entitle"
 
 CLI_TIMEOUT_S = 120
 

@@ -1,10 +1,12 @@
 """Prepared pipelines and probes of what the ledger holds."""
 
+
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -69,3 +71,30 @@ class LedgerProbe:
     grant_counts = staticmethod(grant_counts)
     grants_per_partition = staticmethod(grants_per_partition)
     planned_pairs = staticmethod(planned_pairs)
+
+
+def describe_schema(engine: Engine, schema: str | None = None) -> dict[str, Any]:
+    """Tables, columns, keys, constraints and indexes as reflected by SQLAlchemy."""
+    inspector = sa.inspect(engine)
+    described: dict[str, Any] = {}
+    for table in sorted(inspector.get_table_names(schema=schema)):
+        described[table] = {
+            "columns": [
+                (c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(table, schema=schema)
+            ],
+            "pk": inspector.get_pk_constraint(table, schema=schema)["constrained_columns"],
+            "fks": sorted(
+                (tuple(f["constrained_columns"]), f["referred_table"], tuple(f["referred_columns"]))
+                for f in inspector.get_foreign_keys(table, schema=schema)
+            ),
+            "unique": sorted(tuple(u["column_names"]) for u in inspector.get_unique_constraints(table, schema=schema)),
+            "checks": sorted(
+                (c["name"], " ".join(c["sqltext"].split()))
+                for c in inspector.get_check_constraints(table, schema=schema)
+            ),
+            "indexes": sorted(
+                (i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                for i in inspector.get_indexes(table, schema=schema)
+            ),
+        }
+    return described

@@ -12,6 +12,7 @@ import polars as pl
 from pipeline.config import Settings, load_settings
 
 ITEMS_PER_USER = 5  # the bundled campaign: 3 emoticons and 2 coupons
+DAG_TEST_PARTITIONS = 8  # ENTITLE_PARTITIONS of the Airflow tests
 
 FACE_VALUE_PER_USER_KRW = 2_000 + 3_000
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 from support.cli import ENTITLE_SCRIPT, cli_environment, run_entitle
+from support.drawer_pass import NOW, OPENS, program_text, serving_order, synthetic, write_applications
 from support.settings import build_settings
 
 from pipeline.errors import TermsChangedError
@@ -28,76 +29,9 @@ from pipeline.programs.drawer_pass import reconciliation as pass_reconciliation
 from pipeline.programs.drawer_pass.allocation import PassContext
 from pipeline.programs.drawer_pass.program import add_months, load_program
 
-SEOUL = dt.timezone(dt.timedelta(hours=9))
-OPENS = dt.datetime(2023, 1, 5, 0, 0, tzinfo=SEOUL)
-NOW = dt.datetime(2023, 1, 20, 12, 0, tzinfo=dt.UTC)  # the tests' clock: after every application
 PROCESSES = 4
 FOUR_PROCESS_APPLICATIONS, FOUR_PROCESS_CAP = 50_000, 10_000
 PROCESS_TIMEOUT_S = 300
-
-
-def program_text(cap: int, program_id: str = "drawer-pass-test") -> str:
-    return f"""
-[program]
-id = "{program_id}"
-name = "test pass"
-time_zone = "Asia/Seoul"
-opens = 2023-01-05T00:00:00
-closes = 2023-02-05T00:00:00
-
-[pass]
-sku = "drawer-plus-1m"
-stock_cap = {cap}
-validity_months = 1
-reminder_days = 7
-intake_lag_s = 600
-"""
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty ledger on each backend."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'var' / 'ledger.sqlite'}"
-    return str(request.getfixturevalue("pg_url"))
-
-
-@pytest.fixture
-def open_program(tmp_path: Path) -> Iterator[Callable[..., PassContext]]:
-    """``open_program(ledger_url, cap, clock=NOW, share=0.0001)`` → an open pass context (disposed afterwards)."""
-    opened: list[PassContext] = []
-
-    def factory(url: str, cap: int, clock: dt.datetime = NOW, share: float = 0.0001) -> PassContext:
-        path = tmp_path / f"program-{cap}.toml"
-        path.write_text(program_text(cap), encoding="utf-8")
-        settings = build_settings(tmp_path / "var", ledger_url=url, clock=lambda: clock, rejected_share_max=share)
-        context = pass_allocation.open_pass(settings, load_program(path))
-        opened.append(context)
-        pass_allocation.register(context)
-        return context
-
-    yield factory
-    for context in opened:
-        context.close()
-
-
-def write_applications(path: Path, rows: list[tuple[object, object]]) -> Path:
-    """A batch file of (user_id, applied_at): CSV cells as text, or Parquet int64 + timestamp (UTC)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".csv":
-        lines = ["user_id,applied_at"] + [f"{'' if u is None else u},{'' if a is None else a}" for u, a in rows]
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    else:
-        pl.DataFrame(
-            {"user_id": [u for u, _ in rows], "applied_at": [a for _, a in rows]},
-            schema={"user_id": pl.Int64, "applied_at": pl.Datetime("us", "UTC")},
-        ).write_parquet(path)
-    return path
-
-
-def serving_order(rows: list[tuple[int, dt.datetime]]) -> list[int]:
-    """User ids in the documented order: applied_at, then user_bucket, then user_id."""
-    return [u for u, a in sorted(rows, key=lambda r: (r[1], user_bucket(r[0]), r[0]))]
 
 
 def pass_holders(context: PassContext) -> set[int]:
@@ -109,24 +43,14 @@ def pass_holders(context: PassContext) -> set[int]:
         return {int(u) for u in rows}
 
 
-def synthetic(count: int, seed: int, ties: bool = True) -> list[tuple[int, dt.datetime]]:
-    """Distinct users with applied_at in the first hours (whole seconds when ``ties``: many equal instants)."""
-    rng = np.random.default_rng(seed)
-    users = rng.choice(np.arange(1_000_000, 90_000_000), size=count, replace=False)
-    unit_s = 1.0 if ties else 1e-6
-    spread = rng.integers(0, 3 * 3_600 if ties else 3 * 3_600 * 1_000_000, size=count)
-    base = OPENS.astimezone(dt.UTC)
-    return [(int(u), base + dt.timedelta(seconds=float(s) * unit_s)) for u, s in zip(users, spread, strict=True)]
-
-
 # --------------------------------------------------------------------------- order, cap, outcomes
 
 
 def test_cap_is_reached_exactly_in_order_and_later_applicants_are_sold_out(
-    ledger_url: str, open_program: Callable[..., PassContext], tmp_path: Path
+    ledger_url: str, open_pass_program: Callable[..., PassContext], tmp_path: Path
 ) -> None:
     rows = synthetic(500, seed=1)
-    context = open_program(ledger_url, cap=120)
+    context = open_pass_program(ledger_url, cap=120)
     for index, part in enumerate((rows[:200], rows[200:350], rows[350:])):
         report = intake.ingest(context, write_applications(tmp_path / f"b{index}.parquet", part))
         assert (report.new_applications, report.malformed, report.refused) == (len(part), 0, 0)
@@ -161,7 +85,7 @@ def test_cap_is_reached_exactly_in_order_and_later_applicants_are_sold_out(
 
 
 def test_ties_are_broken_by_user_bucket_then_user_id_whatever_the_file_order(
-    open_program: Callable[..., PassContext], tmp_path: Path
+    open_pass_program: Callable[..., PassContext], tmp_path: Path
 ) -> None:
     instant = OPENS.astimezone(dt.UTC) + dt.timedelta(minutes=1)
     users = list(range(5_000_001, 5_000_041))
@@ -171,7 +95,7 @@ def test_ties_are_broken_by_user_bucket_then_user_id_whatever_the_file_order(
     holders = []
     for run, ordered in enumerate((rows, rows[::-1])):
         url = f"sqlite:///{tmp_path / f'ledger-{run}.sqlite'}"
-        context = open_program(url, cap=10)
+        context = open_pass_program(url, cap=10)
         intake.ingest(
             context, write_applications(tmp_path / f"ties-{run}.csv", [(u, a.isoformat()) for u, a in ordered])
         )
@@ -181,9 +105,9 @@ def test_ties_are_broken_by_user_bucket_then_user_id_whatever_the_file_order(
 
 
 def test_a_repeated_application_keeps_the_earliest_applied_at(
-    open_program: Callable[..., PassContext], tmp_path: Path
+    open_pass_program: Callable[..., PassContext], tmp_path: Path
 ) -> None:
-    context = open_program(f"sqlite:///{tmp_path / 'l.sqlite'}", cap=1)
+    context = open_pass_program(f"sqlite:///{tmp_path / 'l.sqlite'}", cap=1)
     t0 = OPENS.astimezone(dt.UTC) + dt.timedelta(minutes=5)
     first = intake.ingest(context, write_applications(tmp_path / "a.parquet", [(11, t0), (22, t0)]))
     earlier = t0 - dt.timedelta(minutes=1)
@@ -204,9 +128,9 @@ def test_a_repeated_application_keeps_the_earliest_applied_at(
 
 
 def test_malformed_rows_are_quarantined_with_their_reason_and_the_rest_is_stored(
-    open_program: Callable[..., PassContext], tmp_path: Path
+    open_pass_program: Callable[..., PassContext], tmp_path: Path
 ) -> None:
-    context = open_program(f"sqlite:///{tmp_path / 'l.sqlite'}", cap=10, share=0.9)
+    context = open_pass_program(f"sqlite:///{tmp_path / 'l.sqlite'}", cap=10, share=0.9)
     rows: list[tuple[object, object]] = [
         (101, "2023-01-05T00:00:01+09:00"),
         (102, "2023-01-05 00:00:02Z"),
@@ -261,10 +185,10 @@ def test_a_file_with_too_many_malformed_rows_is_refused_whole_with_exit_3(tmp_pa
 
 
 def test_rerunning_intake_and_allocation_changes_nothing(
-    ledger_url: str, open_program: Callable[..., PassContext], tmp_path: Path
+    ledger_url: str, open_pass_program: Callable[..., PassContext], tmp_path: Path
 ) -> None:
     rows = synthetic(300, seed=3)
-    context = open_program(ledger_url, cap=50)
+    context = open_pass_program(ledger_url, cap=50)
     batch = write_applications(tmp_path / "b.parquet", rows)
     intake.ingest(context, batch)
     assert intake.ingest(context, batch).already_ingested
@@ -280,10 +204,10 @@ def test_rerunning_intake_and_allocation_changes_nothing(
 
 
 def test_a_crash_mid_allocation_leaves_nothing_and_the_rerun_gives_the_exact_result(
-    ledger_url: str, open_program: Callable[..., PassContext], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ledger_url: str, open_pass_program: Callable[..., PassContext], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rows = synthetic(400, seed=4)
-    context = open_program(ledger_url, cap=100)
+    context = open_pass_program(ledger_url, cap=100)
     intake.ingest(context, write_applications(tmp_path / "b.parquet", rows))
 
     def crash(*_args: object) -> None:
@@ -310,9 +234,9 @@ def test_a_crash_mid_allocation_leaves_nothing_and_the_rerun_gives_the_exact_res
 
 
 def test_an_application_older_than_an_allocated_window_is_refused_as_late(
-    open_program: Callable[..., PassContext], tmp_path: Path
+    open_pass_program: Callable[..., PassContext], tmp_path: Path
 ) -> None:
-    context = open_program(f"sqlite:///{tmp_path / 'l.sqlite'}", cap=2)
+    context = open_pass_program(f"sqlite:///{tmp_path / 'l.sqlite'}", cap=2)
     base = OPENS.astimezone(dt.UTC)
     intake.ingest(context, write_applications(tmp_path / "a.parquet", [(1, base + dt.timedelta(minutes=10))]))
     pass_allocation.allocate(context, base + dt.timedelta(hours=1))
@@ -330,14 +254,14 @@ def test_an_application_older_than_an_allocated_window_is_refused_as_late(
 
 
 def test_the_cap_and_validity_cannot_change_once_passes_were_allocated(
-    open_program: Callable[..., PassContext], tmp_path: Path
+    open_pass_program: Callable[..., PassContext], tmp_path: Path
 ) -> None:
     url = f"sqlite:///{tmp_path / 'l.sqlite'}"
-    context = open_program(url, cap=5)
-    open_program(url, cap=6)  # before any allocation the stock may still be set
+    context = open_pass_program(url, cap=5)
+    open_pass_program(url, cap=6)  # before any allocation the stock may still be set
     pass_allocation.allocate(context)
     with pytest.raises(TermsChangedError, match="cannot change once passes were handed out"):
-        open_program(url, cap=7)
+        open_pass_program(url, cap=7)
 
 
 # --------------------------------------------------------------------------- validity and reminders
@@ -358,8 +282,8 @@ def test_a_pass_is_valid_one_calendar_month_in_seoul(granted_local: dt.datetime,
     assert add_months(granted, 12, program.zone).astimezone(program.zone).year == granted.year + 1
 
 
-def test_reminders_say_nothing_converts_to_paid(open_program: Callable[..., PassContext], tmp_path: Path) -> None:
-    context = open_program(f"sqlite:///{tmp_path / 'l.sqlite'}", cap=3)
+def test_reminders_say_nothing_converts_to_paid(open_pass_program: Callable[..., PassContext], tmp_path: Path) -> None:
+    context = open_pass_program(f"sqlite:///{tmp_path / 'l.sqlite'}", cap=3)
     intake.ingest(context, write_applications(tmp_path / "a.parquet", synthetic(5, seed=5)))
     pass_allocation.allocate(context)
     exports = notices.export_reminders(context, days=3)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from test_dags import BIN, ROOT, airflow_env  # noqa: F401 - the module-scoped Airflow fixture
-from test_pass import program_text, serving_order, synthetic, write_applications
+from support import REPO_ROOT as ROOT
+from support.cli import BIN
+from support.drawer_pass import program_text, serving_order, synthetic, write_applications
 
 APPLICATIONS, CAP = 2_000, 500
 

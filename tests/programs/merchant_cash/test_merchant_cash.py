@@ -6,7 +6,6 @@ Real SQLite and PostgreSQL ledgers, real CSV and Parquet claims files, the real
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import json
 import signal
@@ -14,7 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,9 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from support import REPO_ROOT
 from support.cli import ENTITLE_SCRIPT, cli_environment, run_entitle
-from test_dags import airflow_env  # noqa: F401  (fixture: a project-local, migrated Airflow metadata DB)
+from support.merchant_cash import EVIDENCE, TIER_1_KRW, TIER_2_KRW, claim, write_claims
 
 from pipeline import ledger
-from pipeline.config import Settings
 from pipeline.errors import CampaignError, CorrectionError
 from pipeline.grants import corrections
 from pipeline.ledger import queries
@@ -41,71 +39,13 @@ from pipeline.programs.merchant_cash.review import ReviewRefusedError
 ROOT = REPO_ROOT
 BUNDLED = ROOT / "pipeline" / "campaigns" / "merchant_cash_2022.toml"
 SEOUL = dt.timezone(dt.timedelta(hours=9))
-IN_WINDOW = "2022-10-20T10:00:00+09:00"
-EVIDENCE = ("merchant_certificate", "proof_of_lost_sales", "proof_of_service_use")
-COLUMNS = ("claim_id", "merchant_id", "submitted_at", "loss_krw", *EVIDENCE)
-TIER_1_KRW, TIER_2_KRW = 30_000, 50_000
 KILL_WAIT_S = 60
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty ledger database on each backend."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.sqlite'}"
-    return str(request.getfixturevalue("pg_url"))
-
-
 @pytest.fixture
-def open_program(
-    tmp_path: Path, url: str, settings_for: Callable[..., Settings]
-) -> Iterator[Callable[..., OpenProgram]]:
-    """``open_program(program_file=None)``: the program on this test's ledger; engines disposed afterwards."""
-    opened: list[OpenProgram] = []
-
-    def factory(program_file: Path | None = None) -> OpenProgram:
-        op = claims.open_program(settings_for(tmp_path / "var", ledger_url=url), program_file)
-        opened.append(op)
-        claims.register(op)
-        return op
-
-    yield factory
-    for op in opened:
-        op.close()
-
-
-@pytest.fixture
-def op(open_program: Callable[..., OpenProgram]) -> OpenProgram:
+def op(open_merchant_program: Callable[..., OpenProgram]) -> OpenProgram:
     """The bundled program on this test's ledger."""
-    return open_program()
-
-
-def claim(
-    claim_id: str,
-    merchant_id: int | str,
-    loss_krw: int | str,
-    submitted_at: str = IN_WINDOW,
-    evidence: tuple[str, str, str] = ("yes", "yes", "yes"),
-) -> dict[str, Any]:
-    """One claims-file row."""
-    return dict(zip(COLUMNS, (claim_id, merchant_id, submitted_at, loss_krw, *evidence), strict=True))
-
-
-def write_claims(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """A claims file: CSV (cells as text) or Parquet (every column text)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".csv":
-        with path.open("w", encoding="utf-8", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        frame = pl.DataFrame(
-            {c: [None if r[c] is None else str(r[c]) for r in rows] for c in COLUMNS},
-            schema={c: pl.String for c in COLUMNS},
-        )
-        frame.write_parquet(path)
-    return path
+    return open_merchant_program()
 
 
 def cases(op: OpenProgram) -> dict[int, dict[str, Any]]:
