@@ -59,7 +59,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
         params[key] = value
     from sqlalchemy.engine import make_url
 
-    from pipeline.ledger import create_ledger_engine
+    from pipeline.ledger import open_ledger
 
     url = make_url(settings.ledger_url)
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
@@ -67,8 +67,8 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     fmt = "json" if args.json else args.format
     if fmt == "parquet" and args.out is None:
         raise QueryError("--format parquet writes a binary file: give --out FILE.parquet")
-    engine = create_ledger_engine(settings.ledger_url)
-    result = queries.run_query(engine, args.name, params)
+    with open_ledger(settings.ledger_url) as opened:
+        result = queries.run_query(opened.engine, args.name, params)
     if fmt == "parquet":
         rows = queries.write_parquet(result, args.out)
         print(f"wrote {rows:,} rows to {args.out}", file=sys.stderr)

@@ -11,9 +11,9 @@ from pipeline.config import Settings
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     """Ledger administration."""
-    engine = ledger.create_ledger_engine(settings.ledger_url)
     where = settings.describe_ledger()
-    try:
+    with ledger.open_ledger(settings.ledger_url) as opened:
+        engine = opened.engine
         if args.action == "roles":
             roles = ledger.apply_roles(engine)
             emit(
@@ -48,6 +48,4 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
                     f"{ledger.SCHEMA_VERSION} ({advice})"
                 ],
             )
-    finally:
-        engine.dispose()
     return 0
