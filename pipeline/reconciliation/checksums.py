@@ -141,8 +141,7 @@ def ledger_checksums(connection: Connection, campaign_key: int, bucket_lo: int, 
     voided_row = connection.execute(
         sa.text(
             f"SELECT count(*), coalesce(sum({h1}), 0), coalesce(sum({h2}), 0) FROM grant_voids AS v "
-            f"{void_first} grants AS g ON g.campaign_key = v.campaign_key AND g.user_bucket = v.user_bucket "
-            "AND g.user_id = v.user_id AND g.item_key = v.item_key AND g.issue_no = v.issue_no "
+            f"{void_first} grants AS g ON {ledger.same_grant('v')} "
             "WHERE v.campaign_key = :ck AND v.user_bucket BETWEEN :lo AND :hi"
         ),
         bounds,
@@ -156,8 +155,7 @@ def ledger_checksums(connection: Connection, campaign_key: int, bucket_lo: int, 
             "      WHERE campaign_key = :ck AND user_bucket BETWEEN :lo AND :hi) AS k "
             "JOIN grants AS g ON g.campaign_key = :ck AND g.user_bucket = k.user_bucket "
             "AND g.user_id = k.user_id AND g.item_key = k.item_key "
-            "LEFT JOIN grant_voids AS w ON w.campaign_key = g.campaign_key AND w.user_bucket = g.user_bucket "
-            "AND w.user_id = g.user_id AND w.item_key = g.item_key AND w.issue_no = g.issue_no"
+            f"LEFT JOIN grant_voids AS w ON {ledger.same_grant('w')}"
         ),
         bounds,
     ).all()

@@ -409,9 +409,7 @@ def _classify_forged(connection: Connection, task: PartitionTask, row: dict[str,
     found = connection.execute(
         sa.text(
             "SELECT 1 FROM grants AS g WHERE g.campaign_key = :ck AND g.user_bucket = :b AND g.user_id = :u "
-            "AND g.item_key = :i AND NOT EXISTS (SELECT 1 FROM grant_voids AS v WHERE v.campaign_key = g.campaign_key "
-            "AND v.user_bucket = g.user_bucket AND v.user_id = g.user_id AND v.item_key = g.item_key "
-            "AND v.issue_no = g.issue_no) LIMIT 1"
+            f"AND g.item_key = :i AND {ledger.LIVE_GRANT_SQL} LIMIT 1"
         ),
         {"ck": task.campaign_key, "b": real_bucket, "u": int(row["user_id"]), "i": int(row["item_key"])},
     ).first()
