@@ -159,7 +159,7 @@ def test_five_thousand_users_on_postgresql(entitle: Entitle, tmp_path: Path, pg_
 
         cli_query = entitle(["query", "user_grants", "--param", f"user_id={user_id}", "--format", "json"], env)
         assert cli_query.returncode == 0, cli_query.stderr
-        assert len(json.loads(cli_query.stdout)["rows"]) == ITEMS_PER_USER
+        assert len(json.loads(cli_query.stdout)) == ITEMS_PER_USER
 
         coverage = queries.run_query(engine, "coverage", {"campaign_id": CAMPAIGN_ID})
         assert all(r[coverage.columns.index("live_grants")] == 5_000 for r in coverage.rows)

@@ -45,10 +45,19 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
             args,
             {
                 "queries": [
-                    {"name": n, "parameters": list(q.parameters), "description": q.description} for n, q in described
+                    {
+                        "name": n,
+                        "parameters": list(q.parameters),
+                        "declared": [{"name": d.name, "type": d.type, "required": d.required} for d in q.declared],
+                        "description": q.description,
+                    }
+                    for n, q in described
                 ]
             },
-            [f"{n:<22} params: {', '.join(q.parameters) or '-':<28} {q.description}" for n, q in described],
+            [
+                f"{n}  ({', '.join(d.describe() for d in q.declared) or 'no parameters'})\n    {q.description}"
+                for n, q in described
+            ],
         )
         return 0
     params: dict[str, str] = {}
@@ -62,6 +71,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.ledger import open_ledger
 
     url = make_url(settings.ledger_url)
+    queries.bind_parameters(queries.load_query(args.name, url.get_backend_name()), params)  # exit 2 before any read
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
         raise QueryError(f"no ledger at {url.database} yet; run `entitle run --users FILE` first")
     fmt = "json" if args.json else args.format
@@ -74,11 +84,12 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
         print(f"wrote {rows:,} rows to {args.out}", file=sys.stderr)
         return 0
     with _output(args.out) as stream:
-        if fmt == "json":
-            print(
-                json.dumps({"columns": result.columns, "rows": [list(r) for r in result.rows]}, default=str),
-                file=stream,
-            )
+        records = ({c: v for c, v in zip(result.columns, row, strict=True)} for row in result.rows)
+        if fmt == "json":  # one array of records, columns in the query's order
+            print(json.dumps(list(records), default=str, ensure_ascii=False), file=stream)
+        elif fmt == "ndjson":  # one record a line
+            for record in records:
+                print(json.dumps(record, default=str, ensure_ascii=False), file=stream)
         elif fmt == "csv":
             writer = csv.writer(stream)
             writer.writerow(result.columns)

@@ -158,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("query", "run a named analyst query from sql/queries/ with bound parameters")
     p.add_argument("name", nargs="?", help="query name; omit (or --list) to list them")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a query parameter")
-    p.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table", help="output format")
+    p.add_argument(
+        "--format",
+        choices=("table", "csv", "json", "ndjson", "parquet"),
+        default="table",
+        help="output format: json is one array of records ({column: value}), ndjson one record a line",
+    )
     p.add_argument("--out", type=Path, help="write to this file instead of standard output (required for parquet)")
     p.add_argument("--list", action="store_true", help="list the named queries")
     p.set_defaults(handler=cmd_query)

@@ -1,5 +1,5 @@
 -- Open and resolved breaks per campaign and class, with the age of the oldest open one.
--- Params: campaign_id (optional)
+-- Params: campaign_id: text (optional)
 SELECT campaign_id, break_class,
        sum(CASE WHEN status = 'open' THEN 1 ELSE 0 END) AS open_breaks,
        sum(CASE WHEN status = 'resolved' THEN 1 ELSE 0 END) AS resolved_breaks,

@@ -1,6 +1,6 @@
 -- Merchant cash claims by intake status (accepted | outside_intake_window | below_minimum_loss |
 -- after_decision), intake window and the state of the merchant's case (NULL: no case, nothing accepted).
--- Params: program_id (optional)
+-- Params: program_id: text (optional)
 SELECT
     c.campaign_id AS program_id,
     cl.status AS claim_status,

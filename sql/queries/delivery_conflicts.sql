@@ -1,6 +1,6 @@
 -- Grants an issuer answered `conflict` for: it holds a different payload under the same grant id.
 -- Nothing was overwritten and delivery never sends them again; decide with the issuer's owners.
--- Params: campaign_id (optional), limit (optional, default 1000)
+-- Params: campaign_id: text (optional), limit: integer (optional, default 1000)
 SELECT c.campaign_id, a.user_id, i.item_sku, a.issue_no,
        c.campaign_id || ':' || CAST(a.user_id AS TEXT) || ':' || i.item_sku || ':' || CAST(a.issue_no AS TEXT)
            AS grant_id,

@@ -1,6 +1,6 @@
 -- Grants written per Seoul calendar day and item (voided ones included: they were written).
 -- Read through the grant_history view, which analysts may read (sql/postgresql/roles.sql).
--- Params: campaign_id (optional)
+-- Params: campaign_id: text (optional)
 SELECT
     h.campaign_id,
     (h.entry_at AT TIME ZONE 'Asia/Seoul')::date AS day_kst,

@@ -1,5 +1,5 @@
 -- Grants written per Seoul calendar day (Asia/Seoul is UTC+9 all year) and item.
--- Params: campaign_id (optional)
+-- Params: campaign_id: text (optional)
 SELECT
     c.campaign_id,
     date(g.granted_at / 1000000, 'unixepoch', '+9 hours') AS day_kst,

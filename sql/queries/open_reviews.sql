@@ -1,6 +1,6 @@
 -- Open review items of merchant cash programs, oldest first: the case, why it is in review
 -- (tier_review | conflicting_claims | incomplete_evidence), tier, reported loss, claims, opened and age in days.
--- Params: program_id (optional)
+-- Params: program_id: text (optional)
 SELECT
     c.campaign_id AS program_id,
     'mc-' || mc.merchant_id AS case_id,

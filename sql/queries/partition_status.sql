@@ -1,5 +1,5 @@
 -- The latest attempt of every partition of every snapshot: status, counts, duration and error.
--- Params: campaign_id (optional), status (optional: running | done | failed)
+-- Params: campaign_id: text (optional), status: text (optional: running | done | failed)
 SELECT campaign_id, snapshot_id, partition_id, status, planned, written, already_present,
        duration_s, run_id, started_at, finished_at, error
 FROM partition_status

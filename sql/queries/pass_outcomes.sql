@@ -2,7 +2,7 @@
 -- granted (the ledger holds the pass), sold_out (served after the stock ran out) or pending
 -- (after the allocation watermark); a pass voided later stays granted here (see user_history).
 -- applied_at is UTC epoch microseconds on SQLite.
--- Params: campaign_id (optional), user_id (optional), limit (optional, default 1000)
+-- Params: campaign_id: text (optional), user_id: integer (optional), limit: integer (optional, default 1000)
 SELECT
     c.campaign_id AS program_id,
     a.user_id,

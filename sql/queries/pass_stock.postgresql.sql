@@ -1,6 +1,6 @@
 -- First-come-first-served pass stock per program: cap, granted, remaining, sold-out count,
 -- applications, pending (after the allocation watermark) and the watermark.
--- Params: campaign_id (optional)
+-- Params: campaign_id: text (optional)
 SELECT
     c.campaign_id AS program_id,
     i.item_sku,

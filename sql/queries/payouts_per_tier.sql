@@ -1,7 +1,7 @@
 -- Merchant cash payouts per tier and case state against the claims and decisions: cases, their claims,
 -- review decisions, payable cases and amount (tier or approved), live payouts in the ledger and amount, and
 -- payouts voided on purpose (`entitle claims void`; who and why: the query user_history or voids_by_actor).
--- Params: program_id (optional)
+-- Params: program_id: text (optional)
 SELECT
     c.campaign_id AS program_id,
     mc.tier,

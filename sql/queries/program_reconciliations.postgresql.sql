@@ -1,6 +1,6 @@
 -- Reconciliations of the pass and merchant cash programs, newest first: verdict, explanation and number
 -- of breaks (the whole result document is in program_recon_runs.result_json).
--- Params: campaign_id (optional), limit (optional, default 100)
+-- Params: campaign_id: text (optional), limit: integer (optional, default 100)
 SELECT
     c.campaign_id,
     r.program,

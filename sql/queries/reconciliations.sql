@@ -1,5 +1,5 @@
 -- Reconciliation history: verdict and bridge of each run, newest first.
--- Params: campaign_id (optional), limit (optional, default 50)
+-- Params: campaign_id: text (optional), limit: integer (optional, default 50)
 SELECT reconciliation_id, campaign_id, snapshot_id, verdict, expected, matched, terms_mismatch, missing, voided,
        ledger_live, unexpected, duplicate, residual_expected, residual_ledger, open_breaks, started_at, finished_at,
        explanation

@@ -1,6 +1,6 @@
 -- One user's live grants. Uses the ledger key (user_bucket is a pure function of user_id), so it is
 -- an index seek even on a 240M-row ledger.
--- Params: user_id (required)
+-- Params: user_id: integer (required)
 SELECT campaign_id, user_id, item_sku, item_kind, amount_krw, valid_from, valid_until, granted_at,
        run_id, partition_id
 FROM grant_ledger

@@ -1,5 +1,5 @@
 -- Every ledger entry of one user: grants (live or voided) and voids, with who and why. An index seek.
--- Params: user_id (required)
+-- Params: user_id: integer (required)
 SELECT campaign_id, user_id, item_sku, issue_no, entry_type, amount_krw, valid_from, valid_until, entry_at,
        run_id, actor, reason
 FROM grant_history

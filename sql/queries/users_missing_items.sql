@@ -1,6 +1,6 @@
 -- Users who hold some but not all of a campaign's items (live grants).
 -- Users with no grant at all are not in the ledger: `entitle reconcile` finds them against the snapshot.
--- Params: campaign_id (required), limit (optional, default 1000)
+-- Params: campaign_id: text (required), limit: integer (optional, default 1000)
 SELECT
     g.user_id,
     count(*) AS items_held,

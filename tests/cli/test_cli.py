@@ -234,8 +234,7 @@ def test_query_user_grants(ran: Ran) -> None:
     user_id = ran.users[123]
     result = run_entitle(["query", "user_grants", "--param", f"user_id={user_id}", "--format", "json"], ran.env)
     assert result.returncode == 0, result.stderr
-    document = json.loads(result.stdout)
-    rows = [dict(zip(document["columns"], r, strict=True)) for r in document["rows"]]
+    rows = json.loads(result.stdout)  # one array of records
     assert len(rows) == ITEMS_PER_USER
     assert {r["user_id"] for r in rows} == {user_id}
     by_sku = {r["item_sku"]: r for r in rows}
@@ -455,3 +454,19 @@ def test_reconcile_without_a_snapshot_is_a_clean_error(tmp_path: Path) -> None:
     assert_clean_error(run_entitle(["reconcile", "--no-progress"], env), 3, "has no snapshot")
     assert_clean_error(run_entitle(["repair", "--actor", "ops"], env), 5, "no reconciliation yet")
     assert_clean_error(run_entitle(["report"], env), 3, "has no reconciliation yet")
+
+
+def test_query_parameters_are_checked_and_json_is_records(ran: Ran) -> None:
+    missing = run_entitle(["query", "user_grants"], ran.env)
+    assert missing.returncode == 2 and "needs user_id: add --param user_id=VALUE" in missing.stderr
+    mistyped = run_entitle(["query", "user_grants", "--param", "user_id=abc"], ran.env)
+    assert mistyped.returncode == 2 and "parameter user_id must be a whole number, got 'abc'" in mistyped.stderr
+    user_id = ran.users[7]
+    args = ["query", "user_grants", "--param", f"user_id={user_id}", "--format"]
+    records = json.loads(run_entitle([*args, "json"], ran.env).stdout)
+    lines = run_entitle([*args, "ndjson"], ran.env).stdout.splitlines()
+    assert [json.loads(line) for line in lines] == records and len(records) == ITEMS_PER_USER
+    assert list(records[0])[:3] == ["campaign_id", "user_id", "item_sku"], "columns in the query's order"
+    listed = json.loads(run_entitle(["query", "--list", "--json"], ran.env).stdout)["queries"]
+    declared = {q["name"]: q["declared"] for q in listed}
+    assert declared["user_grants"] == [{"name": "user_id", "type": "integer", "required": True}]

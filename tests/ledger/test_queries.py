@@ -86,10 +86,30 @@ def test_user_grants_returns_one_row_per_item(granted: Prepared) -> None:
 
 
 def test_parameters_are_bound_never_interpolated(granted: Prepared) -> None:
-    injected = queries.run_query(granted.engine, "user_grants", {"user_id": "303 OR 1=1"})
-    assert injected.rows == []
+    with pytest.raises(QueryError, match=r"parameter user_id must be a whole number, got '303 OR 1=1'"):
+        queries.run_query(granted.engine, "user_grants", {"user_id": "303 OR 1=1"})
     quoted = queries.run_query(granted.engine, "coverage", {"campaign_id": "x' OR '1'='1"})
     assert quoted.rows == []
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_every_parameter_is_declared_with_its_type(dialect: str) -> None:
+    for name in queries.list_queries():
+        query = queries.load_query(name, dialect)  # refuses SQL parameters the Params line does not declare
+        assert all(p.type in queries.PARAMETER_TYPES for p in query.declared), name
+    user_grants = queries.load_query("user_grants", dialect)
+    assert [p.describe() for p in user_grants.declared] == ["user_id: integer (required)"]
+    limit = queries.load_query("open_breaks", dialect).declared[-1]
+    assert (limit.name, limit.type, limit.required) == ("limit", "integer", False)
+
+
+def test_a_missing_or_mistyped_parameter_is_refused_before_the_query_runs(granted: Prepared) -> None:
+    with pytest.raises(QueryError, match=r"query 'user_grants' needs user_id: add --param user_id=VALUE") as missing:
+        queries.run_query(granted.engine, "user_grants", {})
+    assert missing.value.exit_code == 2
+    with pytest.raises(QueryError, match=r"parameter limit must be a whole number, got 'ten'"):
+        queries.run_query(granted.engine, "open_breaks", {"limit": "ten"})
+    assert len(queries.run_query(granted.engine, "user_grants", {"user_id": " 303 "}).rows) == ITEMS_PER_USER
 
 
 def test_unknown_parameters_are_refused(granted: Prepared) -> None:

@@ -695,8 +695,8 @@ def test_dag_ingests_assigns_pays_and_reconciles(tmp_path: Path, airflow_env: di
     assert run("2022-10-21T03:00:00+09:00")["state"] == "success"
     env_entitle = cli_environment(ENTITLE_HOME=env["ENTITLE_HOME"])
     paid = run_entitle(["query", "payouts_per_tier", "--format", "json"], env_entitle)
-    rows = json.loads(paid.stdout)["rows"]
-    assert {(r[1], r[2]): (r[8], r[9]) for r in rows} == {
+    rows = json.loads(paid.stdout)  # records
+    assert {(r["tier"], r["state"]): (r["paid"], r["paid_krw"]) for r in rows} == {
         ("up-to-300k", "paid"): (1, TIER_1_KRW),
         ("up-to-500k", "paid"): (1, TIER_2_KRW),
         ("above-500k", "needs_review"): (0, 0),
