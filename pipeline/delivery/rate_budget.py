@@ -25,6 +25,7 @@ def _budget_upsert(engine: Engine, new_value: str, update: str, returning: str =
     )
     return sql.format(now=now, greatest="GREATEST" if postgres else "MAX")
 
+
 def take_issuer_slot(engine: Engine, issuer: str, interval_s: float, wait_max_s: float = float("inf")) -> float:
     """Reserve the issuer's next request slot, ``interval_s`` after the previous one; seconds to wait for it.
 
@@ -46,6 +47,7 @@ def take_issuer_slot(engine: Engine, issuer: str, interval_s: float, wait_max_s:
             connection.execute(sa.text(restart), {"issuer": issuer, "step": step, "now": now})
             return 0.0
     return max(0.0, wait_us / 1_000_000)
+
 
 def hold_issuer(engine: Engine, issuer: str, seconds: float) -> None:
     """Let no request to the issuer start for ``seconds`` (its Retry-After), from any process."""

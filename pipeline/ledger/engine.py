@@ -13,6 +13,7 @@ SQLITE_BUSY_TIMEOUT_MS = 120_000
 
 SQLITE_CACHE_KIB = 262_144
 
+
 def epoch_us_sql(column: str, dialect: str) -> str:
     """An instant column as UTC epoch microseconds in SQL (SQLite stores them so already)."""
     if dialect == "postgresql":
@@ -22,6 +23,7 @@ def epoch_us_sql(column: str, dialect: str) -> str:
         return f"CAST(round(date_part('epoch', {column}) * 1000000) AS BIGINT)"
     return column
 
+
 def create_ledger_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, full sync, a busy timeout and explicit BEGINs."""
     if url.startswith("sqlite"):
@@ -29,6 +31,7 @@ def create_ledger_engine(url: str) -> Engine:
         _configure_sqlite(engine)
         return engine
     return sa.create_engine(url, pool_pre_ping=True)
+
 
 def _configure_sqlite(engine: Engine) -> None:
     @sa.event.listens_for(engine, "connect")
@@ -53,9 +56,11 @@ def _configure_sqlite(engine: Engine) -> None:
         mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
         connection.exec_driver_sql(f"BEGIN {mode}")
 
+
 # The PostgreSQL advisory lock (one-bigint key space, apart from the two-int locks keyed by campaign)
 # that serialises the ledger's "read, then insert if absent" registrations: schema, campaign, snapshot, run.
 _REGISTRATION_LOCK = 0x656E_7469_746C_65  # "entitle"
+
 
 @contextmanager
 def write_transaction(engine: Engine, serialized: bool = False) -> Iterator[Connection]:

@@ -13,12 +13,15 @@ import sqlalchemy as sa
 
 GRANT_KEY = ("campaign_key", "user_bucket", "user_id", "item_key", "issue_no")
 
+
 def same_grant(alias: str, grant_alias: str = "g") -> str:
     """SQL: the row ``alias`` is about the grant ``grant_alias`` (equal on every column of the grant key)."""
     return " AND ".join(f"{alias}.{column} = {grant_alias}.{column}" for column in GRANT_KEY)
 
+
 # SQL, with ``grants AS g``: the grant is live (no void names it).
 LIVE_GRANT_SQL = f"NOT EXISTS (SELECT 1 FROM grant_voids AS v WHERE {same_grant('v')})"
+
 
 def grant_key_columns() -> list[sa.Column[Any]]:
     """A grant's ledger key as the primary key of a table that records something per grant."""

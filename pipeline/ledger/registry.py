@@ -52,6 +52,7 @@ def record_program_reconciliation(
             )
         )
 
+
 @dataclass(frozen=True)
 class CampaignKeys:
     """A registered campaign's surrogate keys: the campaign and each item by sku."""
@@ -65,6 +66,7 @@ class CampaignKeys:
             f"{self.item_keys[i.sku]}:{i.terms_hash()}" for i in sorted(campaign.items, key=lambda i: i.sku)
         )
         return hashlib.sha256(parts.encode()).hexdigest()[:16]
+
 
 def register_campaign(engine: Engine, campaign: Campaign, now: dt.datetime) -> CampaignKeys:
     """Record the campaign and its items; refuse changed terms for items that have grants."""
@@ -97,6 +99,7 @@ def register_campaign(engine: Engine, campaign: Campaign, now: dt.datetime) -> C
         item_keys = {item.sku: _register_item(connection, campaign, campaign_key, item) for item in campaign.items}
     return CampaignKeys(campaign_key, item_keys)
 
+
 def registered_keys(engine: Engine, campaign: Campaign) -> CampaignKeys | None:
     """The keys when the campaign and every item are already registered exactly as in the file (reads only)."""
     with engine.connect() as connection:
@@ -126,6 +129,7 @@ def registered_keys(engine: Engine, campaign: Campaign) -> CampaignKeys | None:
             return None
         keys[item.sku] = found[0]
     return CampaignKeys(int(row.campaign_key), keys)
+
 
 def _register_item(connection: Connection, campaign: Campaign, campaign_key: int, item: Item) -> int:
     values = {
@@ -169,6 +173,7 @@ def _register_item(connection: Connection, campaign: Campaign, campaign_key: int
     connection.execute(campaign_items.update().where(campaign_items.c.item_key == item_key).values(**values))
     return item_key
 
+
 def register_run(
     engine: Engine, run_id: str, campaign_key: int, snapshot_id: str, trigger: str, now: dt.datetime
 ) -> int:
@@ -192,6 +197,7 @@ def register_run(
                 )
             ).inserted_primary_key[0]  # type: ignore[index]
         )
+
 
 def register_snapshot(
     engine: Engine,
@@ -222,6 +228,7 @@ def register_snapshot(
                 )
             )
 
+
 def current_snapshot(engine: Engine, campaign_key: int) -> dict[str, Any] | None:
     """The campaign's most recently registered snapshot row, or ``None``."""
     with engine.connect() as connection:
@@ -232,6 +239,7 @@ def current_snapshot(engine: Engine, campaign_key: int) -> dict[str, Any] | None
             .limit(1)
         ).first()
     return None if row is None else dict(row._mapping)
+
 
 def find_campaign_key(engine: Engine, campaign_id: str) -> int | None:
     """The campaign's key if it is registered in this ledger."""

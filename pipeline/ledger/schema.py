@@ -38,6 +38,7 @@ LEDGER_VIEWS = (
 # The repository's sql/ folder, shipped in the package as pipeline.sql.
 SQL_DIR = Path(str(resources.files("pipeline.sql")))
 
+
 def _make_sqlite_folder(engine: Engine) -> None:
     """Create the folder of an SQLite ledger file: creating or migrating the schema is where it gets made."""
     database = engine.url.database
@@ -86,6 +87,7 @@ def create_schema(engine: Engine) -> None:
     except SQLAlchemyError as exc:
         raise LedgerError(f"cannot create the ledger schema at {engine.url!r}: {exc}") from exc
 
+
 def recorded_version(engine: Engine) -> int | None:
     """The schema version recorded in the ledger (None: an empty database)."""
     try:
@@ -93,6 +95,7 @@ def recorded_version(engine: Engine) -> int | None:
             return _recorded_version(connection)
     except SQLAlchemyError as exc:
         raise LedgerError(f"cannot read the ledger at {engine.url!r}: {getattr(exc, 'orig', exc)}") from exc
+
 
 def _recorded_version(connection: Connection) -> int | None:
     """The ledger's schema version, or None for an empty database."""
@@ -103,6 +106,7 @@ def _recorded_version(connection: Connection) -> int | None:
     ).scalar()
     return None if value is None else int(value)
 
+
 def alembic_config(connection: Connection) -> Any:
     """Alembic's config for pipeline/ledger/migrations, running on ``connection`` (no alembic.ini, no URL)."""
     from alembic.config import Config
@@ -112,6 +116,7 @@ def alembic_config(connection: Connection) -> Any:
     config.attributes["connection"] = connection
     return config
 
+
 def _stamp_head(connection: Connection) -> None:
     """Record in Alembic's table that a new ledger is at the newest migration."""
     from alembic.runtime.migration import MigrationContext
@@ -119,6 +124,7 @@ def _stamp_head(connection: Connection) -> None:
 
     script = ScriptDirectory.from_config(alembic_config(connection))
     MigrationContext.configure(connection).stamp(script, "head")
+
 
 @dataclass(frozen=True)
 class UpgradeResult:
@@ -131,6 +137,7 @@ class UpgradeResult:
     def as_dict(self) -> dict[str, Any]:
         """Plain values for --json."""
         return {"from_version": self.from_version, "to_version": self.to_version, "migrations": self.migrations}
+
 
 def upgrade(engine: Engine) -> UpgradeResult:
     """Migrate the ledger to this program's schema version in one transaction (Alembic); idempotent.
@@ -168,6 +175,7 @@ def upgrade(engine: Engine) -> UpgradeResult:
         apply_roles(engine)
     return UpgradeResult(before, SCHEMA_VERSION, applied)
 
+
 def _roles_exist(engine: Engine) -> bool:
     with engine.connect() as connection:
         found = connection.execute(
@@ -175,7 +183,9 @@ def _roles_exist(engine: Engine) -> bool:
         ).scalar_one()
     return int(found) > 0
 
+
 LEDGER_ROLES = ("entitle_writer", "entitle_operator", "entitle_analyst")
+
 
 def apply_roles(engine: Engine) -> tuple[str, ...]:
     """Create the writer, operator and analyst roles and their rights (PostgreSQL; idempotent)."""
@@ -197,6 +207,7 @@ def apply_roles(engine: Engine) -> tuple[str, ...]:
         ) from exc
     return LEDGER_ROLES
 
+
 def _schema_is_current(engine: Engine, views_digest: str) -> bool:
     with engine.connect() as connection:
         if not sa.inspect(connection).has_table("ledger_meta"):
@@ -206,10 +217,12 @@ def _schema_is_current(engine: Engine, views_digest: str) -> bool:
         }
     return stored.get("schema_version") == str(SCHEMA_VERSION) and stored.get("views_sha256") == views_digest
 
+
 def view_sql(dialect_name: str) -> str:
     """The views and triggers file for a dialect (``sql/<dialect>/views.sql``)."""
     folder = "postgresql" if dialect_name == "postgresql" else "sqlite"
     return (SQL_DIR / folder / "views.sql").read_text(encoding="utf-8")
+
 
 def split_sql(script: str) -> list[str]:
     """Split a SQL script into statements, each ended by a line that is exactly ``-- end``.

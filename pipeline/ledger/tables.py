@@ -23,6 +23,7 @@ from pipeline.ledger.grant_key import GRANT_KEY, grant_key_columns
 
 UTC = dt.UTC
 
+
 class Instant(sa.types.TypeDecorator[dt.datetime]):
     """A timezone-aware instant: TIMESTAMPTZ on PostgreSQL, UTC epoch microseconds on SQLite."""
 
@@ -52,14 +53,17 @@ class Instant(sa.types.TypeDecorator[dt.datetime]):
             return value.astimezone(UTC)
         return from_epoch_us(int(value))
 
+
 def to_epoch_us(value: dt.datetime) -> int:
     """Microseconds since 1970-01-01T00:00Z of an aware datetime."""
     delta = value - dt.datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
+
 def from_epoch_us(value: int) -> dt.datetime:
     """The aware UTC datetime of epoch microseconds."""
     return dt.datetime(1970, 1, 1, tzinfo=UTC) + dt.timedelta(microseconds=value)
+
 
 metadata = sa.MetaData()
 
@@ -554,6 +558,7 @@ delivery_partitions = sa.Table(
     sa.Column("finished_at", Instant, nullable=True),
     sa.CheckConstraint("status IN ('running', 'done', 'failed')", name="ck_delivery_partition_status"),
 )
+
 
 def void_of_grant() -> sa.ColumnElement[bool]:
     """The join condition of a grant and its void: equal on every column of the grant key."""

@@ -13,11 +13,13 @@ ENTITLE_SCRIPT = BIN / "entitle"
 
 CLI_TIMEOUT_S = 120
 
+
 def cli_environment(**entitle_vars: str) -> dict[str, str]:
     """The current environment without any ENTITLE_* variable, plus ``entitle_vars``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENTITLE_")}
     env.update(entitle_vars)
     return env
+
 
 def run_entitle(args: Sequence[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run the installed console script and capture its output."""

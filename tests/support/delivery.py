@@ -62,6 +62,7 @@ validity = "90d"
 issuer = "shop"
 """
 
+
 def write_campaign(path: Path, **overrides: Any) -> Path:
     values = {
         "requests_per_s": 500,
@@ -74,6 +75,7 @@ def write_campaign(path: Path, **overrides: Any) -> Path:
     values.update(overrides)
     path.write_text(CAMPAIGN_TOML.format(**values), encoding="utf-8")
     return path
+
 
 def delivery_settings(tmp_path: Path, ledger_url: str | None, campaign_file: Path, service_url: str) -> Settings:
     """Settings through the composition root, with the issuer's URL from ENTITLE_ISSUER_SHOP_URL."""
@@ -90,6 +92,7 @@ def delivery_settings(tmp_path: Path, ledger_url: str | None, campaign_file: Pat
 
 
 SERVICE_START_TIMEOUT_S = 20
+
 
 class Service:
     """``python -m issuer_service`` on a loopback port with its own SQLite store."""

@@ -16,6 +16,7 @@ OPENS = dt.datetime(2023, 1, 5, 0, 0, tzinfo=SEOUL)
 
 NOW = dt.datetime(2023, 1, 20, 12, 0, tzinfo=dt.UTC)  # the tests' clock: after every application
 
+
 def program_text(cap: int, program_id: str = "drawer-pass-test") -> str:
     return f"""
 [program]
@@ -33,6 +34,7 @@ reminder_days = 7
 intake_lag_s = 600
 """
 
+
 def write_applications(path: Path, rows: list[tuple[object, object]]) -> Path:
     """A batch file of (user_id, applied_at): CSV cells as text, or Parquet int64 + timestamp (UTC)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,9 +48,11 @@ def write_applications(path: Path, rows: list[tuple[object, object]]) -> Path:
         ).write_parquet(path)
     return path
 
+
 def serving_order(rows: list[tuple[int, dt.datetime]]) -> list[int]:
     """User ids in the documented order: applied_at, then user_bucket, then user_id."""
     return [u for u, a in sorted(rows, key=lambda r: (r[1], user_bucket(r[0]), r[0]))]
+
 
 def synthetic(count: int, seed: int, ties: bool = True) -> list[tuple[int, dt.datetime]]:
     """Distinct users with applied_at in the first hours (whole seconds when ``ties``: many equal instants)."""

@@ -1,6 +1,5 @@
 """Prepared pipelines and probes of what the ledger holds."""
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +26,7 @@ class Prepared:
     def engine(self) -> Engine:
         return self.pipeline.engine
 
+
 def prepare_pipeline(pipeline: runs.Pipeline, users_file: Path, exclusion_file: Path | None = None) -> Prepared:
     """Register, freeze, partition and start a run, exactly as ``entitle run`` does before granting."""
     runs.register(pipeline)
@@ -34,6 +34,7 @@ def prepare_pipeline(pipeline: runs.Pipeline, users_file: Path, exclusion_file: 
     prepared = runs.partition(pipeline, report)
     run = runs.start_run(pipeline, snapshot_id=report.snapshot_id)
     return Prepared(pipeline, prepared, run)
+
 
 def grant_pairs(engine: Engine) -> set[tuple[int, str]]:
     """Every (user_id, item_sku) in the ledger's grants table."""
@@ -45,6 +46,7 @@ def grant_pairs(engine: Engine) -> set[tuple[int, str]]:
         ).all()
     return {(int(u), str(s)) for u, s in rows}
 
+
 def grant_counts(engine: Engine) -> tuple[int, int]:
     """(rows in grants, distinct (campaign, user, item) triples in grants)."""
     with engine.connect() as connection:
@@ -54,15 +56,18 @@ def grant_counts(engine: Engine) -> tuple[int, int]:
         ).scalar_one()
     return int(total), int(distinct)
 
+
 def grants_per_partition(engine: Engine) -> dict[int, int]:
     """Grant rows per partition id as recorded in the ledger."""
     with engine.connect() as connection:
         rows = connection.execute(sa.text("SELECT partition_id, count(*) FROM grants GROUP BY partition_id")).all()
     return {int(p): int(n) for p, n in rows}
 
+
 def planned_pairs(users: Sequence[int], skus: Sequence[str]) -> set[tuple[int, str]]:
     """The exact set of grants a campaign with ``skus`` plans for ``users``."""
     return {(u, s) for u in users for s in skus}
+
 
 class LedgerProbe:
     """The ledger probes above, handed to tests by the ``ledger_probe`` fixture."""

@@ -16,6 +16,7 @@ COLUMNS = ("claim_id", "merchant_id", "submitted_at", "loss_krw", *EVIDENCE)
 
 TIER_1_KRW, TIER_2_KRW = 30_000, 50_000
 
+
 def claim(
     claim_id: str,
     merchant_id: int | str,
@@ -25,6 +26,7 @@ def claim(
 ) -> dict[str, Any]:
     """One claims-file row."""
     return dict(zip(COLUMNS, (claim_id, merchant_id, submitted_at, loss_krw, *evidence), strict=True))
+
 
 def write_claims(path: Path, rows: list[dict[str, Any]]) -> Path:
     """A claims file: CSV (cells as text) or Parquet (every column text)."""

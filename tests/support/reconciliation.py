@@ -12,6 +12,7 @@ USERS = list(range(30_000_000, 30_002_000, 2))  # 1,000 users
 
 STRANGER = 99_999_999_001  # never in the snapshot
 
+
 class Tamper:
     """Direct writes to the ledger that bypass the append-only triggers."""
 
@@ -94,6 +95,7 @@ class Tamper:
             )
             if bucket is not None:
                 connection.exec_driver_sql("PRAGMA ignore_check_constraints = OFF")
+
 
 def tamper_for(prepared: Prepared) -> Tamper:
     return Tamper(prepared.engine, prepared.pipeline.keys.campaign_key, prepared.pipeline.keys.item_keys)

@@ -20,6 +20,7 @@ SEOUL = dt.timezone(dt.timedelta(hours=9))
 
 CAMPAIGN_START = dt.datetime(2023, 1, 5, 0, 0, tzinfo=SEOUL)
 
+
 def build_settings(
     home: Path,
     *,
@@ -49,6 +50,7 @@ def build_settings(
     if clock is not None:
         settings = dataclasses.replace(settings, clock=clock)
     return settings
+
 
 def write_user_file(path: Path, values: Sequence[int | str | None], column: str = "user_id") -> Path:
     """A user file of ``values``: CSV cells as text ('' for None) or a Parquet int64 column."""
