@@ -117,7 +117,13 @@ def load_settings(environ: Mapping[str, str] | None = None, connection_ledger_ur
     """
     env = os.environ if environ is None else environ
     home = Path(env.get("ENTITLE_HOME", "var")).expanduser().resolve()
-    ledger_url = env.get("ENTITLE_LEDGER_URL") or connection_ledger_url or f"sqlite:///{home / 'ledger.sqlite'}"
+    if env.get("ENTITLE_LEDGER_URL"):
+        ledger_url, ledger_source = env["ENTITLE_LEDGER_URL"], "ENTITLE_LEDGER_URL"
+    elif connection_ledger_url:
+        ledger_url, ledger_source = connection_ledger_url, "the Airflow connection entitle_ledger"
+    else:
+        ledger_url, ledger_source = f"sqlite:///{home / 'ledger.sqlite'}", "the default (ENTITLE_HOME)"
+    check_ledger_url(ledger_url, ledger_source)
     campaign_value = env.get("ENTITLE_CAMPAIGN")
     campaign_file = Path(campaign_value).expanduser() if campaign_value else None
     partition_count: int | None = None
@@ -163,6 +169,28 @@ def merchant_program_file(environ: Mapping[str, str] | None = None) -> Path | No
 def debug_enabled(environ: Mapping[str, str] | None = None) -> bool:
     """ENTITLE_DEBUG: the CLI shows a traceback after an unexpected error."""
     return bool((os.environ if environ is None else environ).get("ENTITLE_DEBUG"))
+
+
+LEDGER_URL_EXAMPLES = "sqlite:////path/to/ledger.sqlite or postgresql+psycopg://user@host:5432/database"
+
+
+def check_ledger_url(url: str, source: str) -> None:
+    """Refuse a ledger URL that is not an SQLite or PostgreSQL SQLAlchemy URL, naming where it came from."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"{source}: {url!r} is not a database URL; use {LEDGER_URL_EXAMPLES}") from None
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        shown = parsed.render_as_string(hide_password=True)
+        raise ConfigError(
+            f"{source}: {shown!r} is a {backend} URL; the ledger is SQLite or PostgreSQL: {LEDGER_URL_EXAMPLES}"
+        )
+    if backend == "postgresql" and not parsed.host:
+        raise ConfigError(f"{source}: the PostgreSQL URL names no host; use {LEDGER_URL_EXAMPLES}")
 
 
 # Airflow connection types and the SQLAlchemy driver each names.

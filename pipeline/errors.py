@@ -32,6 +32,17 @@ class ConfigError(EntitleError):
     exit_code = 2
 
 
+class LedgerUnreachableError(ConfigError):
+    """The ledger's database server cannot be reached or refuses the connection.
+
+    A configuration error for the command line (exit 2: check the URL), yet retryable for a
+    scheduler: a server that is restarting answers again a minute later.
+    """
+
+    exit_code = 2
+    retryable = True
+
+
 class StorageError(ConfigError):
     """The object store cannot be reached, refuses our credentials, or has no such bucket."""
 

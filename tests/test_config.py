@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,34 @@ def test_the_ledger_comes_from_the_airflow_connection_unless_the_variable_is_set
         ledger_url_from_connection("mysql", "db")
     with pytest.raises(ConfigError, match="names no database file"):
         ledger_url_from_connection("sqlite", "")
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("bogus", "ENTITLE_LEDGER_URL: 'bogus' is not a database URL; use sqlite:///"),
+        ("mysql://me@db.example/ledger", "ENTITLE_LEDGER_URL: 'mysql://me@db.example/ledger' is a mysql URL"),
+        ("postgresql+psycopg:///ledger", "ENTITLE_LEDGER_URL: the PostgreSQL URL names no host"),
+    ],
+)
+def test_a_ledger_url_that_is_not_sqlite_or_postgresql_is_a_config_error(url: str, said: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_settings({"ENTITLE_LEDGER_URL": url})
+
+
+def test_an_unreachable_ledger_is_exit_2_naming_the_host_and_no_library_link(tmp_path: Path) -> None:
+    from support.cli import cli_environment, run_entitle
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = cli_environment(
+        ENTITLE_HOME=str(tmp_path), ENTITLE_LEDGER_URL=f"postgresql+psycopg://postgres@127.0.0.1:{port}/ledger"
+    )
+    for command in (["status"], ["summary", "--json"], ["db", "version"], ["query", "coverage"]):
+        result = run_entitle(command, env)
+        assert result.returncode == 2, (command, result.stderr)
+        assert f"cannot connect to the ledger database 'ledger' on 127.0.0.1:{port}" in result.stderr, command
+        assert "Check ENTITLE_LEDGER_URL" in result.stderr and "sqlalche.me" not in result.stderr + result.stdout
+    bogus = run_entitle(["status"], cli_environment(ENTITLE_HOME=str(tmp_path), ENTITLE_LEDGER_URL="bogus"))
+    assert bogus.returncode == 2 and "ENTITLE_LEDGER_URL: 'bogus' is not a database URL" in bogus.stderr

@@ -13,15 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
 
 from pipeline.cli.parser import build_parser
-from pipeline.config import load_settings
+from pipeline.config import debug_enabled, load_settings
 from pipeline.errors import EntitleError
 
 EXIT_INTERNAL = 70
+_LIBRARY_LINK = re.compile(r"\s*\(Background on this error at: [^)]*\)")
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what shells report for a closed pipe
 
 
@@ -48,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(args, "interrupted; every partition is all-or-nothing, so rerun the same command to finish", 130)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback as the interface
-        if os.environ.get("ENTITLE_DEBUG"):
+        if debug_enabled():
             traceback.print_exc()
         _fail(
             args,
@@ -60,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> None:
+    message = _LIBRARY_LINK.sub("", message)
     print(f"entitle: error: {message}", file=sys.stderr)
     if getattr(args, "json", False):
         try:

@@ -9,9 +9,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from pipeline.errors import LedgerUnreachableError
+
 SQLITE_BUSY_TIMEOUT_MS = 120_000
 
 SQLITE_CACHE_KIB = 262_144
+CONNECT_TIMEOUT_S = 10  # PostgreSQL: give up on an unreachable server after this long
 
 
 def epoch_us_sql(column: str, dialect: str) -> str:
@@ -25,12 +28,34 @@ def epoch_us_sql(column: str, dialect: str) -> str:
 
 
 def create_ledger_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, full sync, a busy timeout and explicit BEGINs."""
+    """An engine for ``url``; SQLite gets WAL, full sync, a busy timeout and explicit BEGINs.
+
+    A PostgreSQL server that cannot be reached (wrong host or port, refused credentials, a
+    database that does not exist) raises :class:`LedgerUnreachableError`, a configuration error
+    (exit 2) naming the host and database, wherever the first connection is made.
+    """
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _configure_sqlite(engine)
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    engine = sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+    sa.event.listen(engine, "handle_error", _unreachable)
+    return engine
+
+
+def _unreachable(context: Any) -> BaseException | None:
+    """Turn a failure to connect into a configuration error that says where and what, without a library link."""
+    if context.connection is not None or context.is_pre_ping:
+        return None  # a statement failed on an open connection: not a question of reaching the server
+    url = context.engine.url if context.engine is not None else None
+    where = "the ledger database"
+    if url is not None:
+        where += f" {url.database!r} on {url.host}:{url.port or 5432}"
+    reason = " ".join(str(context.original_exception).split())
+    return LedgerUnreachableError(
+        f"cannot connect to {where} ({reason}). Check ENTITLE_LEDGER_URL (or the Airflow connection "
+        "entitle_ledger): the host, port, user, password and database, and that the server is running"
+    )
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -106,7 +106,11 @@ def test_roles_separate_writer_operator_and_analyst(
             assert denied(analyst, f"SELECT * FROM {table} LIMIT 1"), table
         # ... and every named query (the program queries join the campaign catalogue and their own tables).
         for name in queries.list_queries():
-            queries.run_query(analyst, name, {})
+            query = queries.load_query(name, "postgresql")
+            required = {
+                d.name: "1" if d.type == "integer" else "kakao-outage-2022" for d in query.declared if d.required
+            }
+            queries.run_query(analyst, name, required)
         assert denied(
             analyst,
             "INSERT INTO grant_voids (campaign_key, user_bucket, user_id, item_key, reason, "
