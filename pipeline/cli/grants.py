@@ -150,10 +150,15 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             f"{report.done} done, {report.failed} failed, {report.running} running or interrupted, "
             f"{report.pending} pending"
         ]
+        pending: list[int] = []
         for part in report.partitions:
-            if args.all or part["status"] != "done":
+            if part["status"] == "pending":  # never attempted: no run, no error; listed as ranges below
+                pending.append(int(part["partition_id"]))
+            elif args.all or part["status"] != "done":
                 error = f"  error: {part['error']}" if part["error"] else ""
                 lines.append(f"  part-{part['partition_id']:04d}  {part['status']:<8} run {part['run_id']}{error}")
+        if pending:
+            lines.append(f"  pending (never attempted; `entitle grant` grants them): {partition_ranges(pending)}")
         document = report.as_dict()
         document["delivery"] = delivery.issuer_totals(pipeline.engine, pipeline.keys.campaign_key, report.snapshot_id)
         lines += delivery_lines(pipeline.campaign, document["delivery"])
@@ -181,6 +186,22 @@ def cmd_summary(args: argparse.Namespace, settings: Settings) -> int:
             lines += delivery_lines(pipeline.campaign, document["delivery"])
         emit(args, document, lines)
         return 0
+
+
+def partition_ranges(partition_ids: Sequence[int]) -> str:
+    """``part-0003..part-0127, part-0200`` for partition ids: consecutive ids as one range."""
+    spans: list[str] = []
+    ordered = sorted(partition_ids)
+    start = previous = ordered[0] if ordered else 0
+    for current in [*ordered[1:], None]:
+        if current is not None and current == previous + 1:
+            previous = current
+            continue
+        first, last = f"part-{start:04d}", f"part-{previous:04d}"
+        spans.append(first if start == previous else f"{first}..{last}")
+        if current is not None:
+            start = previous = current
+    return ", ".join(spans) if ordered else ""
 
 
 def _snapshot_lines(report: snapshot.SnapshotReport) -> list[str]:

@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -470,3 +471,22 @@ def test_query_parameters_are_checked_and_json_is_records(ran: Ran) -> None:
     listed = json.loads(run_entitle(["query", "--list", "--json"], ran.env).stdout)["queries"]
     declared = {q["name"]: q["declared"] for q in listed}
     assert declared["user_grants"] == [{"name": "user_id", "type": "integer", "required": True}]
+
+
+def test_status_lists_never_attempted_partitions_as_ranges(
+    tmp_path: Path, prepare: Callable[..., Any], write_users: Callable[..., Path]
+) -> None:
+    from support.settings import build_settings
+
+    settings = build_settings(tmp_path / "var", partitions=8)
+    prepare(settings, write_users(tmp_path / "users.parquet", list(range(10_000, 12_000))))
+    env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"), ENTITLE_PARTITIONS="8")
+    every = run_entitle(["status"], env)
+    assert every.returncode == 0, every.stderr
+    assert "pending (never attempted; `entitle grant` grants them): part-0000..part-0007" in every.stdout
+    assert "run None" not in every.stdout
+    assert run_entitle(["grant", "--partitions", "2,3", "--no-progress"], env).returncode == 0
+    some = run_entitle(["status"], env).stdout
+    assert "part-0000..part-0001, part-0004..part-0007" in some and "run None" not in some
+    assert run_entitle(["grant", "--no-progress"], env).returncode == 0, "the command the status names works"
+    assert "pending (" not in run_entitle(["status"], env).stdout
