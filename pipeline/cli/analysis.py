@@ -71,14 +71,15 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.ledger import open_ledger
 
     url = make_url(settings.ledger_url)
-    queries.bind_parameters(queries.load_query(args.name, url.get_backend_name()), params)  # exit 2 before any read
+    query = queries.load_query(args.name, url.get_backend_name())
+    queries.bind_parameters(query, params)  # a wrong parameter exits 2 before the ledger is read
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
         raise QueryError(f"no ledger at {url.database} yet; run `entitle run --users FILE` first")
     fmt = "json" if args.json else args.format
     if fmt == "parquet" and args.out is None:
         raise QueryError("--format parquet writes a binary file: give --out FILE.parquet")
     with open_ledger(settings.ledger_url) as opened:
-        result = queries.run_query(opened.engine, args.name, params)
+        result = queries.run_query(opened.engine, query, params)
     if fmt == "parquet":
         rows = queries.write_parquet(result, args.out)
         print(f"wrote {rows:,} rows to {args.out}", file=sys.stderr)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict, cast
 
 from pipeline import delivery, reconciliation, storage
 from pipeline.config import Settings, load_settings
@@ -183,16 +183,7 @@ def freeze_snapshot(
 
 
 def _prepared(prepared: runs.PreparedSnapshot, dry_run: bool) -> PreparedSnapshot:
-    report = prepared.report
-    return PreparedSnapshot(
-        snapshot_id=report.snapshot_id,
-        snapshot_dir=str(report.directory),
-        partitions_dir=str(prepared.partitions_dir),
-        partition_count=prepared.partition_count,
-        eligible_users=report.eligible_users,
-        quarantine_file=None if report.quarantine_file is None else str(report.quarantine_file),
-        dry_run=dry_run,
-    )
+    return cast(PreparedSnapshot, {**prepared.as_dict(), "dry_run": dry_run})
 
 
 def plan_partitions(
@@ -253,21 +244,13 @@ def grant(
         if outcome.status != "done":
             raise GrantFailedError(f"{entry.label} failed: {outcome.error}", retryable=outcome.retryable)
         reports = _deliver(pipeline, partition_id)
-    return GrantedPartition(
-        partition_id=outcome.partition_id,
-        status=outcome.status,
-        planned=outcome.planned,
-        written=outcome.written,
-        already_present=outcome.already_present,
-        duration_s=outcome.duration_s,
-        skipped=outcome.skipped,
-        verified=outcome.verified,
-        error=outcome.error,
-        retryable=outcome.retryable,
-        label=entry.label,
-        deliveries=[r.as_dict() for r in reports],
-        task_body_s=time.perf_counter() - started,
-    )
+    granted = {
+        **outcome.as_dict(),
+        "label": entry.label,
+        "deliveries": [r.as_dict() for r in reports],
+        "task_body_s": time.perf_counter() - started,
+    }
+    return cast(GrantedPartition, granted)
 
 
 def _deliver(pipeline: runs.Pipeline, partition_id: int) -> list[delivery.DeliveryReport]:

@@ -100,13 +100,15 @@ def load_query(name: str, dialect: str) -> NamedQuery:
     return NamedQuery(name, description, declared, sql)
 
 
-def run_query(engine: Engine, name: str, params: dict[str, str], connection: Connection | None = None) -> QueryResult:
-    """Run a named query with bound parameters; unknown parameters are an error.
+def run_query(
+    engine: Engine, name: str | NamedQuery, params: dict[str, str], connection: Connection | None = None
+) -> QueryResult:
+    """Run a named query (its name, or the query already loaded) with bound parameters.
 
     ``connection``: run on this open connection (a service answering many lookups)
     instead of checking one out of the engine's pool for this query alone.
     """
-    query = load_query(name, engine.dialect.name)
+    query = load_query(name, engine.dialect.name) if isinstance(name, str) else name
     bound = bind_parameters(query, params)
     try:
         with nullcontext(connection) if connection is not None else engine.connect() as open_connection:
@@ -115,7 +117,7 @@ def run_query(engine: Engine, name: str, params: dict[str, str], connection: Con
             rows = [tuple(r) for r in result.fetchmany(RESULT_ROWS_MAX)]
     except SQLAlchemyError as exc:
         original = getattr(exc, "orig", exc)
-        raise QueryError(f"query {name!r} failed: {original}. Check its parameters: {query.parameters}") from exc
+        raise QueryError(f"query {query.name!r} failed: {original}. Check its parameters: {query.parameters}") from exc
     return QueryResult(columns, rows)
 
 

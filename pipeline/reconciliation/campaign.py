@@ -57,7 +57,7 @@ from pipeline.reconciliation.compare import (
     dispose_engines,
 )
 from pipeline.reconciliation.three_way import ISSUER_BREAK_CLASSES
-from pipeline.reconciliation.verdict import BREAKS, INCOMPLETE, Bridge, Step, Verdict, judge
+from pipeline.reconciliation.verdict import BREAKS, INCOMPLETE, Bridge, Judged, Step, Verdict, judge
 from pipeline.worker_processes import map_in_processes
 
 METHODS = ("checksum", "rows")
@@ -65,7 +65,7 @@ TOP_BREAKS_IN_RESULT = 100
 
 
 @dataclass(frozen=True)
-class Reconciliation:
+class Reconciliation(Judged):
     """One reconciliation: verdict, bridge, per item and per partition figures, and where the exports are."""
 
     reconciliation_id: str
@@ -94,15 +94,6 @@ class Reconciliation:
     issuers: list[dict[str, Any]] = field(default_factory=list)  # the third source, per issuer
     time_zone: str = "UTC"  # the campaign's: the report shows times in it
 
-    @property
-    def verdict(self) -> str:
-        """RECONCILED, BREAKS or INCOMPLETE."""
-        return self.outcome.status
-
-    @property
-    def explanation(self) -> str:
-        """The verdict in one sentence (or the reasons it is incomplete)."""
-        return self.outcome.explanation
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for JSON, XCom and the report; the whole verdict comes last, as ``outcome``."""

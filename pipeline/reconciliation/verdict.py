@@ -169,3 +169,23 @@ def judge(bridge: Bridge, breaks: Mapping[str, int], incomplete: Sequence[str] =
         reasons += (bridge.mismatch(),)
     status = derive_status(bridge, breaks, reasons)
     return Verdict(status, explain(status, reasons), bridge, dict(breaks), reasons)
+
+
+class Judged:
+    """A reconciliation result that carries its :class:`Verdict` as ``outcome``.
+
+    The result documents keep ``verdict`` (the status) and ``explanation`` as their first-class
+    fields; both are read from the one verdict.
+    """
+
+    outcome: Verdict
+
+    @property
+    def verdict(self) -> str:
+        """RECONCILED, BREAKS or INCOMPLETE."""
+        return self.outcome.status
+
+    @property
+    def explanation(self) -> str:
+        """The verdict in one sentence (or the reasons it is incomplete)."""
+        return self.outcome.explanation

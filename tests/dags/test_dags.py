@@ -17,7 +17,7 @@ from typing import Any
 import polars as pl
 import pytest
 from support import REPO_ROOT
-from support.cli import BIN
+from support.cli import BIN, run_dag
 from support.settings import DAG_TEST_PARTITIONS
 
 from pipeline.config import load_settings
@@ -40,22 +40,6 @@ def entitle_env(airflow_env: dict[str, str], tmp_path: Path) -> Iterator[dict[st
     env["ENTITLE_HOME"] = str(tmp_path / "var")
     write_demo_users(USERS, tmp_path / "var" / "incoming" / "users.parquet")
     yield env
-
-
-def run_dag(
-    env: dict[str, str], conf: dict[str, Any] | None = None, dag_id: str = "entitlement_grant"
-) -> tuple[int, dict[str, Any], str]:
-    """Run a DAG (default entitlement_grant) once with dag.test; returns exit code, the result line, and stderr."""
-    result = subprocess.run(
-        [str(BIN / "python"), str(ROOT / "ops" / "run_dag.py"), dag_id, json.dumps(conf or {})],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "{}"
-    return result.returncode, json.loads(last), result.stdout[-4000:] + result.stderr[-4000:]
 
 
 def ledger_state(env: dict[str, str]) -> tuple[dict[str, int], int, int]:

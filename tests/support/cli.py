@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from support import REPO_ROOT
 
 BIN = Path(sys.executable).parent  # the virtualenv's scripts: entitle, airflow
 ENTITLE_SCRIPT = BIN / "entitle"
@@ -32,3 +36,19 @@ def run_entitle(args: Sequence[str], env: dict[str, str], cwd: Path | None = Non
         timeout=CLI_TIMEOUT_S,
         check=False,
     )
+
+
+def run_dag(
+    env: dict[str, str], conf: dict[str, Any] | None = None, dag_id: str = "entitlement_grant"
+) -> tuple[int, dict[str, Any], str]:
+    """Run a DAG (default entitlement_grant) once with dag.test; returns exit code, the result line, and stderr."""
+    result = subprocess.run(
+        [str(BIN / "python"), str(REPO_ROOT / "ops" / "run_dag.py"), dag_id, json.dumps(conf or {})],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "{}"
+    return result.returncode, json.loads(last), result.stdout[-4000:] + result.stderr[-4000:]

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection
 from pipeline import ledger
 from pipeline.ledger import Instant, pass_allocations
 from pipeline.programs.drawer_pass.allocation import EPOCH, PassContext, _program_row
-from pipeline.reconciliation.verdict import BREAKS, INCOMPLETE, Bridge, Step, Verdict, judge
+from pipeline.reconciliation.verdict import BREAKS, INCOMPLETE, Bridge, Judged, Step, Verdict, judge
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class PassCheck:
 
 
 @dataclass(frozen=True)
-class PassReconciliation:
+class PassReconciliation(Judged):
     """The pass program's reconciliation: verdict, the figures compared and every check."""
 
     program_id: str
@@ -57,15 +57,6 @@ class PassReconciliation:
     checks: tuple[PassCheck, ...]
     outcome: Verdict  # status and explanation are the document's "verdict" and "explanation"
 
-    @property
-    def verdict(self) -> str:
-        """RECONCILED or BREAKS (INCOMPLETE only if the bridge did not add up)."""
-        return self.outcome.status
-
-    @property
-    def explanation(self) -> str:
-        """One sentence: what agrees, or which checks found offending rows."""
-        return self.outcome.explanation
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for --json; the whole verdict comes last, as ``outcome``."""

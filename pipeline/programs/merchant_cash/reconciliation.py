@@ -33,7 +33,7 @@ from pipeline.programs.merchant_cash.claims import (
     plan_case,
     voided_payouts,
 )
-from pipeline.reconciliation.verdict import BREAKS, INCOMPLETE, Bridge, Step, Verdict, judge
+from pipeline.reconciliation.verdict import BREAKS, INCOMPLETE, Bridge, Judged, Step, Verdict, judge
 
 BREAK_CLASSES = ("unpaid", "wrong_amount", "unexpected", "duplicate", "case_state")
 KRW_STEPS = {  # the bridge's steps from KRW due to KRW paid, in order, with their labels
@@ -74,7 +74,7 @@ class TierLine:
 
 
 @dataclass
-class MerchantReconciliation:
+class MerchantReconciliation(Judged):
     """The verdict and its evidence."""
 
     program_id: str
@@ -83,15 +83,6 @@ class MerchantReconciliation:
     tiers: list[TierLine] = field(default_factory=list)
     breaks: list[PayoutBreak] = field(default_factory=list)
 
-    @property
-    def verdict(self) -> str:
-        """RECONCILED, BREAKS or INCOMPLETE."""
-        return self.outcome.status
-
-    @property
-    def explanation(self) -> str:
-        """The verdict in one sentence."""
-        return self.outcome.explanation
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for --json and XCom; the whole verdict comes last, as ``outcome``."""

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from support import REPO_ROOT as ROOT
-from support.cli import BIN
+from support.cli import run_dag
 from support.drawer_pass import program_text, serving_order, synthetic, write_applications
 
 APPLICATIONS, CAP = 2_000, 500
@@ -17,21 +14,8 @@ APPLICATIONS, CAP = 2_000, 500
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 
 
-def run_pass_dag(env: dict[str, str]) -> tuple[int, dict[str, str], str]:
-    result = subprocess.run(
-        [str(BIN / "python"), str(ROOT / "ops" / "run_dag.py"), "drawer_pass", "{}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "{}"
-    return result.returncode, json.loads(last), result.stdout[-4000:] + result.stderr[-4000:]
-
-
 def test_dag_stores_batches_allocates_in_order_and_reruns_change_nothing(
-    airflow_env: dict[str, str],  # noqa: F811
+    airflow_env: dict[str, str],
     tmp_path: Path,
 ) -> None:
     env = dict(airflow_env)
@@ -44,7 +28,7 @@ def test_dag_stores_batches_allocates_in_order_and_reruns_change_nothing(
     write_applications(incoming / "batch-a.parquet", rows[: APPLICATIONS // 2])
     write_applications(incoming / "batch-b.csv", [(u, a.isoformat()) for u, a in rows[APPLICATIONS // 2 :]])
 
-    code, result, log = run_pass_dag(env)
+    code, result, log = run_dag(env, dag_id="drawer_pass")
     assert code == 0 and result["state"] == "success", log
     engine = sa.create_engine(f"sqlite:///{home / 'ledger.sqlite'}")
     try:
@@ -54,7 +38,7 @@ def test_dag_stores_batches_allocates_in_order_and_reruns_change_nothing(
         reminders = list((home / "campaigns" / "drawer-pass-test" / "notices" / "reminders").glob("*/pass.parquet"))
         assert len(reminders) == 1
 
-        code, result, log = run_pass_dag(env)
+        code, result, log = run_dag(env, dag_id="drawer_pass")
         assert code == 0 and result["state"] == "success", log
         with engine.connect() as connection:
             counts = connection.execute(
@@ -64,7 +48,7 @@ def test_dag_stores_batches_allocates_in_order_and_reruns_change_nothing(
 
         for path in incoming.iterdir():  # an hour with no batch at all still allocates and reconciles
             path.unlink()
-        code, result, log = run_pass_dag(env)
+        code, result, log = run_dag(env, dag_id="drawer_pass")
         assert code == 0 and result["state"] == "success", log
     finally:
         engine.dispose()
