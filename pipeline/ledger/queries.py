@@ -15,6 +15,7 @@ import datetime as dt
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +115,18 @@ def run_query(
         with nullcontext(connection) if connection is not None else engine.connect() as open_connection:
             result = open_connection.execute(sa.text(query.sql), bound)
             columns = list(result.keys())
-            rows = [tuple(r) for r in result.fetchmany(RESULT_ROWS_MAX)]
+            rows = [tuple(_plain(v) for v in r) for r in result.fetchmany(RESULT_ROWS_MAX)]
     except SQLAlchemyError as exc:
         original = getattr(exc, "orig", exc)
         raise QueryError(f"query {query.name!r} failed: {original}. Check its parameters: {query.parameters}") from exc
     return QueryResult(columns, rows)
+
+
+def _plain(value: Any) -> Any:
+    """PostgreSQL's numeric (a sum of bigints, say) as the int or float it is, so JSON and Parquet keep numbers."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
 
 
 def bind_parameters(query: NamedQuery, params: dict[str, str]) -> dict[str, Any]:
@@ -165,12 +173,18 @@ def query_path(name: str) -> Path:
 
 
 def write_parquet(result: QueryResult, path: Path) -> int:
-    """Write a query result as Parquet (types inferred from the values), atomically; returns the row count."""
+    """Write a query result as Parquet, atomically; returns the row count.
+
+    Column types come from the values: whole numbers are Int64, other numbers Float64, text
+    String (ISO-8601 instants included), PostgreSQL instants Datetime; a column with no value
+    at all is String.
+    """
     import polars as pl
 
     from pipeline.schemas import replaced_atomically
 
     frame = pl.DataFrame([list(r) for r in result.rows], schema=result.columns, orient="row", infer_schema_length=None)
+    frame = frame.with_columns(pl.col(pl.Null).cast(pl.String))
     with replaced_atomically(path) as temporary:
         frame.write_parquet(temporary)
     return frame.height

@@ -26,6 +26,7 @@ from pipeline.ledger.tables import (
     runs,
     snapshots,
 )
+from pipeline.ledger.zones import record_time_zones
 
 
 def record_program_reconciliation(
@@ -97,6 +98,7 @@ def register_campaign(engine: Engine, campaign: Campaign, now: dt.datetime) -> C
                 .values(name=campaign.name, time_zone=campaign.time_zone, starts_at=campaign.starts_at)
             )
         item_keys = {item.sku: _register_item(connection, campaign, campaign_key, item) for item in campaign.items}
+        record_time_zones(connection)
     return CampaignKeys(campaign_key, item_keys)
 
 

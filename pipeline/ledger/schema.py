@@ -15,7 +15,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.errors import ConfigError, LedgerError
 from pipeline.ledger.engine import write_transaction
+from pipeline.ledger.instants_sql import expand as expand_instants
 from pipeline.ledger.tables import ledger_meta, metadata
+from pipeline.ledger.zones import record_time_zones
 
 # 2: issue_no, reconciliation tables; 3: grants partitioned (PostgreSQL); 4: delivery tables;
 # 5: three-way reconciliation; 6: first-come-first-served pass tables; 7: merchant cash claims, cases,
@@ -82,6 +84,7 @@ def create_schema(engine: Engine) -> None:
                 if engine.dialect.name == "postgresql":
                     statement = statement.replace("%", "%%")  # psycopg's paramstyle
                 connection.exec_driver_sql(statement)
+            record_time_zones(connection)
             connection.execute(ledger_meta.delete().where(ledger_meta.c.meta_key == "views_sha256"))
             connection.execute(ledger_meta.insert().values(meta_key="views_sha256", meta_value=views_digest))
     except SQLAlchemyError as exc:
@@ -219,9 +222,10 @@ def _schema_is_current(engine: Engine, views_digest: str) -> bool:
 
 
 def view_sql(dialect_name: str) -> str:
-    """The views and triggers file for a dialect (``sql/<dialect>/views.sql``)."""
-    folder = "postgresql" if dialect_name == "postgresql" else "sqlite"
-    return (SQL_DIR / folder / "views.sql").read_text(encoding="utf-8")
+    """The views and triggers of a dialect (``sql/<dialect>/views.sql``; SQLite's with its ISO macros expanded)."""
+    if dialect_name == "postgresql":
+        return (SQL_DIR / "postgresql" / "views.sql").read_text(encoding="utf-8")
+    return expand_instants((SQL_DIR / "sqlite" / "views.sql").read_text(encoding="utf-8"))
 
 
 def split_sql(script: str) -> list[str]:

@@ -7,20 +7,27 @@
 -- land in this default child.
 CREATE TABLE IF NOT EXISTS grants_default PARTITION OF grants DEFAULT
 -- end
+-- Every live grant. grant_id is the id its issuer receives; amount_krw is 0 for items without a
+-- cash value (emoticons); valid_until is exclusive (the grant is valid before that instant) and
+-- NULL for permanent items; the *_local columns are the same instants in the campaign's time_zone.
 CREATE OR REPLACE VIEW grant_ledger AS
 SELECT
     c.campaign_id,
     g.user_id,
     i.item_sku,
     i.item_kind,
-    g.amount_krw,
+    coalesce(g.amount_krw, 0) AS amount_krw,
     g.valid_from,
     g.valid_until,
     g.granted_at,
     r.run_id,
     g.partition_id,
     g.user_bucket,
-    g.issue_no
+    g.issue_no,
+    c.campaign_id || ':' || g.user_id::text || ':' || i.item_sku || ':' || g.issue_no::text AS grant_id,
+    CAST(c.time_zone AS TEXT) AS time_zone,
+    g.valid_from AT TIME ZONE c.time_zone AS valid_from_local,
+    g.valid_until AT TIME ZONE c.time_zone AS valid_until_local
 FROM grants AS g
 JOIN campaigns AS c ON c.campaign_key = g.campaign_key
 JOIN campaign_items AS i ON i.item_key = g.item_key
@@ -39,7 +46,7 @@ SELECT
     i.item_sku,
     g.issue_no,
     'grant'::text AS entry_type,
-    g.amount_krw,
+    coalesce(g.amount_krw, 0) AS amount_krw,
     g.valid_from,
     g.valid_until,
     g.granted_at AS entry_at,
@@ -58,7 +65,7 @@ SELECT
     i.item_sku,
     v.issue_no,
     'void'::text AS entry_type,
-    g.amount_krw,
+    coalesce(g.amount_krw, 0) AS amount_krw,
     g.valid_from,
     g.valid_until,
     v.voided_at AS entry_at,

@@ -1,32 +1,70 @@
--- Views and append-only triggers of the SQLite ledger. Applied by the ledger on
--- start-up (idempotent). Each statement ends with a line "-- end".
--- Instants are stored as UTC epoch microseconds; the views show ISO-8601 UTC text.
+-- Views, their helper tables and the append-only triggers of the SQLite ledger. Applied by the
+-- ledger on start-up (idempotent). Each statement ends with a line "-- end".
+--
+-- Instants are stored as UTC epoch microseconds; the views show ISO-8601 text. Every view is
+-- standard SQL that SQLite and DuckDB's SQLite scanner both plan, so outside tools read typed
+-- columns: the ISO_UTC, ISO_UTC_MS and ISO_LOCAL macros below are expanded by the ledger into
+-- portable arithmetic (pipeline/ledger/instants_sql.py), and joins are written JOIN … ON or
+-- CROSS JOIN with the condition in WHERE.
 
+-- Day number since 1970-01-01 -> 'YYYY-MM-DD' (1970 to 2199), read by the ISO_* expressions.
+CREATE TABLE IF NOT EXISTS calendar_days (
+    day_number INTEGER NOT NULL PRIMARY KEY,
+    iso_date TEXT NOT NULL
+) WITHOUT ROWID
+-- end
+INSERT INTO calendar_days (day_number, iso_date)
+WITH RECURSIVE days(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM days WHERE n < 84005)
+SELECT n, date(n * 86400, 'unixepoch') FROM days
+WHERE NOT EXISTS (SELECT 1 FROM calendar_days)
+-- end
+-- Each campaign time zone's UTC offset over [from_us, until_us), from the IANA database; written
+-- by the ledger when a campaign is registered (pipeline/ledger/zones.py).
+CREATE TABLE IF NOT EXISTS time_zone_offsets (
+    time_zone TEXT NOT NULL,
+    from_us INTEGER NOT NULL,
+    until_us INTEGER NOT NULL,
+    utc_offset_s INTEGER NOT NULL,
+    PRIMARY KEY (time_zone, from_us)
+) WITHOUT ROWID
+-- end
 DROP VIEW IF EXISTS grant_ledger
 -- end
+-- Every live grant. grant_id is the id its issuer receives; amount_krw is 0 for items without a
+-- cash value (emoticons); valid_until is exclusive (the grant is valid before that instant) and
+-- NULL for permanent items; the *_local columns are the same instants in the campaign's time_zone.
 CREATE VIEW grant_ledger AS
 SELECT
     c.campaign_id,
     g.user_id,
     i.item_sku,
     i.item_kind,
-    g.amount_krw,
-    strftime('%Y-%m-%dT%H:%M:%SZ', g.valid_from / 1000000, 'unixepoch') AS valid_from,
-    CASE WHEN g.valid_until IS NULL THEN NULL
-         ELSE strftime('%Y-%m-%dT%H:%M:%SZ', g.valid_until / 1000000, 'unixepoch') END AS valid_until,
-    strftime('%Y-%m-%dT%H:%M:%fZ', g.granted_at / 1000000.0, 'unixepoch') AS granted_at,
+    coalesce(g.amount_krw, 0) AS amount_krw,
+    ISO_UTC(g.valid_from) AS valid_from,
+    ISO_UTC(g.valid_until) AS valid_until,
+    ISO_UTC_MS(g.granted_at) AS granted_at,
     r.run_id,
     g.partition_id,
     g.user_bucket,
-    g.issue_no
+    g.issue_no,
+    c.campaign_id || ':' || CAST(g.user_id AS TEXT) || ':' || i.item_sku || ':' || CAST(g.issue_no AS TEXT)
+        AS grant_id,
+    c.time_zone,
+    ISO_LOCAL(g.valid_from, zf.utc_offset_s) AS valid_from_local,
+    ISO_LOCAL(g.valid_until, zu.utc_offset_s) AS valid_until_local
 -- CROSS JOIN fixes the loop order (SQLite's documented planner control): campaigns, a handful of
 -- rows, drive the grants key (campaign_key, user_bucket, user_id, item_key), so a filter on
 -- user_bucket and user_id is an index seek instead of a scan.
 FROM campaigns AS c
-CROSS JOIN grants AS g ON g.campaign_key = c.campaign_key
+CROSS JOIN grants AS g
 JOIN campaign_items AS i ON i.item_key = g.item_key
 JOIN runs AS r ON r.run_key = g.run_key
-WHERE NOT EXISTS (
+LEFT JOIN time_zone_offsets AS zf
+    ON zf.time_zone = c.time_zone AND zf.from_us <= g.valid_from AND g.valid_from < zf.until_us
+LEFT JOIN time_zone_offsets AS zu
+    ON zu.time_zone = c.time_zone AND zu.from_us <= g.valid_until AND g.valid_until < zu.until_us
+WHERE g.campaign_key = c.campaign_key
+  AND NOT EXISTS (
     SELECT 1 FROM grant_voids AS v
     WHERE v.campaign_key = g.campaign_key AND v.user_bucket = g.user_bucket
       AND v.user_id = g.user_id AND v.item_key = g.item_key AND v.issue_no = g.issue_no
@@ -42,19 +80,19 @@ SELECT
     i.item_sku,
     g.issue_no,
     'grant' AS entry_type,
-    g.amount_krw,
-    strftime('%Y-%m-%dT%H:%M:%SZ', g.valid_from / 1000000, 'unixepoch') AS valid_from,
-    CASE WHEN g.valid_until IS NULL THEN NULL
-         ELSE strftime('%Y-%m-%dT%H:%M:%SZ', g.valid_until / 1000000, 'unixepoch') END AS valid_until,
-    strftime('%Y-%m-%dT%H:%M:%fZ', g.granted_at / 1000000.0, 'unixepoch') AS entry_at,
+    coalesce(g.amount_krw, 0) AS amount_krw,
+    ISO_UTC(g.valid_from) AS valid_from,
+    ISO_UTC(g.valid_until) AS valid_until,
+    ISO_UTC_MS(g.granted_at) AS entry_at,
     r.run_id,
     CAST(NULL AS TEXT) AS actor,
     CAST(NULL AS TEXT) AS reason,
     g.user_bucket
 FROM campaigns AS c
-CROSS JOIN grants AS g ON g.campaign_key = c.campaign_key
+CROSS JOIN grants AS g
 JOIN campaign_items AS i ON i.item_key = g.item_key
 JOIN runs AS r ON r.run_key = g.run_key
+WHERE g.campaign_key = c.campaign_key
 UNION ALL
 SELECT
     c.campaign_id,
@@ -62,20 +100,20 @@ SELECT
     i.item_sku,
     v.issue_no,
     'void' AS entry_type,
-    g.amount_krw,
-    strftime('%Y-%m-%dT%H:%M:%SZ', g.valid_from / 1000000, 'unixepoch') AS valid_from,
-    CASE WHEN g.valid_until IS NULL THEN NULL
-         ELSE strftime('%Y-%m-%dT%H:%M:%SZ', g.valid_until / 1000000, 'unixepoch') END AS valid_until,
-    strftime('%Y-%m-%dT%H:%M:%fZ', v.voided_at / 1000000.0, 'unixepoch') AS entry_at,
+    coalesce(g.amount_krw, 0) AS amount_krw,
+    ISO_UTC(g.valid_from) AS valid_from,
+    ISO_UTC(g.valid_until) AS valid_until,
+    ISO_UTC_MS(v.voided_at) AS entry_at,
     CAST(NULL AS TEXT) AS run_id,
     v.actor,
     v.reason,
     v.user_bucket
 FROM campaigns AS c
-CROSS JOIN grant_voids AS v ON v.campaign_key = c.campaign_key
+CROSS JOIN grant_voids AS v
 JOIN campaign_items AS i ON i.item_key = v.item_key
 JOIN grants AS g ON g.campaign_key = v.campaign_key AND g.user_bucket = v.user_bucket
     AND g.user_id = v.user_id AND g.item_key = v.item_key AND g.issue_no = v.issue_no
+WHERE v.campaign_key = c.campaign_key
 -- end
 DROP VIEW IF EXISTS reconciliation_runs
 -- end
@@ -103,8 +141,8 @@ SELECT
     r.residual_ledger,
     r.open_breaks,
     r.export_dir,
-    strftime('%Y-%m-%dT%H:%M:%fZ', r.started_at / 1000000.0, 'unixepoch') AS started_at,
-    strftime('%Y-%m-%dT%H:%M:%fZ', r.finished_at / 1000000.0, 'unixepoch') AS finished_at,
+    ISO_UTC_MS(r.started_at) AS started_at,
+    ISO_UTC_MS(r.finished_at) AS finished_at,
     r.reconciliation_key,
     r.issuer_missing,
     r.issuer_unexpected
@@ -125,22 +163,17 @@ SELECT
     b.issue_no,
     b.partition_id,
     b.expected_amount_krw,
-    CASE WHEN b.expected_valid_from IS NULL THEN NULL
-         ELSE strftime('%Y-%m-%dT%H:%M:%SZ', b.expected_valid_from / 1000000, 'unixepoch') END AS expected_valid_from,
-    CASE WHEN b.expected_valid_until IS NULL THEN NULL
-         ELSE strftime('%Y-%m-%dT%H:%M:%SZ', b.expected_valid_until / 1000000, 'unixepoch') END AS expected_valid_until,
+    ISO_UTC(b.expected_valid_from) AS expected_valid_from,
+    ISO_UTC(b.expected_valid_until) AS expected_valid_until,
     b.ledger_amount_krw,
-    CASE WHEN b.ledger_valid_from IS NULL THEN NULL
-         ELSE strftime('%Y-%m-%dT%H:%M:%SZ', b.ledger_valid_from / 1000000, 'unixepoch') END AS ledger_valid_from,
-    CASE WHEN b.ledger_valid_until IS NULL THEN NULL
-         ELSE strftime('%Y-%m-%dT%H:%M:%SZ', b.ledger_valid_until / 1000000, 'unixepoch') END AS ledger_valid_until,
+    ISO_UTC(b.ledger_valid_from) AS ledger_valid_from,
+    ISO_UTC(b.ledger_valid_until) AS ledger_valid_until,
     b.detail,
     f.reconciliation_id AS first_seen_in,
-    strftime('%Y-%m-%dT%H:%M:%fZ', f.started_at / 1000000.0, 'unixepoch') AS first_seen_at,
+    ISO_UTC_MS(f.started_at) AS first_seen_at,
     l.reconciliation_id AS last_seen_in,
     z.reconciliation_id AS resolved_in,
-    CASE WHEN z.finished_at IS NULL THEN NULL
-         ELSE strftime('%Y-%m-%dT%H:%M:%fZ', z.finished_at / 1000000.0, 'unixepoch') END AS resolved_at,
+    ISO_UTC_MS(z.finished_at) AS resolved_at,
     b.user_bucket,
     b.issuer
 FROM recon_breaks AS b
@@ -159,7 +192,7 @@ SELECT
     r.reconciliation_id,
     r.snapshot_id,
     r.verdict,
-    strftime('%Y-%m-%dT%H:%M:%fZ', r.finished_at / 1000000.0, 'unixepoch') AS as_of,
+    ISO_UTC_MS(r.finished_at) AS as_of,
     it.item_sku,
     ci.item_kind,
     it.expected,
@@ -194,9 +227,8 @@ SELECT
     a.duration_s,
     a.error,
     r.run_id,
-    strftime('%Y-%m-%dT%H:%M:%fZ', a.started_at / 1000000.0, 'unixepoch') AS started_at,
-    CASE WHEN a.finished_at IS NULL THEN NULL
-         ELSE strftime('%Y-%m-%dT%H:%M:%fZ', a.finished_at / 1000000.0, 'unixepoch') END AS finished_at
+    ISO_UTC_MS(a.started_at) AS started_at,
+    ISO_UTC_MS(a.finished_at) AS finished_at
 FROM partition_attempts AS a
 JOIN campaigns AS c ON c.campaign_key = a.campaign_key
 JOIN runs AS r ON r.run_key = a.run_key
