@@ -22,7 +22,7 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import dag, task
-from entitle_airflow.defaults import LEDGER_WRITERS_POOL, default_args
+from entitle_airflow.defaults import LEDGER_WRITERS_POOL, default_args, failing_fast
 
 
 @dag(
@@ -36,37 +36,43 @@ from entitle_airflow.defaults import LEDGER_WRITERS_POOL, default_args
     default_args=default_args(execution_timeout_s=3600),
 )
 def drawer_pass() -> None:
-    # Task bodies import pipeline lazily: the scheduler re-imports this file often.
+    # Task bodies import pipeline lazily: the scheduler re-imports this file often. Bad input and
+    # refused ledger writes fail at once (failing_fast); a locked or unreachable ledger is retried.
     @task
     def list_batches() -> list[str]:
         from pipeline.programs.drawer_pass import dag_tasks
 
-        return dag_tasks.list_batches()
+        with failing_fast():
+            return dag_tasks.list_batches()
 
     @task(pool=LEDGER_WRITERS_POOL)
     def ingest(path: str) -> dict[str, Any]:
         from pipeline.programs.drawer_pass import dag_tasks
 
-        return dag_tasks.ingest(path)
+        with failing_fast():
+            return dag_tasks.ingest(path)
 
     # none_failed: with no new file the mapped ingest is skipped, and allocation still runs.
     @task(pool=LEDGER_WRITERS_POOL, trigger_rule="none_failed")
     def allocate(stored: list[dict[str, Any]]) -> dict[str, Any]:
         from pipeline.programs.drawer_pass import dag_tasks
 
-        return dag_tasks.allocate()
+        with failing_fast():
+            return dag_tasks.allocate()
 
     @task
     def reconcile(allocated: dict[str, Any]) -> dict[str, Any]:
         from pipeline.programs.drawer_pass import dag_tasks
 
-        return dag_tasks.reconcile()
+        with failing_fast():
+            return dag_tasks.reconcile()
 
     @task
     def reminders(checked: dict[str, Any]) -> dict[str, Any]:
         from pipeline.programs.drawer_pass import dag_tasks
 
-        return dag_tasks.reminders()
+        with failing_fast():
+            return dag_tasks.reminders()
 
     stored = ingest.expand(path=list_batches())
     reminders(reconcile(allocate(stored)))

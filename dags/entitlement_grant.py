@@ -25,7 +25,7 @@ with `{"dag_run_id": RUN, "only_failed": true, "dry_run": false}`): the failed
 partitions, `reconcile`, `notify` and `summary` run again and the run ends green.
 Errors that cannot pass by retrying (bad input, edited terms, a changed
 partition file, reconciliation breaks) fail at once; a locked or unreachable
-database and an issuer that is down are retried with backoff. See the README runbook.
+database and an issuer that is down are retried with backoff. See docs/how-to/rerun-failed-partitions.md.
 
 **Params** (an unknown key is refused before any work): `snapshot_uri` (user
 file; empty = `$ENTITLE_HOME/incoming/users.parquet`), `exclusion_uri`,
@@ -180,9 +180,7 @@ def grant_dag(
             context = get_current_context()
             prepared, planned = the_plan(context["ti"])
             with failing_fast():
-                written = dag_tasks.notify(
-                    context["run_id"], prepared, planned, campaign, ledger_connection_url()
-                )
+                written = dag_tasks.notify(context["run_id"], prepared, planned, campaign, ledger_connection_url())
                 dag_tasks.require_notices_complete(written)
             return written
 

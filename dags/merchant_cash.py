@@ -18,7 +18,7 @@ another) at 03:00 Asia/Seoul:
 
 Every task body is one call into `pipeline.programs.merchant_cash.dag_tasks`. Reviews go on
 after intake closes: `entitle claims pay` pays the cases decided afterwards
-(see the README section "Merchant cash compensation").
+(see docs/how-to/operate-merchant-cash.md).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import dag, get_current_context, task
-from entitle_airflow.defaults import LEDGER_WRITERS_POOL, default_args
+from entitle_airflow.defaults import LEDGER_WRITERS_POOL, default_args, failing_fast
 
 # The run at 03:00 on the day after the last window closes picks up that day's claims.
 RUN_AFTER_CLOSE = timedelta(days=1, hours=3)
@@ -71,36 +71,42 @@ START, END = intake_bounds(Path(os.environ.get("ENTITLE_MERCHANT_PROGRAM") or DE
     default_args=default_args(execution_timeout_s=3600),
 )
 def merchant_cash() -> None:
-    # Task bodies import pipeline lazily: the scheduler re-imports this file often.
+    # Task bodies import pipeline lazily: the scheduler re-imports this file often. Bad input and
+    # refused ledger writes fail at once (failing_fast); a locked or unreachable ledger is retried.
     @task
     def ingest_claims() -> dict[str, Any]:
         from pipeline.programs.merchant_cash import dag_tasks
 
-        return dag_tasks.ingest_claims()
+        with failing_fast():
+            return dag_tasks.ingest_claims()
 
     @task
     def assign_tiers(ingested: dict[str, Any]) -> dict[str, Any]:
         from pipeline.programs.merchant_cash import dag_tasks
 
-        return dag_tasks.assign_tiers()
+        with failing_fast():
+            return dag_tasks.assign_tiers()
 
     @task(pool=LEDGER_WRITERS_POOL)
     def pay(assigned: dict[str, Any]) -> dict[str, Any]:
         from pipeline.programs.merchant_cash import dag_tasks
 
-        return dag_tasks.pay(get_current_context()["run_id"])
+        with failing_fast():
+            return dag_tasks.pay(get_current_context()["run_id"])
 
     @task
     def reconcile(paid: dict[str, Any]) -> dict[str, Any]:
         from pipeline.programs.merchant_cash import dag_tasks
 
-        return dag_tasks.reconcile()
+        with failing_fast():
+            return dag_tasks.reconcile()
 
     @task
     def check(ingested: dict[str, Any], reconciled: dict[str, Any]) -> None:
         from pipeline.programs.merchant_cash import dag_tasks
 
-        dag_tasks.check(ingested, reconciled)
+        with failing_fast():
+            dag_tasks.check(ingested, reconciled)
 
     ingested = ingest_claims()
     check(ingested, reconcile(pay(assign_tiers(ingested))))

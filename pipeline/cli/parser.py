@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="entitle",
         description="Grant every eligible user a campaign's items exactly once, recorded in an SQL ledger.",
         epilog="Settings come from ENTITLE_HOME, ENTITLE_LEDGER_URL, ENTITLE_CAMPAIGN, ENTITLE_PARTITIONS, "
-        "ENTITLE_REJECTED_SHARE_MAX and, for partitions on S3, ENTITLE_DATA_URI (see README). Exit codes: 0 ok, "
+        "ENTITLE_REJECTED_SHARE_MAX and, for partitions on S3, ENTITLE_DATA_URI (docs/reference/configuration.md). "
+        "Exit codes (docs/reference/exit-codes.md): 0 ok, "
         "2 usage/config (also an unreachable object store), 3 bad input, 4 partition files, 5 ledger refused, "
         "6 campaign not started, 7 partitions failed (deliver: grants failed or not attempted), 8 reconciliation "
         "breaks, 9 reconciliation incomplete, 10 deliver: an issuer answered conflict, 70 internal error. "

@@ -336,7 +336,7 @@ pass_applications = sa.Table(
     sa.Column("batch_key", sa.Integer, nullable=False),
     sa.CheckConstraint("user_id > 0", name="ck_pass_applications_user_id_positive"),
     # Allocation windows are applied_at ranges; ties within one are sorted by (user_bucket, user_id)
-    # (README "First-come-first-served pass"). No index on applied_at (dropped in schema version 11):
+    # (docs/how-to/operate-the-pass-program.md). No index on applied_at (dropped in schema version 11):
     # maintaining it was half of PostgreSQL's intake time, and allocation sorts its whole window anyway
     # (PostgreSQL read it by bitmap scan and sorted it with the index too; bench/bench_pass.py).
     sqlite_with_rowid=False,

@@ -129,6 +129,32 @@ def test_dag_file_imports_cleanly_without_work(dag_file: Path, airflow_env: dict
             assert task["retries"] >= 1, f"{dag['dag_id']}.{task_id} has no retries"
 
 
+@pytest.mark.parametrize("dag_file", sorted((REPO_ROOT / "dags").glob("*.py")), ids=lambda p: p.name)
+def test_every_task_calls_the_pipeline_inside_failing_fast(dag_file: Path) -> None:
+    """Bad input and refused writes fail a task at once instead of three retries later (only retryable errors retry)."""
+    import ast
+
+    tree = ast.parse(dag_file.read_text(encoding="utf-8"))
+    guarded: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.With) and any(
+            isinstance(item.context_expr, ast.Call) and getattr(item.context_expr.func, "id", "") == "failing_fast"
+            for item in node.items
+        ):
+            guarded.update(id(inner) for inner in ast.walk(node))
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "dag_tasks"
+    ]
+    assert calls, f"{dag_file.name} calls no dag_tasks function"
+    unguarded = [f"line {c.lineno}: dag_tasks.{c.func.attr}" for c in calls if id(c) not in guarded]  # type: ignore[attr-defined]
+    assert not unguarded, f"{dag_file.name}: outside failing_fast(): {unguarded}"
+
+
 def test_grant_dag_schedule_start_and_params(airflow_env: dict[str, str]) -> None:
     result = subprocess.run(
         [str(BIN / "python"), "-c", _INSPECT, str(ROOT / "dags" / "entitlement_grant.py")],

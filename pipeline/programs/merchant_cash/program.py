@@ -280,7 +280,7 @@ def _tiers(source: str, raw: object, loss_min_krw: int) -> tuple[Tier, ...]:
 
 
 def describe_tiers(program: Program) -> list[dict[str, Any]]:
-    """The tier table as plain values (loss range and outcome), for --json and the README."""
+    """The tier table as plain values (loss range and outcome), for --json and the docs."""
     rows: list[dict[str, Any]] = []
     low = program.loss_min_krw
     for tier in program.tiers:
