@@ -17,6 +17,9 @@ export AIRFLOW_HOME := $(CURDIR)/var/airflow
 export AIRFLOW_CONFIG := $(CURDIR)/airflow.cfg
 export ENTITLE_HOME ?= $(CURDIR)/var
 
+# ops/run_dag.py runs one DAG with dag.test; --log FILE takes Airflow's output, --progress shows the run's.
+RUN_DAG = PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python ops/run_dag.py
+
 .PHONY: venv demo demo-programs test lint bench bench-airflow clean help airflow airflow-db scaleout-smoke issuer-service
 
 help:
@@ -41,13 +44,15 @@ $(STAMP): requirements.lock pyproject.toml services/issuer/pyproject.toml
 venv: $(STAMP)
 
 # The demo runs the DAG entitlement_grant end to end through Airflow (dag.test: no scheduler
-# needed), then prints the ledger summary. Airflow's own task logs go to var/airflow/demo-run.log.
+# needed), printing its progress (task instances done) as it goes, then the ledger summary and the
+# next steps. Airflow's own task logs go to var/airflow/demo-run.log. demo-users stops (exit 5) when
+# the ledger holds a demo of other users, which this run would report as unexpected grants.
 demo: airflow-db
 	@mkdir -p $(ENTITLE_HOME)/incoming
 	$(BIN)/entitle demo-users --count $(DEMO_USERS) --out $(ENTITLE_HOME)/incoming/users.parquet
 	@echo "running DAG entitlement_grant through Airflow (task logs: $(AIRFLOW_HOME)/demo-run.log) ..."
-	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python ops/run_dag.py entitlement_grant \
-		'{"snapshot_uri": "$(ENTITLE_HOME)/incoming/users.parquet"}' > $(AIRFLOW_HOME)/demo-run.log 2>&1; \
+	@$(RUN_DAG) --log $(AIRFLOW_HOME)/demo-run.log --progress entitlement_grant \
+		'{"snapshot_uri": "$(ENTITLE_HOME)/incoming/users.parquet"}'; \
 		status=$$?; tail -n 1 $(AIRFLOW_HOME)/demo-run.log; \
 		grep -E "check: |planned [0-9,]+, written" $(AIRFLOW_HOME)/demo-run.log | sed -E 's/^.*(check: |planned )/\1/' | head -n 2; \
 		if [ $$status -ne 0 ]; then grep -E "^[A-Za-z_.]+(Error|Exception): " $(AIRFLOW_HOME)/demo-run.log | tail -n 1; fi; \
@@ -55,6 +60,7 @@ demo: airflow-db
 	$(BIN)/entitle summary
 	$(BIN)/entitle status
 	@$(MAKE) --no-print-directory demo-programs
+	@$(BIN)/python ops/demo_next_steps.py
 
 # The other programs of the plan, each through its own DAG: channel credit to every merchant of
 # a list, merchant cash claims (ingest, tiers, review queue, payouts, reconciliation) and the
@@ -63,10 +69,9 @@ DEMO_MERCHANTS ?= 20000
 DEMO_CLAIMS ?= 5000
 DEMO_APPLICATIONS ?= 40000
 DEMO_PASS_CAP ?= 10000
-RUN_DAG = PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python ops/run_dag.py
 define demo_dag
 	@echo "running DAG $(1) through Airflow (task logs: $(AIRFLOW_HOME)/demo-$(1).log) ..."
-	@$(RUN_DAG) $(1) '{}' $(2) > $(AIRFLOW_HOME)/demo-$(1).log 2>&1; status=$$?; \
+	@$(RUN_DAG) --log $(AIRFLOW_HOME)/demo-$(1).log --progress $(1) '{}' $(2); status=$$?; \
 		tail -n 1 $(AIRFLOW_HOME)/demo-$(1).log; \
 		if [ $$status -ne 0 ]; then grep -E "^[A-Za-z_.]+(Error|Exception): " $(AIRFLOW_HOME)/demo-$(1).log | tail -n 1; fi; \
 		exit $$status

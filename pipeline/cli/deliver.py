@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from pipeline import delivery
 from pipeline.campaigns import Campaign
-from pipeline.cli.output import emit
+from pipeline.cli.output import emit, explain_exit
 from pipeline.config import Settings
 from pipeline.errors import DeliveryConflictError, DeliveryFailedError
 from pipeline.grants import runs
@@ -71,8 +71,6 @@ def cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
                 f"  UNFINISHED part-{report.partition_id:04d} → {report.issuer}: {report.failed:,} failed, "
                 f"{report.not_attempted:,} not attempted: {report.error}"
             )
-        if unfinished:
-            lines.append("fix the cause (is the issuer up?), then: entitle deliver --only-failed")
         if conflicts:
             lines.append(
                 f"  {conflicts:,} CONFLICT(S): the issuer holds a different payload under the grant id; nothing was "
@@ -80,8 +78,19 @@ def cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
             )
         emit(args, document, lines)
         if unfinished:
-            return DeliveryFailedError.exit_code
-        return DeliveryConflictError.exit_code if conflicts else 0
+            return explain_exit(
+                DeliveryFailedError.exit_code,
+                f"{len(unfinished)} of {len(reports)} partition deliveries unfinished ({t['failed']:,} grants failed, "
+                f"{t['not_attempted']:,} not attempted): fix the cause (is the issuer up?), then: "
+                "entitle deliver --only-failed",
+            )
+        if conflicts:
+            return explain_exit(
+                DeliveryConflictError.exit_code,
+                f"an issuer answered conflict for {conflicts:,} grant(s): it holds a different payload under their "
+                "grant ids and nothing was overwritten; a person decides. List them: entitle query delivery_conflicts",
+            )
+        return 0
 
 
 def delivery_plan_lines(plans: Sequence[delivery.IssuerPlan]) -> list[str]:

@@ -13,17 +13,22 @@ from typing import Any
 
 from pipeline import delivery, ledger
 from pipeline.cli.deliver import delivery_lines, delivery_plan_lines
-from pipeline.cli.output import emit, say
+from pipeline.cli.output import emit, explain_exit, say
 from pipeline.config import Settings
+from pipeline.errors import GrantFailedError
 from pipeline.grants import runs, snapshot
-from pipeline.grants.demo_users import write_demo_users
+from pipeline.grants.demo_users import refuse_replacing_granted_users, write_demo_users
 from pipeline.grants.granting import PartitionOutcome
 from pipeline.progress import Progress
 
+FAILED_NAMED_MAX = 5  # failed partitions named in the one-line reason on standard error
 
-def cmd_demo_users(args: argparse.Namespace, _settings: Settings) -> int:
-    """Write synthetic users."""
-    result = write_demo_users(args.count, args.out, args.seed)
+
+def cmd_demo_users(args: argparse.Namespace, settings: Settings) -> int:
+    """Write synthetic users, unless they would replace the users of the file the ledger was granted from."""
+    result = write_demo_users(
+        args.count, args.out, args.seed, lambda users: refuse_replacing_granted_users(settings, args.out, users)
+    )
     emit(
         args,
         vars(result),
@@ -135,10 +140,16 @@ def _grant_and_report(
     ]
     for failure in failures:
         lines.append(f"FAILED part-{failure.partition_id:04d}: {failure.error}")
-    if failures:
-        lines.append("fix the cause, then: entitle grant --only-failed")
     emit(args, document, lines)
-    return 7 if failures else 0
+    if not failures:
+        return 0
+    labels = ", ".join(f"part-{f.partition_id:04d}" for f in failures[:FAILED_NAMED_MAX])
+    more = f" and {len(failures) - FAILED_NAMED_MAX:,} more" if len(failures) > FAILED_NAMED_MAX else ""
+    return explain_exit(
+        GrantFailedError.exit_code,
+        f"{len(failures)} of {len(outcomes)} partitions failed ({labels}{more}; the others are granted): "
+        "fix the cause, then: entitle grant --only-failed",
+    )
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:

@@ -16,6 +16,12 @@ def emit(args: argparse.Namespace, document: dict[str, Any], lines: list[str]) -
         print("\n".join(lines))
 
 
+def explain_exit(code: int, reason: str) -> int:
+    """Say on standard error why the command exits ``code`` (its result is on standard output); returns ``code``."""
+    print(f"entitle: error: {reason}", file=sys.stderr)
+    return code
+
+
 def say(args: argparse.Namespace, *lines: str) -> None:
     """Progress narration: stdout for people, stderr when stdout carries JSON."""
     stream = sys.stderr if getattr(args, "json", False) else sys.stdout

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import reconciliation
-from pipeline.cli.output import emit, say
+from pipeline.cli.output import emit, explain_exit, say
 from pipeline.config import Settings
-from pipeline.errors import CorrectionError
+from pipeline.errors import CorrectionError, ReconciliationBreaksError, ReconciliationIncompleteError
 from pipeline.grants import corrections, runs
 from pipeline.progress import Progress
+from pipeline.reconciliation.verdict import VOID_BREAK_COMMAND
 
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
@@ -31,11 +32,15 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
             html, png = report.write_report(document, Path(result.export_dir))
             document["report_html"], document["report_png"] = str(html), str(png)
         emit(args, document, _reconciliation_lines(document))
-        return _verdict_exit(result.verdict)
+        return _verdict_exit(result.verdict, result.explanation)
 
 
-def _verdict_exit(verdict: str) -> int:
-    return {"RECONCILED": 0, "BREAKS": 8, "INCOMPLETE": 9}[verdict]
+def _verdict_exit(verdict: str, explanation: str) -> int:
+    """0 when RECONCILED; else 8 (BREAKS) or 9 (INCOMPLETE), saying why on standard error."""
+    if verdict == reconciliation.RECONCILED:
+        return 0
+    code = {reconciliation.BREAKS: ReconciliationBreaksError, reconciliation.INCOMPLETE: ReconciliationIncompleteError}
+    return explain_exit(code[verdict].exit_code, f"{verdict}: {explanation}")
 
 
 def _reconciliation_lines(document: dict[str, Any]) -> list[str]:
@@ -101,8 +106,8 @@ def cmd_repair(args: argparse.Namespace, settings: Settings) -> int:
         if ledger_decisions:
             listed = ", ".join(f"{n:,} {c}" for c, n in sorted(ledger_decisions.items()))
             lines.append(
-                f"  not repaired, needs a decision: {listed}; void them with `entitle void --break ID` if they should "
-                "not exist"
+                f"  not repaired, needs a decision: {listed}; void them with `{VOID_BREAK_COMMAND}` if they "
+                "should not exist"
             )
         if done.needs_decision.get("issuer_unexpected"):
             lines.append(
@@ -120,7 +125,7 @@ def cmd_repair(args: argparse.Namespace, settings: Settings) -> int:
         bar.close()
         document["reconciliation"] = result.as_dict()
         emit(args, document, _reconciliation_lines(document["reconciliation"]))
-        return _verdict_exit(result.verdict)
+        return _verdict_exit(result.verdict, result.explanation)
 
 
 def cmd_void(args: argparse.Namespace, settings: Settings) -> int:

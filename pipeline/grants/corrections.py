@@ -26,6 +26,7 @@ from pipeline.errors import CorrectionError
 from pipeline.grants import runs
 from pipeline.grants.partitioning import partition_of, user_bucket
 from pipeline.ledger import delivery_answers, grant_voids, grants, recon_breaks, recon_runs, write_transaction
+from pipeline.reconciliation.verdict import REPAIR_COMMAND
 
 REASON_CHARS_MAX = 1_000
 ACTOR_CHARS_MAX = 128
@@ -158,7 +159,7 @@ def _void_targets(connection: Connection, pipeline: VoidScope, request: VoidRequ
         if found.issue_no is None:
             raise CorrectionError(
                 f"{request.source}: break {request.break_id} is '{found.break_class}': there is no grant to void "
-                "(`entitle repair` grants missing ones)"
+                f"(`{REPAIR_COMMAND}` grants missing ones)"
             )
         if found.status != "open":
             raise CorrectionError(f"{request.source}: break {request.break_id} is already resolved")

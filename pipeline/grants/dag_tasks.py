@@ -26,6 +26,7 @@ from pipeline.errors import (
 )
 from pipeline.grants import notices, runs
 from pipeline.grants.partitioning import load_manifest, partition_label
+from pipeline.reconciliation.verdict import REPAIR_COMMAND, VOID_BREAK_COMMAND
 
 DEFAULT_INPUT_FILE = "users.parquet"
 
@@ -423,7 +424,7 @@ def require_reconciled(result: Checked | Summary) -> None:
     advice = (
         "clear the failed task instances of this run (Clear → Only failed) once the cause is fixed"
         if failed or verdict in ("INCOMPLETE", "NOT_RUN")
-        else "list the breaks with `entitle query open_breaks`, then `entitle repair` / `entitle void`"
+        else f"list the breaks with `entitle query open_breaks`, then `{REPAIR_COMMAND}` / `{VOID_BREAK_COMMAND}`"
     )
     message = (
         f"reconciliation verdict {verdict}: {result.get('explanation')}{where}. The grants are committed; {advice}."

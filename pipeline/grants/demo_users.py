@@ -8,12 +8,17 @@ CSV also non-integers) exercise validation without tripping the 0.01 % limit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+from sqlalchemy.engine import make_url
 
-from pipeline.errors import ConfigError
+from pipeline import ledger, schemas, storage
+from pipeline.config import Settings
+from pipeline.errors import ConfigError, EntitleError, LedgerError
 
 DEMO_USERS_MAX = 500_000_000
 FIRST_ID = 10_000_000
@@ -34,22 +39,25 @@ class DemoUsers:
     duplicate_rows: int
 
 
-def write_demo_users(count: int, out: Path, seed: int = 20230105) -> DemoUsers:
-    """Write ``count`` distinct valid users plus a few bad rows to ``out`` (.parquet or .csv)."""
+def write_demo_users(
+    count: int,
+    out: Path,
+    seed: int = 20230105,
+    before_write: Callable[[pl.DataFrame], None] | None = None,
+) -> DemoUsers:
+    """Write ``count`` distinct valid users plus a few bad rows to ``out`` (.parquet or .csv).
+
+    ``before_write`` sees the distinct valid user ids (column ``user_id``) before anything is
+    written, and may refuse by raising.
+    """
     if not 1 <= count <= DEMO_USERS_MAX:
         raise ConfigError(f"--count {count} must be between 1 and {DEMO_USERS_MAX:,}")
     suffix = out.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise ConfigError(f"{out}: use a .parquet or .csv file name")
-    recent = int(count * RECENT_SHARE)
-    legacy = count - recent
-    gaps = _GAPS.sample(legacy, with_replacement=True, seed=seed)
-    legacy_ids = gaps.cum_sum() + FIRST_ID
-    recent_gaps = _GAPS.sample(recent, with_replacement=True, seed=seed + 1)
-    recent_ids = recent_gaps.cum_sum() + RECENT_ID_BASE
-    users = pl.concat([legacy_ids, recent_ids]).alias("user_id").to_frame()
-    users = users.sample(fraction=1.0, shuffle=True, seed=seed + 2)
-
+    users = _valid_users(count, seed)
+    if before_write is not None:
+        before_write(users)
     # Bad rows stay under 0.009 % of the file, below the default 0.01 % limit, so a demo file
     # passes validation (none below ~11,000 users); duplicates are always planted.
     budget = count * BAD_ROWS_PER_100K // 100_000
@@ -57,14 +65,91 @@ def write_demo_users(count: int, out: Path, seed: int = 20230105) -> DemoUsers:
     bad_values = [kinds[i % len(kinds)] for i in range(budget)]
     duplicates = users.head(max(3, budget))
     text = pl.DataFrame({"user_id": [None if v is None else str(v) for v in bad_values]}, schema={"user_id": pl.String})
-    out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".csv":
         frame = pl.concat([users, duplicates]).with_columns(pl.col("user_id").cast(pl.String))
         frame = pl.concat([frame, text]).sample(fraction=1.0, shuffle=True, seed=seed + 3)
-        frame.write_csv(out)
     else:
         bad = text.with_columns(pl.col("user_id").cast(pl.Int64))
         frame = pl.concat([users, duplicates, bad]).sample(fraction=1.0, shuffle=True, seed=seed + 3)
-        frame.write_parquet(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".csv":
+            frame.write_csv(out)
+        else:
+            frame.write_parquet(out)
+    except OSError as exc:  # a folder that is a file, no permission, a full disk
+        where = f": {exc.filename}" if exc.filename else ""
+        raise ConfigError(f"--out {out}: cannot write it ({exc.strerror or exc}{where})") from exc
     rows, bad_rows = frame.height, len(bad_values)
     return DemoUsers(str(out), rows, count, bad_rows, duplicates.height)
+
+
+def _valid_users(count: int, seed: int) -> pl.DataFrame:
+    """The ``count`` distinct valid ids of a demo file, in file order (column ``user_id``)."""
+    recent = int(count * RECENT_SHARE)
+    legacy = count - recent
+    gaps = _GAPS.sample(legacy, with_replacement=True, seed=seed)
+    legacy_ids = gaps.cum_sum() + FIRST_ID
+    recent_gaps = _GAPS.sample(recent, with_replacement=True, seed=seed + 1)
+    recent_ids = recent_gaps.cum_sum() + RECENT_ID_BASE
+    users = pl.concat([legacy_ids, recent_ids]).alias("user_id").to_frame()
+    return users.sample(fraction=1.0, shuffle=True, seed=seed + 2)
+
+
+def refuse_replacing_granted_users(settings: Settings, out: Path, users: pl.DataFrame) -> None:
+    """Refuse (:class:`LedgerError`) to replace the users of the file the campaign's current snapshot came from.
+
+    ``make demo`` writes its users to one file and grants it: a smaller demo after a larger
+    one would leave the larger demo's grants in the ledger, each an ``unexpected`` break of
+    the new run. Reads the ledger only when it exists; writes nothing.
+    """
+    granted = _current_snapshot(settings)
+    if granted is None or not _same_local_file(str(granted["source_file"]), out):
+        return
+    ids = users["user_id"].sort()
+    if schemas.int64_sha256(ids)[:16] == granted["snapshot_id"]:
+        return  # the same users: the demo runs again over what it granted
+    outside = _users_outside(settings, granted, ids)
+    if outside == 0:
+        return  # only new users: the demo run grants them
+    eligible = int(granted["eligible_users"])
+    which = f"{outside:,} of them are" if outside is not None else "they are not all"
+    raise LedgerError(
+        f"{out} is the user file of campaign {granted['campaign_id']}'s current snapshot {granted['snapshot_id']} "
+        f"in the ledger {settings.describe_ledger()}, granted to {eligible:,} users; {which} not among the "
+        f"{ids.len():,} users of this demo file, so a run over it would report each of their grants as an "
+        f"unexpected break. Nothing was written. Start afresh: `make clean && make demo DEMO_USERS={ids.len()}` "
+        "(make clean deletes var/: the ledger, snapshots, reports and Airflow metadata)"
+    )
+
+
+def _current_snapshot(settings: Settings) -> dict[str, Any] | None:
+    """The configured campaign's current snapshot row, with its ``campaign_id``; None without one (or a ledger)."""
+    url = make_url(settings.ledger_url)
+    if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).exists()):
+        return None  # no ledger yet; connecting would create the file
+    campaign_id = settings.campaign().campaign_id
+    with ledger.open_ledger(settings.ledger_url) as opened:
+        if ledger.recorded_version(opened.engine) is None:
+            return None
+        campaign_key = ledger.find_campaign_key(opened.engine, campaign_id)
+        row = None if campaign_key is None else ledger.current_snapshot(opened.engine, campaign_key)
+    return None if row is None else {**row, "campaign_id": campaign_id}
+
+
+def _same_local_file(source_file: str, out: Path) -> bool:
+    if "://" in source_file:  # an object-store URI is never the local demo file
+        return False
+    return Path(source_file).expanduser().resolve() == out.expanduser().resolve()
+
+
+def _users_outside(settings: Settings, granted: dict[str, Any], ids: pl.Series) -> int | None:
+    """How many users of the granted snapshot are not in ``ids`` (None: its users file cannot be read)."""
+    users_file = settings.location(granted["snapshot_dir"]) / "users.parquet"
+    try:
+        if not storage.exists(users_file):
+            return None
+        snapshot_users = schemas.read_parquet(users_file, "snapshot")
+    except EntitleError:
+        return None
+    return snapshot_users.join(ids.to_frame(), on="user_id", how="anti").height

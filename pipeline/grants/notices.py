@@ -39,7 +39,7 @@ import sqlalchemy as sa
 from pipeline import ledger, schemas
 from pipeline.errors import ConfigError
 from pipeline.grants import runs as jobs
-from pipeline.grants.partitioning import PartitionEntry, load_manifest, partitions_dir
+from pipeline.grants.partitioning import PartitionEntry
 from pipeline.storage import Location
 from pipeline.worker_processes import map_in_processes
 
@@ -475,9 +475,7 @@ def _run(pipeline: jobs.Pipeline, run_id: str | None) -> tuple[int, str]:
 
 def _entries(pipeline: jobs.Pipeline) -> list[PartitionEntry]:
     """The current snapshot's partitions (their key ranges)."""
-    row = jobs.snapshot_row(pipeline, None)
-    location = pipeline.settings.location(row["snapshot_dir"])
-    return load_manifest(partitions_dir(location, int(row["partition_count"])))
+    return jobs.snapshot_partitions(pipeline, jobs.snapshot_row(pipeline, None))
 
 
 def _skus(pipeline: jobs.Pipeline) -> dict[int, str]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from pipeline import schemas, storage
-from pipeline.errors import ConfigError, PartitionError, invariant
+from pipeline.errors import ConfigError, EntitleError, PartitionError, invariant
 from pipeline.storage import Location
 
 BUCKET_MODULUS = 2_147_483_647
@@ -175,7 +175,7 @@ def load_manifest(out_dir: Location) -> list[PartitionEntry]:
     """The manifest's entries, in partition order; :class:`PartitionError` if absent."""
     path = out_dir / MANIFEST_NAME
     if not storage.exists(path):
-        raise PartitionError(f"{path}: no manifest; the snapshot has not been partitioned (run `entitle run`)")
+        raise PartitionError(f"{path}: no manifest; the partitions were never written, or were deleted")
     manifest = schemas.read_parquet(path, "manifest").sort("partition_id")
     return [
         PartitionEntry(
@@ -197,14 +197,13 @@ def read_partition(entry: PartitionEntry) -> pl.DataFrame:
     if frame.height != entry.rows:
         raise PartitionError(
             f"{entry.path}: {frame.height:,} rows, the manifest says {entry.rows:,}; "
-            "the file changed after partitioning. Delete the partitions folder and run again."
+            f"the file changed after partitioning. {_rewrite_advice(entry)}"
         )
     digest = schemas.int64_sha256(frame["user_id"])
     if digest != entry.content_sha256:
         raise PartitionError(
             f"{entry.path}: content hash {digest[:12]}… differs from the manifest's "
-            f"{entry.content_sha256[:12]}…; the file changed after partitioning. "
-            "Delete the partitions folder and run again."
+            f"{entry.content_sha256[:12]}…; the file changed after partitioning. {_rewrite_advice(entry)}"
         )
     if frame.height:
         recomputed = frame.select(user_bucket_expr().alias("b"))["b"]
@@ -216,11 +215,23 @@ def read_partition(entry: PartitionEntry) -> pl.DataFrame:
     return frame
 
 
+def _rewrite_advice(entry: PartitionEntry) -> str:
+    # A changed file is not rewritten while its manifest stands (partition_snapshot reuses a
+    # complete set), so the folder goes first; `entitle run` over the same user file writes it again.
+    return (
+        f"Delete the folder {entry.path.parent}, then write it again: `entitle run --users FILE` with the user "
+        "file the snapshot was frozen from (grants already in the ledger are skipped)."
+    )
+
+
 def _reusable_manifest(out_dir: Location, partition_count: int) -> list[PartitionEntry] | None:
     names = storage.file_names(out_dir)  # one listing, not a request per partition on an object store
     if MANIFEST_NAME not in names:
         return None
-    entries = load_manifest(out_dir)
+    try:
+        entries = load_manifest(out_dir)
+    except EntitleError:  # a manifest that cannot be read is written again, with every partition
+        return None
     if len(entries) != partition_count or not all(e.path.name in names for e in entries):
         return None
     return entries

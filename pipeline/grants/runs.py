@@ -7,9 +7,10 @@ small dict form through XCom.
 
 from __future__ import annotations
 
+import shlex
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from os import PathLike
@@ -18,11 +19,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from pipeline import delivery, ledger
+from pipeline import delivery, ledger, storage
 from pipeline.campaigns import Campaign
 from pipeline.config import Settings
 from pipeline.delivery import DeliveryContext
-from pipeline.errors import GrantFailedError, SnapshotError
+from pipeline.errors import EntitleError, GrantFailedError, PartitionError, SnapshotError
 from pipeline.grants import snapshot
 from pipeline.grants.granting import GrantContext, PartitionOutcome, grant_partition
 from pipeline.grants.partitioning import (
@@ -160,8 +161,7 @@ def start_run(
 ) -> RunHandle:
     """Register a run over the given (default: current) snapshot and load its manifest."""
     row = snapshot_row(pipeline, snapshot_id)
-    count = int(row["partition_count"])
-    entries = tuple(load_manifest(partitions_dir(pipeline.settings.location(row["snapshot_dir"]), count)))
+    entries = tuple(snapshot_partitions(pipeline, row))
     run_id = run_id or new_run_id(pipeline, trigger)
     run_key = ledger.register_run(
         pipeline.engine, run_id, pipeline.keys.campaign_key, row["snapshot_id"], trigger, pipeline.settings.clock()
@@ -191,6 +191,46 @@ def snapshot_row(pipeline: Pipeline, snapshot_id: str | None) -> dict[str, Any]:
             f"snapshot {snapshot_id!r} is not registered for campaign {pipeline.campaign.campaign_id!r}"
         )
     return dict(found._mapping)
+
+
+def snapshot_partitions(pipeline: Pipeline, row: Mapping[str, Any]) -> list[PartitionEntry]:
+    """A registered snapshot's partitions, from its manifest; :class:`PartitionError` saying how to write them again."""
+    folder = partitions_dir(pipeline.settings.location(row["snapshot_dir"]), int(row["partition_count"]))
+    try:
+        return load_manifest(folder)
+    except EntitleError as exc:  # no manifest (the folder was deleted), or one that cannot be read
+        raise PartitionError(
+            f"snapshot {row['snapshot_id']}: its partitions cannot be read ({exc}). {rebuild_advice(pipeline, row)}"
+        ) from exc
+
+
+def rebuild_advice(pipeline: Pipeline, row: Mapping[str, Any]) -> str:
+    """How to write a registered snapshot's partitions again: ``entitle run`` over the file it was frozen from.
+
+    The same file freezes to the same snapshot id (the id is the hash of its eligible users), so
+    the run writes the missing partition files and manifest again, and every grant it plans is
+    already in the ledger and skipped.
+    """
+    source = str(row["source_file"])
+    words = ["entitle", "run", "--users", source]
+    try:
+        exclusion = snapshot.load_snapshot_report(pipeline.settings.location(row["snapshot_dir"])).exclusion_file
+    except EntitleError:
+        exclusion = "FILE" if row["excluded_users"] else None  # the exclusion file's name was in snapshot.json
+    if exclusion:
+        words += ["--exclude", exclusion]
+    command = shlex.join(words)
+    why = (
+        f"the same file freezes to the same snapshot {row['snapshot_id']}, whose partitions it writes again; "
+        "grants already in the ledger are skipped"
+    )
+    try:
+        gone = not storage.exists(pipeline.settings.location(source))
+    except EntitleError:  # an object store that does not answer now: say what works once it does
+        gone = False
+    if gone:
+        return f"Its user file {source} is gone too: put it back, then run `{command}` ({why})."
+    return f"Write them again from the user file the snapshot was frozen from: `{command}` ({why})."
 
 
 def select_partitions(
@@ -413,7 +453,7 @@ def delivery_selection(
     """The current snapshot's partitions to deliver: all, ``partition_ids``, or those not finished last time."""
     row = snapshot_row(pipeline, None)
     count = int(row["partition_count"])
-    entries = load_manifest(partitions_dir(pipeline.settings.location(row["snapshot_dir"]), count))
+    entries = snapshot_partitions(pipeline, row)
     if partition_ids is not None:
         wanted = set(partition_ids)
         unknown = sorted(wanted - {e.partition_id for e in entries})

@@ -36,14 +36,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from pipeline import ledger, storage
-from pipeline.errors import EntitleError, SnapshotError, invariant
+from pipeline.errors import invariant
 from pipeline.grants import runs
 from pipeline.grants.partitioning import (
     BUCKET_MODULUS,
     PartitionEntry,
-    load_manifest,
     partition_label,
-    partitions_dir,
 )
 from pipeline.grants.snapshot import EXCLUDED_FILE_NAME
 from pipeline.reconciliation import store, three_way
@@ -57,7 +55,17 @@ from pipeline.reconciliation.compare import (
     dispose_engines,
 )
 from pipeline.reconciliation.three_way import ISSUER_BREAK_CLASSES
-from pipeline.reconciliation.verdict import BREAKS, INCOMPLETE, Bridge, Judged, Step, Verdict, judge
+from pipeline.reconciliation.verdict import (
+    BREAKS,
+    INCOMPLETE,
+    REPAIR_COMMAND,
+    VOID_BREAK_COMMAND,
+    Bridge,
+    Judged,
+    Step,
+    Verdict,
+    judge,
+)
 from pipeline.worker_processes import map_in_processes
 
 METHODS = ("checksum", "rows")
@@ -93,7 +101,6 @@ class Reconciliation(Judged):
     extra: dict[str, Any] = field(default_factory=dict)
     issuers: list[dict[str, Any]] = field(default_factory=list)  # the third source, per issuer
     time_zone: str = "UTC"  # the campaign's: the report shows times in it
-
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for JSON, XCom and the report; the whole verdict comes last, as ``outcome``."""
@@ -140,12 +147,7 @@ def reconcile(
     snapshot_id = str(row["snapshot_id"])
     count = int(row["partition_count"])
     snapshot_dir = pipeline.settings.location(row["snapshot_dir"])
-    try:
-        entries = load_manifest(partitions_dir(snapshot_dir, count))
-    except EntitleError as exc:
-        raise SnapshotError(
-            f"snapshot {snapshot_id}: its partition manifest cannot be read ({exc}); run the grant again to rebuild it"
-        ) from exc
+    entries = runs.snapshot_partitions(pipeline, row)
     latest = runs.latest_attempts(pipeline, snapshot_id, count)
     known = _known_skus(pipeline)
     terms = item_terms(pipeline)
@@ -316,13 +318,13 @@ def _breaks_text(tally: Tally) -> str:
     classes = ", ".join(f"{document[c]:,} {c}" for c in BREAK_CLASSES + ISSUER_BREAK_CLASSES if document[c])
     note = "" if tally.itemized >= open_breaks else f" (first {tally.itemized:,} itemized)"
     issuer_note = (
-        "; `entitle repair` delivers issuer_missing again; issuer_unexpected is revoked at the issuer by a person"
+        f"; `{REPAIR_COMMAND}` delivers issuer_missing again; issuer_unexpected is revoked at the issuer by a person"
         if document["issuer_missing"] or document["issuer_unexpected"]
         else ""
     )
     return (
         f"{open_breaks:,} open breaks: {classes}{note}; list them with `entitle query open_breaks`; "
-        f"`entitle repair` fixes missing and terms_mismatch, `entitle void` the rest{issuer_note}"
+        f"`{REPAIR_COMMAND}` fixes missing and terms_mismatch, `{VOID_BREAK_COMMAND}` the rest{issuer_note}"
     )
 
 

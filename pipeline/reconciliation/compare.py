@@ -44,6 +44,7 @@ from pipeline.reconciliation.checksums import (
     row_hashes,
 )
 from pipeline.reconciliation.three_way import ISSUER_BREAK_CLASSES, IssuerCheck
+from pipeline.reconciliation.verdict import REPAIR_COMMAND, VOID_BREAK_COMMAND
 
 BREAK_CLASSES = ("missing", "unexpected", "terms_mismatch", "duplicate")
 COUNT_NAMES = ("expected", "live", "matched", "terms_mismatch", "missing", "voided", "unexpected", "duplicate")
@@ -466,7 +467,7 @@ def _detail(
     cls = row["break_class"]
     sku = known.get(int(row["item_key"]), f"item key {row['item_key']}")
     if cls == "missing":
-        return f"{sku} was never granted to this eligible user; `entitle repair` grants it"
+        return f"{sku} was never granted to this eligible user; `{REPAIR_COMMAND}` grants it"
     if cls == "terms_mismatch":
         diffs = []
         for name, label in (("amount_krw", "amount_krw"), ("valid_from", "valid_from"), ("valid_until", "valid_until")):
@@ -475,11 +476,12 @@ def _detail(
                 if name != "amount_krw":
                     want, got = _iso(want), _iso(got)
                 diffs.append(f"{label} {got} in the ledger, {want} in the campaign")
-        return f"{sku}: " + "; ".join(diffs) + "; `entitle repair` voids it and reissues it with the campaign's terms"
+        repair = f"`{REPAIR_COMMAND}` voids it and reissues it with the campaign's terms"
+        return f"{sku}: " + "; ".join(diffs) + f"; {repair}"
     if cls == "duplicate":
         return (
             f"a second live grant of {sku} for this user (bucket {row['user_bucket']}, issue {row['issue_no']}); "
-            "void it: `entitle void --break ID`"
+            f"void it: `{VOID_BREAK_COMMAND}`"
         )
     if int(row["item_key"]) not in campaign_items:
         why = f"{sku} is not an item of the campaign"
@@ -489,7 +491,7 @@ def _detail(
         why = "the row's user_bucket does not belong to its user id"
     else:
         why = f"the user is not in snapshot {snapshot_id}"
-    return f"granted but not expected: {why}; void it if it should not exist (`entitle void --break ID`)"
+    return f"granted but not expected: {why}; void it if it should not exist (`{VOID_BREAK_COMMAND}`)"
 
 
 def _iso(value: int | None) -> str:

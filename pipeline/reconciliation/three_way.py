@@ -46,7 +46,7 @@ from pipeline.campaigns import IssuerSpec
 from pipeline.delivery.issuers import Issuer, IssuerRejected, IssuerUnavailable, build_issuer
 from pipeline.grants import runs
 from pipeline.grants.partitioning import BUCKET_MODULUS, bucket_range, user_bucket_expr
-from pipeline.reconciliation.verdict import BREAKS, INCOMPLETE, Bridge, Step, Verdict, judge
+from pipeline.reconciliation.verdict import BREAKS, INCOMPLETE, REPAIR_COMMAND, Bridge, Step, Verdict, judge
 
 ISSUER_BREAK_CLASSES = ("issuer_missing", "issuer_unexpected")
 EXPORT_FRAME_ROWS = 200_000  # export rows gathered per frame while streaming
@@ -109,7 +109,7 @@ class IssuerCheck:
             steps = (Step("not compared: the export cannot be read", -self.ledger_live),)
             reasons = (
                 f"{self.error}; its {self.ledger_live:,} live ledger grants could not be compared with it "
-                "(is the issuer up? then reconcile again)",
+                "(is the issuer up? then `entitle reconcile` again)",
             )
 
         def explain(status: str, incomplete: tuple[str, ...]) -> str:
@@ -118,8 +118,8 @@ class IssuerCheck:
             if status == BREAKS:
                 return (
                     f"issuer {self.issuer!r}: {self.issuer_missing:,} issuer_missing, {self.issuer_unexpected:,} "
-                    "issuer_unexpected; `entitle repair` delivers issuer_missing again; issuer_unexpected is revoked "
-                    "at the issuer by a person"
+                    f"issuer_unexpected; `{REPAIR_COMMAND}` delivers issuer_missing again; issuer_unexpected is "
+                    "revoked at the issuer by a person"
                 )
             return f"issuer {self.issuer!r} holds exactly the {self.matched:,} live grants it delivers"
 
@@ -393,7 +393,7 @@ def _failure_details(pipeline: runs.Pipeline, keys: pl.DataFrame) -> pl.DataFram
 
 
 def _missing_detail(issuer: str, grant_id: str, outcome: str | None, detail: str | None) -> str:
-    redrive = "`entitle repair` delivers it again"
+    redrive = f"`{REPAIR_COMMAND}` delivers it again"
     if outcome is None:
         return f"{grant_id} was never delivered to issuer {issuer!r}; `entitle deliver` or {redrive}"
     if outcome == "failed":

@@ -40,6 +40,11 @@ BREAKS = "BREAKS"
 INCOMPLETE = "INCOMPLETE"
 STATUSES = (RECONCILED, BREAKS, INCOMPLETE)
 
+# The commands that correct breaks, as messages suggest them, complete: each parses as written once
+# NAME (who acts; recorded), ID (a break id) and WHY (the audited reason) are filled in.
+REPAIR_COMMAND = "entitle repair --actor NAME"
+VOID_BREAK_COMMAND = "entitle void --break ID --reason WHY --actor NAME"
+
 Explain = Callable[[str, tuple[str, ...]], str]  # (status, reasons it is incomplete) -> the explanation
 
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
 from support import REPO_ROOT
+from support.cli import cli_environment, run_entitle
 
-from pipeline.errors import ConfigError
-from pipeline.grants.demo_users import FIRST_ID, RECENT_ID_BASE, write_demo_users
+from pipeline.config import Settings
+from pipeline.errors import ConfigError, LedgerError
+from pipeline.grants.demo_users import FIRST_ID, RECENT_ID_BASE, refuse_replacing_granted_users, write_demo_users
 from pipeline.grants.snapshot import REJECTED_SHARE_MAX_DEFAULT, freeze_snapshot
 
 
@@ -87,3 +93,71 @@ def test_demo_program_inputs_go_through_their_programs(tmp_path: Path) -> None:
     assert run_entitle(["pass", "allocate"], env).returncode == 0
     status = json.loads(run_entitle(["pass", "status", "--json"], env).stdout)
     assert (status["granted"], status["sold_out"]) == (300, 1_700), status
+
+
+# --------------------------------------------------------------------------- a demo over another demo's ledger
+
+
+def test_a_smaller_demo_over_a_granted_larger_one_stops_naming_make_clean(tmp_path: Path) -> None:
+    """`make demo DEMO_USERS=5000` after `make demo`: refused before the file is written, exit 5."""
+    home = tmp_path / "var"
+    users_file = home / "incoming" / "users.parquet"
+    env = cli_environment(ENTITLE_HOME=str(home), ENTITLE_PARTITIONS="4")
+    assert run_entitle(["demo-users", "--count", "20000", "--out", str(users_file)], env).returncode == 0
+    assert not (home / "ledger.sqlite").exists(), "demo-users creates no ledger"
+    assert run_entitle(["run", "--users", str(users_file), "--no-progress"], env).returncode == 0
+    granted = users_file.read_bytes()
+
+    refused = run_entitle(["demo-users", "--count", "5000", "--out", str(users_file)], env)
+    assert refused.returncode == 5, refused.stderr
+    assert refused.stderr.startswith(f"entitle: error: {users_file} is the user file of campaign kakao-outage-2022")
+    assert "granted to 20,000 users; 15,000 of them are not among the 5,000 users" in refused.stderr
+    assert "Nothing was written. Start afresh: `make clean && make demo DEMO_USERS=5000`" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert users_file.read_bytes() == granted, "the granted file is left as it was"
+
+    # The same demo again, a larger one (its users include these), or another file: no refusal.
+    assert run_entitle(["demo-users", "--count", "20000", "--out", str(users_file)], env).returncode == 0
+    assert users_file.read_bytes() == granted
+    elsewhere = run_entitle(["demo-users", "--count", "5000", "--out", str(tmp_path / "other.parquet")], env)
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    larger = run_entitle(["demo-users", "--count", "40000", "--out", str(users_file)], env)
+    assert larger.returncode == 0, larger.stderr
+
+    # The advice: `make clean` deletes var/ (here ENTITLE_HOME), after which the smaller demo is written.
+    clean = subprocess.run(
+        ["make", "-n", "--no-print-directory", "-C", str(REPO_ROOT), "clean"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert clean.stdout.strip() == "rm -rf var"
+    shutil.rmtree(home)
+    again = run_entitle(["demo-users", "--count", "5000", "--out", str(users_file)], env)
+    assert again.returncode == 0, again.stderr
+
+
+def test_users_outside_the_new_file_are_counted_from_the_granted_snapshot(
+    tmp_path: Path, settings_for: Callable[..., Settings], prepare: Callable[..., Any]
+) -> None:
+    """The check compares user sets: a file of other users is refused even at the same size."""
+    settings = settings_for(tmp_path / "var", partitions=2)
+    users_file = tmp_path / "var" / "incoming" / "users.parquet"
+    write_demo_users(3_000, users_file, seed=1)
+    prepare(settings, users_file)  # registered as the campaign's current snapshot
+
+    def check(users: pl.DataFrame) -> None:
+        refuse_replacing_granted_users(settings, users_file, users)
+
+    written = users_file.read_bytes()
+    with pytest.raises(LedgerError, match=r"granted to 3,000 users; [\d,]+ of them are not among the 3,000 users"):
+        write_demo_users(3_000, users_file, seed=2, before_write=check)
+    assert users_file.read_bytes() == written
+    write_demo_users(3_000, users_file, seed=1, before_write=check)  # the same users: written again
+    refuse_replacing_granted_users(settings, tmp_path / "elsewhere.parquet", pl.DataFrame({"user_id": [1]}))
+
+
+def test_an_out_path_that_cannot_be_written_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"--out .*a-file/u.parquet: cannot write it \(File exists: .*a-file\)"):
+        write_demo_users(10, tmp_path / "a-file" / "u.parquet")

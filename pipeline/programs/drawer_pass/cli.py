@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,10 @@ def _reconcile(args: argparse.Namespace, context: PassContext) -> int:
     ]
     lines += [f"  {'BREAK' if c.count else 'ok':<5} {c.name:<26} {c.count:>10,}  {c.meaning}" for c in result.checks]
     _emit(args, result.as_dict(), lines)
-    return EXIT_BREAKS if result.verdict == "BREAKS" else 0
+    if result.verdict != "BREAKS":
+        return 0
+    print(f"entitle: error: {result.verdict}: {result.explanation}", file=sys.stderr)  # why the exit is not 0
+    return EXIT_BREAKS
 
 
 def _reminders(args: argparse.Namespace, context: PassContext) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,10 @@ def cmd_claims_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     for b in result.breaks[:OPEN_REVIEWS_SHOWN_MAX]:
         lines.append(f"  {b.break_class:<12} {b.case_id}: {b.detail}")
     _emit(args, result.as_dict(), lines)
-    return 0 if result.verdict == "RECONCILED" else EXIT_BREAKS
+    if result.verdict == "RECONCILED":
+        return 0
+    print(f"entitle: error: {result.verdict}: {result.explanation}", file=sys.stderr)  # why the exit is not 0
+    return EXIT_BREAKS
 
 
 def cmd_claims_void(args: argparse.Namespace, settings: Settings) -> int:
