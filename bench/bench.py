@@ -53,6 +53,13 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work folder afterwards")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON document at the end")
     parser.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        help="also write the figures, the command and the machine to this JSON file "
+        "(docs/performance/*.json feed docs/performance.md: bench/performance_page.py)",
+    )
+    parser.add_argument(
         "--airflow",
         action="store_true",
         help="run the campaign through Airflow's scheduler and the CLI (bench/bench_airflow.py --dag-test)",
@@ -88,6 +95,8 @@ def airflow_bench(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
+    import machine  # bench/machine.py, beside this script
+
     from pipeline.config import load_settings
     from pipeline.grants import runs
     from pipeline.grants.demo_users import write_demo_users
@@ -232,23 +241,40 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
         self_rss_mb(),
         f"pipeline is {ratio:.2f}x this baseline",
     )
+    document = {
+        "benchmark": "grant pipeline",
+        "command": reproducing_command(args),
+        "machine": machine.describe(args.pg_url if args.backend == "postgresql" else None),
+        "users": args.users,
+        "backend": args.backend,
+        "partitions": args.partitions,
+        "writers": args.writers,
+        "stages": figures,
+        "lookup": lookup_ms,
+        "lookups": LOOKUPS,
+        "ratio_vs_naive": ratio,
+    }
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "users": args.users,
-                    "backend": args.backend,
-                    "partitions": args.partitions,
-                    "stages": figures,
-                    "lookup": lookup_ms,
-                    "ratio_vs_naive": ratio,
-                },
-                indent=2,
-            )
-        )
+        print(json.dumps(document, indent=2))
+    if args.record is not None:
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        args.record.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        print(f"recorded in {args.record}; render the page with .venv/bin/python bench/performance_page.py")
     if not args.keep:
         shutil.rmtree(home, ignore_errors=True)
     return 0
+
+
+def reproducing_command(args: argparse.Namespace) -> str:
+    """The command line that repeats this run (defaults left out)."""
+    command = f".venv/bin/python bench/bench.py --users {args.users} --backend {args.backend}"
+    if args.partitions != 128:
+        command += f" --partitions {args.partitions}"
+    if args.writers != (2 if args.backend == "postgresql" else 1):
+        command += f" --writers {args.writers}"
+    if args.backend == "postgresql" and args.pg_url != DEFAULT_PG_URL:
+        command += " --pg-url URL"
+    return command
 
 
 def run_child(env: dict[str, str], args: argparse.Namespace, mode: str = "--child-grant") -> dict[str, Any]:

@@ -128,6 +128,12 @@ class ReconciliationIncompleteError(EntitleError):
     exit_code = 9
 
 
+class UsageError(EntitleError):
+    """Options that do not go together, or one that is missing (argparse cannot say it): exit 2, nothing read."""
+
+    exit_code = 2
+
+
 class QueryError(EntitleError):
     """A named query does not exist or its parameters are wrong."""
 

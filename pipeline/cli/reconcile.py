@@ -9,7 +9,7 @@ from typing import Any
 from pipeline import reconciliation
 from pipeline.cli.output import emit, explain_exit, say
 from pipeline.config import Settings
-from pipeline.errors import CorrectionError, ReconciliationBreaksError, ReconciliationIncompleteError
+from pipeline.errors import ReconciliationBreaksError, ReconciliationIncompleteError, UsageError
 from pipeline.grants import corrections, runs
 from pipeline.progress import Progress
 from pipeline.reconciliation.verdict import VOID_BREAK_COMMAND
@@ -130,17 +130,17 @@ def cmd_repair(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_void(args: argparse.Namespace, settings: Settings) -> int:
     """Void grants."""
+    if args.from_file is not None and args.item:
+        raise UsageError("--item goes with --user; in a file, use an item_sku column")
+    if args.from_file is None and not args.reason:
+        raise UsageError("--reason is required: say why (it is audited)")
+    if args.break_id and args.item:
+        raise UsageError("--item goes with --user; a break names its item already")
     with runs.open_pipeline(settings) as pipeline:
         runs.register(pipeline)
         if args.from_file is not None:
-            if args.item:
-                raise CorrectionError("--item goes with --user; in a file, use an item_sku column")
             requests = corrections.read_void_file(args.from_file, args.reason)
         else:
-            if not args.reason:
-                raise CorrectionError("--reason is required: say why (it is audited)")
-            if args.break_id and args.item:
-                raise CorrectionError("--item goes with --user; a break names its item already")
             request = corrections.VoidRequest(args.reason, args.user, args.item, args.break_id, source="command line")
             requests = [request]
         voided = corrections.void_grants(pipeline, requests, args.actor, settings.clock())

@@ -165,6 +165,8 @@ def export_reminders(
     exports = []
     for valid_until, item_skus in sorted(expiring.items()):
         remind_on = (valid_until.astimezone(zone) - dt.timedelta(days=days)).date()
+        # valid_until is exclusive: at local midnight, the last valid day is the day before.
+        last_valid_day = (valid_until - dt.timedelta(microseconds=1)).astimezone(zone).date()
         out_dir = notices_root(pipeline) / "reminders" / f"{valid_until.astimezone(zone):%Y-%m-%d}-{days}d"
         keys = [pipeline.keys.item_keys[s] for s in item_skus]
         counts: dict[str, int] = {}
@@ -179,6 +181,7 @@ def export_reminders(
                     pl.lit(pipeline.campaign.campaign_id).alias("campaign_id"),
                     pl.lit(valid_until).cast(pl.Datetime("us", "UTC")).alias("valid_until"),
                     pl.lit(remind_on.isoformat()).alias("remind_on"),
+                    pl.lit(last_valid_day.isoformat()).alias("last_valid_day"),
                 )
             )
             schemas.write_parquet(frame, "notice_reminder", out_dir / f"{entry.label}.parquet")
@@ -187,6 +190,7 @@ def export_reminders(
                 on_partition(1)
         detail = {
             "valid_until": valid_until.isoformat(),
+            "last_valid_day": last_valid_day.isoformat(),
             "remind_on": remind_on.isoformat(),
             "lead_days": days,
             "items": item_skus,

@@ -97,7 +97,8 @@ def registered_keys_of(engine: Engine, campaign: Campaign) -> CampaignKeys:
     if found is None:
         raise LedgerError(
             f"campaign {campaign.campaign_id} is not registered in the ledger with the terms of {campaign.source}: "
-            "the command or DAG task that writes its first grants registers it (`entitle run`, a program's intake)"
+            "the command or DAG task that writes its first grants registers it "
+            "(`entitle run --users FILE`, a program's intake)"
         )
     return found
 
@@ -110,7 +111,7 @@ def require_current_schema(engine: Engine) -> None:
     if version is None:
         raise LedgerError(
             f"the ledger at {engine.url.render_as_string(hide_password=True)} has no schema yet: "
-            "run `entitle db upgrade` (or a first `entitle run`, which creates it)"
+            "run `entitle db upgrade` (or a first `entitle run --users FILE`, which creates it)"
         )
     if version != SCHEMA_VERSION:
         advice = "back the ledger up, then run `entitle db upgrade`" if version < SCHEMA_VERSION else "run that release"

@@ -26,13 +26,6 @@ from support.settings import ITEMS_PER_USER
 
 TRAILING = re.compile(r"(?:^|:\s)(entitle [a-z][^;:()`\"\n]*?)\s*$")  # "... then: entitle grant --only-failed"
 
-# Suggestions that do not parse, in code another change owns (pipeline/ledger/ is being edited
-# elsewhere): `entitle run` needs --users FILE. Listed so that the scan still checks everything
-# else; test_known_bad_suggestions_are_still_there fails once they are fixed, to empty this.
-KNOWN_BAD = {
-    ("pipeline/ledger/session.py", "entitle run"),
-}
-
 USERS = list(range(70_000_000, 70_000_400))
 
 
@@ -85,7 +78,7 @@ def test_every_command_a_message_suggests_parses() -> None:
         relative = path.relative_to(REPO_ROOT).as_posix()
         for line, command in suggestions(path.read_text(encoding="utf-8")):
             found += 1
-            why = None if (relative, command) in KNOWN_BAD else refusal(command)
+            why = refusal(command)
             if why is not None:
                 bad.append(f"{relative}:{line}: {command!r}: {why}")
     assert found > 40, "the scan finds the messages' commands"
@@ -116,12 +109,6 @@ def test_the_scan_catches_a_command_that_does_not_parse() -> None:
         "entitle repair",
         "entitle void --user VALUE",
     ]
-
-
-def test_known_bad_suggestions_are_still_there() -> None:
-    for relative, command in KNOWN_BAD:
-        commands = [c for _, c in suggestions((REPO_ROOT / relative).read_text(encoding="utf-8"))]
-        assert command in commands, f"{relative} no longer suggests {command!r}: remove it from KNOWN_BAD"
 
 
 # --------------------------------------------------------------------------- following the advice

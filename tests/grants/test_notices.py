@@ -102,11 +102,13 @@ def test_reminders_list_holders_of_expiring_items_before_valid_until(granted: Pr
     valid_until = dt.datetime(2023, 1, 5, tzinfo=SEOUL) + dt.timedelta(days=90)
     assert dt.datetime.fromisoformat(export.detail["valid_until"]) == valid_until
     assert export.detail["remind_on"] == "2023-03-29"  # 2023-04-05 in Seoul, minus 7 days
+    assert export.detail["last_valid_day"] == "2023-04-04", "valid_until (2023-04-05 00:00 Seoul) is exclusive"
     assert Path(export.directory).name == "2023-04-05-7d"
     frame = read_all(export.directory)
     assert sorted(frame["user_id"].to_list()) == USERS
     assert set(frame["items"]) == {EXPIRING_SKUS}, "the permanent emoticon never expires"
     assert set(frame["remind_on"]) == {"2023-03-29"}
+    assert set(frame["last_valid_day"]) == {"2023-04-04"}
     with pytest.raises(ConfigError, match="between 0 and"):
         notices.export_reminders(pipeline, days=-1)
 
