@@ -88,15 +88,26 @@ def test_exit_1_a_payout_batch_met_another_writer(
     env = cli_environment(ENTITLE_HOME=str(tmp_path / "var"))
     claims_file = write_claims(tmp_path / "claims.csv", [claim("a", 91, 300_000), claim("b", 92, 300_000)])
     assert_exit(run_entitle(["claims", "ingest", "--from", str(claims_file)], env), 0)
-    assert_exit(run_entitle(["claims", "pay"], env), 0)  # the other writer's payouts
+    ledger_file = tmp_path / "var" / "ledger.sqlite"
+    with sqlite3.connect(ledger_file) as connection:
+        payable = connection.execute("SELECT merchant_id, state FROM merchant_cases").fetchall()
+    assert_exit(run_entitle(["claims", "pay"], env), 0)  # the other writer pays both merchants
+    with sqlite3.connect(ledger_file) as connection:  # ... after this batch read the cases and checked
+        connection.executemany(
+            "UPDATE merchant_cases SET state = ? WHERE merchant_id = ?", [(s, m) for m, s in payable]
+        )
+        grants_before = connection.execute("SELECT count(*) FROM grants").fetchone()
     for name in [k for k in os.environ if k.startswith("ENTITLE_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("ENTITLE_HOME", str(tmp_path / "var"))
-    monkeypatch.setattr(payouts, "_granted", lambda connection, op, merchants: set())  # the check misses them
+    monkeypatch.setattr(payouts, "_granted", lambda connection, op, merchants: set())  # its check saw no payout
     assert dispatch.main(["claims", "pay"]) == 1
     err = capsys.readouterr().err
     assert "written by another process meanwhile; nothing of this batch was written" in err and "Traceback" not in err
-    assert_exit(run_entitle(["claims", "reconcile"], env), 0)  # each merchant paid once, nothing more
+    with sqlite3.connect(ledger_file) as connection:
+        assert connection.execute("SELECT count(*) FROM grants").fetchone() == grants_before
+        states = dict(connection.execute("SELECT merchant_id, state FROM merchant_cases").fetchall())
+    assert states == dict(payable), "the batch marked no case paid"
 
 
 def test_exit_70_internal_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

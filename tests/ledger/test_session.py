@@ -46,7 +46,7 @@ def test_an_unregistered_campaign_is_named_with_what_registers_it(tmp_path: Path
         runs.register(pipeline)
     other = settings.with_campaign("channel-credit-2022")
     with runs.open_pipeline(other) as pipeline:
-        with pytest.raises(LedgerError, match=r"channel-credit-2022 is not registered .* \(`entitle run`"):
+        with pytest.raises(LedgerError, match=r"channel-credit-2022 is not registered .* \(`entitle run --users FILE`"):
             _ = pipeline.keys
 
 
