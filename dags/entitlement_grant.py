@@ -41,6 +41,7 @@ from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 from entitle_airflow.defaults import (
     LEDGER_ASSET,
     LEDGER_WRITERS_POOL,
+    connection_password,
     default_args,
     failing_fast,
     ledger_connection_url,
@@ -156,7 +157,9 @@ def grant_dag(
 
             run_id = get_current_context()["run_id"]
             with failing_fast():
-                return dag_tasks.grant(run_id, partition, params or {}, campaign, ledger_connection_url())
+                return dag_tasks.grant(
+                    run_id, partition, params or {}, campaign, ledger_connection_url(), connection_password
+                )
 
         # reconcile, notify and summary run once every partition finished, whatever its state (a night
         # with nothing new maps no partition: grant is skipped). They read the plan from XCom instead of
@@ -168,7 +171,7 @@ def grant_dag(
             ti = get_current_context()["ti"]
             prepared, planned = the_plan(ti)
             with failing_fast():
-                checked = dag_tasks.reconcile(prepared, planned, campaign, ledger_connection_url())
+                checked = dag_tasks.reconcile(prepared, planned, campaign, ledger_connection_url(), connection_password)
                 ti.xcom_push(key="reconciliation", value=checked)  # before failing: summary logs what was found
                 dag_tasks.require_reconciled(checked)
             return checked

@@ -17,6 +17,7 @@ settings as arguments.
 | AWS_REGION                  | AWS_DEFAULT_REGION, else the AWS SDK's |
 | AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN | the AWS SDK's default chain (~/.aws, instance role) |
 | ENTITLE_ISSUER_<NAME>_URL   | the url of [issuers.<name>] in the campaign file (NAME upper-cased, '-' as '_') |
+| ENTITLE_ISSUER_<NAME>_TOKEN | the token of an issuer with auth = "bearer" (or Connection entitle_issuer_<name>) |
 | ENTITLE_PASS_PROGRAM        | the bundled drawer-pass-2022 (a pass program file) |
 | ENTITLE_MERCHANT_PROGRAM    | the bundled merchant-cash-2022 (a merchant cash program file) |
 | ENTITLE_DEBUG               | unset (set: the CLI prints a traceback after an unexpected error) |
@@ -33,6 +34,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.campaigns import Campaign, load_campaign
+from pipeline.credentials import ConnectionSecretLookup, Secret, issuer_tokens, resolve_token
 from pipeline.errors import ConfigError
 from pipeline.grants.partitioning import (
     PARTITION_USERS_TARGET_DEFAULT,
@@ -69,6 +71,9 @@ class Settings:
     object_store: ObjectStoreOptions = field(default_factory=ObjectStoreOptions)
     # ENTITLE_ISSUER_<NAME>_URL, keyed by the variable's NAME part (upper case, '_' for '-').
     issuer_urls: dict[str, str] = field(default_factory=dict)
+    # ENTITLE_ISSUER_<NAME>_TOKEN by variable name, and under Airflow the Connections' passwords.
+    issuer_tokens: dict[str, Secret] = field(default_factory=dict, repr=False)
+    issuer_secret_lookup: ConnectionSecretLookup | None = field(default=None, repr=False, compare=False)
     partition_users_target: int = PARTITION_USERS_TARGET_DEFAULT
     pass_program_file: Path | None = None  # None: the bundled drawer pass program
     merchant_program_file: Path | None = None  # None: the bundled merchant cash program
@@ -100,7 +105,13 @@ class Settings:
             for spec in campaign.issuers
             if issuer_env_name(spec.name) in self.issuer_urls
         }
-        return campaign.with_issuer_urls(overrides)
+        tokens = {
+            spec.name: token
+            for spec in campaign.issuers
+            if spec.auth != "none"
+            and (token := resolve_token(spec.name, self.issuer_tokens, self.issuer_secret_lookup)) is not None
+        }
+        return campaign.with_issuer_urls(overrides).with_issuer_tokens(tokens)
 
     def describe_ledger(self) -> str:
         """The ledger URL with any password hidden."""
@@ -109,11 +120,16 @@ class Settings:
         return make_url(self.ledger_url).render_as_string(hide_password=True)
 
 
-def load_settings(environ: Mapping[str, str] | None = None, connection_ledger_url: str | None = None) -> Settings:
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    connection_ledger_url: str | None = None,
+    connection_secret_lookup: ConnectionSecretLookup | None = None,
+) -> Settings:
     """Settings from ``environ`` (default ``os.environ``), validated.
 
     ``connection_ledger_url`` is the ledger of an Airflow Connection (``entitle_ledger``); it is
-    used when ENTITLE_LEDGER_URL is not set.
+    used when ENTITLE_LEDGER_URL is not set. ``connection_secret_lookup`` gives an Airflow
+    Connection's password by id: the issuers' tokens when ENTITLE_ISSUER_<NAME>_TOKEN is not set.
     """
     env = os.environ if environ is None else environ
     home = Path(env.get("ENTITLE_HOME", "var")).expanduser().resolve()
@@ -155,6 +171,8 @@ def load_settings(environ: Mapping[str, str] | None = None, connection_ledger_ur
         data_uri=data_uri,
         object_store=object_store,
         issuer_urls=issuer_urls,
+        issuer_tokens=issuer_tokens(env),
+        issuer_secret_lookup=connection_secret_lookup,
         partition_users_target=users_target,
         pass_program_file=_path(env, "ENTITLE_PASS_PROGRAM"),
         merchant_program_file=merchant_program_file(env),

@@ -43,6 +43,10 @@ class LedgerUnreachableError(ConfigError):
     retryable = True
 
 
+class IssuerAuthError(ConfigError):
+    """An issuer has no token for us, or refused ours (401/403): exit 2, never retried, nothing marked delivered."""
+
+
 class StorageError(ConfigError):
     """The object store cannot be reached, refuses our credentials, or has no such bucket."""
 

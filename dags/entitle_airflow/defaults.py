@@ -63,6 +63,17 @@ def failing_fast() -> Iterator[None]:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
 
+def connection_password(conn_id: str) -> str | None:
+    """The password of the Airflow Connection ``conn_id`` (an issuer's token), or None when there is none."""
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return Connection.get(conn_id).password or None
+    except AirflowNotFoundException:
+        return None
+
+
 def ledger_connection_url() -> str | None:
     """The ledger URL of the Airflow Connection ``entitle_ledger``, or None when there is none.
 

@@ -12,12 +12,13 @@ import hashlib
 import json
 import re
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from pipeline.credentials import Secret
 from pipeline.errors import CampaignError, CampaignNotStartedError
 
 ITEM_KINDS = ("emoticon", "coupon", "pass", "cash")
@@ -94,6 +95,9 @@ class IssuerSpec:
     breaker_cooldown_s: float = 30.0
     backoff_base_s: float = 0.2
     backoff_cap_s: float = 30.0
+    auth: str = "none"  # http: none | bearer (the token never sits in the file: pipeline.credentials)
+    ca_bundle: str | None = None  # http: a PEM file of CAs to verify an https url against (default: the system's)
+    token: Secret | None = field(default=None, repr=False, compare=False)  # attached from the deployment
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,13 @@ class Campaign:
     def items_of(self, issuer: str) -> tuple[Item, ...]:
         """The items delivered by ``issuer``."""
         return tuple(i for i in self.items if i.issuer == issuer)
+
+    def with_issuer_tokens(self, tokens: dict[str, Secret]) -> Campaign:
+        """This campaign with the deployment's tokens attached to the named issuers."""
+        if not tokens:
+            return self
+        issuers = tuple(replace(s, token=tokens[s.name]) if s.name in tokens else s for s in self.issuers)
+        return replace(self, issuers=issuers)
 
     def with_issuer_urls(self, urls: dict[str, str]) -> Campaign:
         """This campaign with the URLs of the named issuers replaced (per-deployment overrides)."""
@@ -238,7 +249,10 @@ _ISSUER_KEYS = {
     "breaker_cooldown_s",
     "backoff_base_s",
     "backoff_cap_s",
+    "auth",
+    "ca_bundle",
 }
+ISSUER_AUTH = ("none", "bearer")
 
 
 def _parse_issuers(source: str, raw: object) -> tuple[IssuerSpec, ...]:
@@ -277,6 +291,20 @@ def _parse_issuer(source: str, name: str, table: object) -> IssuerSpec:
         if url is not None:
             url = _required_str(source, f"{where}.url", url)
 
+    auth = table.get("auth", "none")
+    if auth not in ISSUER_AUTH:
+        raise CampaignError(
+            f"{source}: {where}.auth {auth!r} is unknown; use one of {', '.join(ISSUER_AUTH)} "
+            "(the token itself never goes in this file)"
+        )
+    if auth != "none" and kind != "http":
+        raise CampaignError(f'{source}: {where}.auth is only for kind = "http"')
+    ca_bundle = table.get("ca_bundle")
+    if ca_bundle is not None:
+        ca_bundle = _required_str(source, f"{where}.ca_bundle", ca_bundle)
+        if kind != "http" or not str(url).startswith("https://"):
+            raise CampaignError(f"{source}: {where}.ca_bundle is only for an https:// url")
+
     def number(key: str, default: float, low: float, high: float, whole: bool) -> Any:
         value = table.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or (whole and not isinstance(value, int)):
@@ -299,6 +327,8 @@ def _parse_issuer(source: str, name: str, table: object) -> IssuerSpec:
         breaker_cooldown_s=float(number("breaker_cooldown_s", 30.0, 0.0, ISSUER_COOLDOWN_S_MAX, False)),
         backoff_base_s=float(number("backoff_base_s", 0.2, 0.0, 60.0, False)),
         backoff_cap_s=float(number("backoff_cap_s", 30.0, 0.0, 3_600.0, False)),
+        auth=str(auth),
+        ca_bundle=ca_bundle,
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,7 +28,8 @@ import msgspec
 import polars as pl
 
 from pipeline.campaigns import LEDGER_ISSUER, IssuerSpec
-from pipeline.errors import CampaignError
+from pipeline.credentials import where_tokens_come_from
+from pipeline.errors import CampaignError, ConfigError, IssuerAuthError
 
 ANSWER_STATUSES = ("created", "exists", "conflict")
 REVOKE_STATUSES = ("revoked", "already_revoked", "not_found")
@@ -153,9 +155,30 @@ class HttpIssuer:
             raise CampaignError(f"issuer {spec.name!r} has no url")
         self.name = spec.name
         self.url = spec.url
+        headers = {}
+        if spec.auth == "bearer":
+            if spec.token is None:
+                raise IssuerAuthError(
+                    f'issuer {spec.name!r} needs a token (auth = "bearer"): set {where_tokens_come_from(spec.name)}; '
+                    "nothing was sent"
+                )
+            headers["authorization"] = f"Bearer {spec.token.reveal()}"
+        verify: ssl.SSLContext | bool = True  # https: the system's CAs, or the campaign's ca_bundle
+        if spec.ca_bundle is not None:
+            try:
+                verify = ssl.create_default_context(cafile=spec.ca_bundle)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"issuers.{spec.name}.ca_bundle {spec.ca_bundle!r} is not a readable file of CA certificates: {exc}"
+                ) from exc
         limits = httpx.Limits(max_connections=spec.concurrency, max_keepalive_connections=spec.concurrency)
         self._client = httpx.Client(
-            base_url=spec.url, timeout=httpx.Timeout(spec.timeout_s), limits=limits, transport=transport
+            base_url=spec.url,
+            timeout=httpx.Timeout(spec.timeout_s),
+            limits=limits,
+            transport=transport,
+            headers=headers,
+            verify=verify,
         )
 
     def deliver(self, batch: Sequence[GrantPayload]) -> list[Answer]:
@@ -175,8 +198,10 @@ class HttpIssuer:
         except httpx.TimeoutException as exc:
             raise IssuerUnavailable(f"{self.url}: no answer in time ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
-            raise IssuerUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+            raise self._unreachable(exc) from exc
         code = response.status_code
+        if code in (401, 403):
+            raise self._refused(code, response)
         if code == 429:
             raise IssuerUnavailable(f"{self.url}: 429 throttled", retry_after_s=_retry_after(response), throttled=True)
         if code >= 500:
@@ -185,10 +210,36 @@ class HttpIssuer:
             raise IssuerRejected(f"{self.url}: {code} {response.text[:ERROR_BODY_CHARS_MAX]}")
         return response
 
+    def _unreachable(self, exc: httpx.TransportError) -> IssuerUnavailable | ConfigError:
+        """A network failure (retried), or a certificate this process does not trust (a configuration error)."""
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return ConfigError(
+                f"issuer {self.name!r} at {self.url}: its certificate is not trusted ({cause.verify_message}); "
+                f"name the CA that signed it in issuers.{self.name}.ca_bundle of the campaign file"
+            )
+        return IssuerUnavailable(f"{self.url}: {type(exc).__name__}: {exc}")
+
+    def _refused(self, code: int, response: httpx.Response) -> IssuerAuthError:
+        """401: no valid token; 403: a token without the right. Neither passes by retrying."""
+        what = "refused our token (401 unauthorized)"
+        if code == 403:
+            what = "refused this call to our token (403 forbidden)"
+        detail = response.text[:ERROR_BODY_CHARS_MAX].replace("\n", " ")
+        return IssuerAuthError(
+            f"issuer {self.name!r} at {self.url} {what}: {detail}. Check {where_tokens_come_from(self.name)} "
+            "and the token's rights at the issuer; what was not answered stays undelivered for the next run"
+        )
+
     def export(self, campaign_id: str) -> Iterator[dict[str, Any]]:
         """Stream the issuer's JSON-lines export of the campaign (:class:`IssuerUnavailable` if unreachable)."""
         try:
             with self._client.stream("GET", "/v1/grants/export", params={"campaign_id": campaign_id}) as response:
+                if response.status_code in (401, 403):
+                    response.read()
+                    raise self._refused(response.status_code, response)
                 if response.status_code != 200:
                     raise IssuerRejected(f"{self.url}: export answered {response.status_code}")
                 for line in response.iter_lines():
@@ -197,7 +248,7 @@ class HttpIssuer:
         except httpx.TimeoutException as exc:
             raise IssuerUnavailable(f"{self.url}: the export did not answer in time ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
-            raise IssuerUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+            raise self._unreachable(exc) from exc
 
     def export_frames(self, campaign_id: str) -> Iterator[pl.DataFrame]:
         """The JSON-lines export parsed by Polars in chunks of about 32 MiB, as frames of :data:`EXPORT_COLUMNS`.
@@ -210,6 +261,9 @@ class HttpIssuer:
         pending = b""
         try:
             with self._client.stream("GET", "/v1/grants/export", params={"campaign_id": campaign_id}) as response:
+                if response.status_code in (401, 403):
+                    response.read()
+                    raise self._refused(response.status_code, response)
                 if response.status_code != 200:
                     raise IssuerRejected(f"{self.url}: export answered {response.status_code}")
                 for data in response.iter_bytes():
@@ -224,7 +278,7 @@ class HttpIssuer:
         except httpx.TimeoutException as exc:
             raise IssuerUnavailable(f"{self.url}: the export did not answer in time ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
-            raise IssuerUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+            raise self._unreachable(exc) from exc
         yield _parse_export(self.url, pending)
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any, NotRequired, TypedDict, cast
 
 from pipeline import delivery, reconciliation, storage
 from pipeline.config import Settings, load_settings
+from pipeline.credentials import ConnectionSecretLookup
 from pipeline.errors import (
     ConfigError,
     GrantFailedError,
@@ -118,15 +119,18 @@ class Summary(TypedDict):
 KNOWN_CONF_HINT_MAX = 3  # close matches named for an unknown conf key
 
 
-def task_settings(campaign: str | None = None, ledger_url: str | None = None) -> Settings:
+def task_settings(
+    campaign: str | None = None, ledger_url: str | None = None, secret_lookup: ConnectionSecretLookup | None = None
+) -> Settings:
     """The settings from the environment; ``campaign`` (a path or a bundled campaign's id) overrides the campaign.
 
     A DAG that serves one fixed campaign (``channel_credit``) passes it to every task; the
     nightly ``entitlement_grant`` DAG passes nothing and uses ENTITLE_CAMPAIGN. ``ledger_url``
     is the Airflow Connection ``entitle_ledger``'s, when the DAG found one and ENTITLE_LEDGER_URL
-    is not set (see :func:`pipeline.config.ledger_url_from_connection`).
+    is not set (see :func:`pipeline.config.ledger_url_from_connection`). ``secret_lookup`` gives
+    an Airflow Connection's password by id: the issuers' tokens (:mod:`pipeline.credentials`).
     """
-    settings = load_settings(connection_ledger_url=ledger_url)
+    settings = load_settings(connection_ledger_url=ledger_url, connection_secret_lookup=secret_lookup)
     return settings if campaign is None else settings.with_campaign(campaign)
 
 
@@ -223,6 +227,7 @@ def grant(
     params: Mapping[str, Any],
     campaign: str | None = None,
     ledger_url: str | None = None,
+    secret_lookup: ConnectionSecretLookup | None = None,
 ) -> GrantedPartition:
     """Grant one partition for the Airflow run ``run_id``, then deliver it to the campaign's issuers.
 
@@ -232,7 +237,7 @@ def grant(
     benchmark can tell the pipeline's work from Airflow's start-up of the task.
     """
     started = time.perf_counter()
-    settings = task_settings(campaign, ledger_url)
+    settings = task_settings(campaign, ledger_url, secret_lookup)
     partition_id = int(partition["partition_id"])
     if params.get("dry_run"):
         planned = int(partition["rows"]) * len(settings.campaign().items)
@@ -274,6 +279,7 @@ def reconcile(
     planned: Sequence[PlannedPartition] = (),
     campaign: str | None = None,
     ledger_url: str | None = None,
+    secret_lookup: ConnectionSecretLookup | None = None,
 ) -> Checked:
     """Reconcile the run's snapshot against the ledger (see :mod:`pipeline.reconciliation`); small result.
 
@@ -282,7 +288,7 @@ def reconcile(
     """
     if prepared.get("dry_run"):
         return Checked(verdict="DRY_RUN", explanation="dry run: nothing was granted, nothing to check")
-    with runs.open_pipeline(task_settings(campaign, ledger_url)) as pipeline:
+    with runs.open_pipeline(task_settings(campaign, ledger_url, secret_lookup)) as pipeline:
         result = reconciliation.reconcile(pipeline, str(prepared["snapshot_id"]))
         failed = runs.unfinished_partitions(
             pipeline, str(prepared["snapshot_id"]), [int(p["partition_id"]) for p in planned]

@@ -36,6 +36,7 @@ breaker_failures = {breaker_failures}
 breaker_cooldown_s = 30
 backoff_base_s = 0.02
 backoff_cap_s = 0.2
+auth = "{auth}"
 
 [[items]]
 sku = "emoticon-permanent"
@@ -71,6 +72,7 @@ def write_campaign(path: Path, **overrides: Any) -> Path:
         "timeout_s": 0.5,
         "max_attempts": 8,
         "breaker_failures": 5,
+        "auth": "none",
     }
     values.update(overrides)
     path.write_text(CAMPAIGN_TOML.format(**values), encoding="utf-8")
@@ -95,12 +97,18 @@ SERVICE_START_TIMEOUT_S = 20
 
 
 class Service:
-    """``python -m issuer_service`` on a loopback port with its own SQLite store."""
+    """``python -m issuer_service`` on a loopback port with its own SQLite store.
 
-    def __init__(self, store: Path) -> None:
+    With ``tokens_file`` the service requires bearer tokens (``--tokens-file``); ``token`` is then
+    the one this helper's own calls (faults, export, stats) send.
+    """
+
+    def __init__(self, store: Path, *, tokens_file: Path | None = None, token: str | None = None) -> None:
         self.store = store
         self.port = 0
         self.process: subprocess.Popen[str] | None = None
+        self.tokens_file = tokens_file
+        self.headers = {} if token is None else {"authorization": f"Bearer {token}"}
 
     @property
     def url(self) -> str:
@@ -109,7 +117,8 @@ class Service:
     def start(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "issuer_service", "--store", str(self.store), "--port", str(self.port)]
-            + ["--no-access-log", "--log-level", "warning"],
+            + ["--no-access-log", "--log-level", "warning"]
+            + ([] if self.tokens_file is None else ["--tokens-file", str(self.tokens_file)]),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -134,11 +143,13 @@ class Service:
         self.process = None
 
     def faults(self, **settings: Any) -> None:
-        response = httpx.post(self.url + "/admin/faults", json=settings)
+        response = httpx.post(self.url + "/admin/faults", json=settings, headers=self.headers)
         assert response.status_code == 200, response.text
 
     def export(self) -> list[dict[str, Any]]:
-        response = httpx.get(self.url + "/v1/grants/export", params={"campaign_id": CAMPAIGN}, timeout=30)
+        response = httpx.get(
+            self.url + "/v1/grants/export", params={"campaign_id": CAMPAIGN}, timeout=30, headers=self.headers
+        )
         assert response.status_code == 200
         return [json.loads(line) for line in response.text.splitlines() if line]
 
@@ -146,5 +157,5 @@ class Service:
         return [row["grant_id"] for row in self.export()]
 
     def stats(self) -> dict[str, Any]:
-        document: dict[str, Any] = httpx.get(self.url + "/v1/stats").json()
+        document: dict[str, Any] = httpx.get(self.url + "/v1/stats", headers=self.headers).json()
         return document

@@ -7,9 +7,11 @@ import datetime as dt
 import ipaddress
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from issuer_service.errors import ConfigError
@@ -19,6 +21,8 @@ DEFAULT_PORT = 8700
 PORT_MAX = 65_535
 EXIT_OK = 0
 EXIT_USAGE = 2
+TOKENS_FILE_ENV = "ISSUER_TOKENS_FILE"
+NO_TOKENS_WARNING = "no --tokens-file: every client is trusted (reference/test use only)"
 
 _DESCRIPTION = """\
 Run the reference entitlement service: an HTTP API that grants entitlements by
@@ -30,14 +34,31 @@ overwritten). It exports its grants for reconciliation
 (also changeable at runtime through POST /admin/faults). The API is specified in
 services/issuer/issuer_service/openapi.json, served at GET /openapi.json.
 
+With --tokens-file (or the environment variable ISSUER_TOKENS_FILE) every
+endpoint but GET /healthz and GET /openapi.json needs "Authorization: Bearer
+TOKEN" with a right: grant (PUT /v1/grants/{id}, POST /v1/grants:batch), revoke
+(POST /v1/grants:revoke), export (GET /v1/grants/export), stats (GET /v1/stats),
+admin (/admin/*), or * for all. The file holds one token per line:
+
+    TOKEN RIGHT[,RIGHT...]   # comment
+
+tokens of at least 16 characters; blank lines and # comments are ignored. No
+token: 401; a token without the right: 403. The file is read again within a
+second of a change (no restart): add the new token, move the clients to it,
+remove the old one. A malformed file at start-up is exit code 2; at a reload it
+is logged and the tokens loaded before stay in force. Without a tokens file
+every client is trusted (reference and test use only).
+
 When it listens, one line "issuer service listening on http://HOST:PORT" goes to
 stdout. Stop it with Ctrl-C or SIGTERM (exit code 0). Exit code 2: bad
-arguments, a store that cannot be opened, a port that cannot be bound.
+arguments, a store that cannot be opened, a port that cannot be bound, a tokens
+file that cannot be read or holds an error.
 """
 
 _EPILOG = """\
 examples:
   python -m issuer_service --store var/issuer/issuer.sqlite --port 8700
+  python -m issuer_service --store var/issuer/issuer.sqlite --tokens-file var/issuer/tokens
   python -m issuer_service --store postgresql://postgres@127.0.0.1/issuer \\
       --fault-error-rate 0.05 --fault-throttle-rate 0.05 --fault-seed 42
 """
@@ -59,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"port to listen on; 0 picks a free one (default {DEFAULT_PORT})"
+    )
+    parser.add_argument(
+        "--tokens-file",
+        default=os.environ.get(TOKENS_FILE_ENV),
+        metavar="PATH",
+        help="bearer tokens and their rights, one 'TOKEN RIGHT[,RIGHT...]' per line, read again within a second "
+        f"of a change; every endpoint but /healthz and /openapi.json then needs one (default: ${TOKENS_FILE_ENV}; "
+        "none: every client is trusted)",
     )
     parser.add_argument("--json-log", action="store_true", help="log one JSON object per line on stderr")
     parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
@@ -172,15 +201,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= PORT_MAX:
         parser.error(f"--port must be in 0..{PORT_MAX}, got {args.port}")
+    if args.tokens_file is not None and not args.tokens_file.strip():
+        parser.error(f"--tokens-file (or {TOKENS_FILE_ENV}) is set but empty; name the tokens file")
     _configure_logging(args.json_log, args.log_level)
     log = logging.getLogger("issuer_service")
     # Imported here so that --help answers without loading the web stack.
     from issuer_service.app import create_app
+    from issuer_service.auth import Credentials
     from issuer_service.server import bind, build_server
     from issuer_service.store import IssuerStore
 
     try:
         settings = _fault_settings(args)
+        credentials = None if args.tokens_file is None else Credentials(Path(args.tokens_file))
         store = IssuerStore.open(args.store)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -191,9 +224,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        if not _is_loopback(args.host):
-            log.warning("listening on %s: the /admin endpoints have no authentication", args.host)
-        server = build_server(create_app(store, FaultInjector(settings)), access_log=not args.no_access_log)
+        if credentials is None:
+            log.warning(NO_TOKENS_WARNING)
+            if not _is_loopback(args.host):
+                log.warning("listening on %s: anyone who reaches the port can grant, revoke and export", args.host)
+        else:
+            count = credentials.token_count
+            log.info("tokens file %s read: %d token%s in force", credentials.path, count, "" if count == 1 else "s")
+            if credentials.readable_by_others():
+                log.warning("tokens file %s is readable by other users than its owner (chmod 600)", credentials.path)
+        app = create_app(store, FaultInjector(settings), credentials=credentials)
+        server = build_server(app, access_log=not args.no_access_log)
         host, port = sock.getsockname()[:2]
         shown_host = f"[{host}]" if ":" in host else host
         log.info("store %s, faults %s", store.url, json.dumps(settings.as_dict()))

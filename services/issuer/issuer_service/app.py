@@ -6,6 +6,11 @@ checked by hand (:mod:`issuer_service.grants`), which keeps a batch of
 1,000 grants at a few milliseconds of CPU; store calls run in worker threads so
 the event loop never waits on the database.
 
+With a tokens file (:class:`~issuer_service.auth.Credentials`), every endpoint but
+``GET /healthz`` and ``GET /openapi.json`` first checks the request's bearer token and its
+right: a refusal (401 or 403) comes before the body is read, before any fault is drawn and
+before anything is written.
+
 Dropping a connection without an answer needs the server's help: the
 :mod:`issuer_service.server` protocol offers the ASGI extension
 :data:`DROP_EXTENSION`, which :class:`_ConnectionDropMiddleware` calls.
@@ -35,6 +40,7 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from issuer_service.auth import Credentials, Right
 from issuer_service.faults import FaultDecision, FaultInjector, FaultKind, FaultSettingsError
 from issuer_service.grants import (
     BATCH_BODY_BYTES_MAX,
@@ -99,6 +105,8 @@ class Stats:
         self.outcomes = {"created": 0, "exists": 0, "conflict": 0}
         self.validation_errors = 0
         self.store_errors = 0
+        self.unauthorized = 0  # 401: no token, or one not in force
+        self.forbidden = 0  # 403: a token without the endpoint's right
         # When each of the last batch and revoke requests arrived (Unix seconds): the rate the callers
         # really sent at, whatever they believe their budget to be.
         self.arrivals: deque[float] = deque(maxlen=ARRIVALS_KEPT)
@@ -131,11 +139,40 @@ class _ConnectionDropMiddleware:
 class IssuerService:
     """The endpoints, over one store and one fault injector."""
 
-    def __init__(self, store: IssuerStore, faults: FaultInjector, spec: bytes) -> None:
+    def __init__(
+        self, store: IssuerStore, faults: FaultInjector, spec: bytes, credentials: Credentials | None = None
+    ) -> None:
         self.store = store
         self.faults = faults
         self.spec = spec
+        self.credentials = credentials
         self.stats = Stats()
+
+    # ------------------------------------------------------------------ credentials
+
+    def guarded(self, right: Right, endpoint: Endpoint) -> Endpoint:
+        """``endpoint`` behind the token check for ``right`` (the endpoint itself when there is no tokens file)."""
+        credentials = self.credentials
+        if credentials is None:
+            return endpoint
+
+        async def guarded_endpoint(request: Request) -> Response:
+            credentials.refresh()
+            refusal = credentials.check(request.headers.get("authorization"), right)
+            if refusal is None:
+                return await endpoint(request)
+            if refusal.status_code == 401:
+                self.stats.unauthorized += 1
+            else:
+                self.stats.forbidden += 1
+            return _json(
+                {"error": refusal.error, "detail": refusal.detail},
+                refusal.status_code,
+                {"www-authenticate": refusal.challenge},
+            )
+
+        guarded_endpoint.__name__ = getattr(endpoint, "__name__", "endpoint")
+        return guarded_endpoint
 
     # ------------------------------------------------------------------ granting
 
@@ -333,6 +370,15 @@ class IssuerService:
                 "store_errors": s.store_errors,
                 "faults": dict(self.faults.counts),
                 "arrivals": list(s.arrivals),
+                "unauthorized": s.unauthorized,
+                "forbidden": s.forbidden,
+                "tokens_file": None
+                if self.credentials is None
+                else {
+                    "tokens": self.credentials.token_count,
+                    "reloads": self.credentials.reloads,
+                    "reload_errors": self.credentials.reload_errors,
+                },
             }
         )
 
@@ -387,22 +433,31 @@ def _parse_revoke(body: bytes) -> tuple[list[str], str]:
     return ids, reason
 
 
-def create_app(store: IssuerStore, faults: FaultInjector | None = None, spec_path: Path = SPEC_PATH) -> Starlette:
-    """The ASGI app over ``store``; ``faults`` defaults to none injected."""
-    service = IssuerService(store, faults or FaultInjector(), spec_path.read_bytes())
-    routes: list[tuple[str, Endpoint, list[str]]] = [
-        ("/healthz", service.healthz, ["GET"]),
-        ("/openapi.json", service.openapi, ["GET"]),
-        ("/v1/grants:batch", service.post_batch, ["POST"]),
-        ("/v1/grants:revoke", service.post_revoke, ["POST"]),
-        ("/v1/grants/export", service.export, ["GET"]),
-        ("/v1/grants/{grant_id:path}", service.put_grant, ["PUT"]),
-        ("/v1/stats", service.stats_endpoint, ["GET"]),
-        ("/admin/faults", service.get_faults, ["GET"]),
-        ("/admin/faults", service.post_faults, ["POST"]),
+def create_app(
+    store: IssuerStore,
+    faults: FaultInjector | None = None,
+    spec_path: Path = SPEC_PATH,
+    credentials: Credentials | None = None,
+) -> Starlette:
+    """The ASGI app over ``store``; ``faults`` defaults to none injected, ``credentials`` to every client trusted."""
+    service = IssuerService(store, faults or FaultInjector(), spec_path.read_bytes(), credentials)
+    # The right each endpoint needs; None: open to anyone.
+    routes: list[tuple[str, Endpoint, list[str], Right | None]] = [
+        ("/healthz", service.healthz, ["GET"], None),
+        ("/openapi.json", service.openapi, ["GET"], None),
+        ("/v1/grants:batch", service.post_batch, ["POST"], Right.GRANT),
+        ("/v1/grants:revoke", service.post_revoke, ["POST"], Right.REVOKE),
+        ("/v1/grants/export", service.export, ["GET"], Right.EXPORT),
+        ("/v1/grants/{grant_id:path}", service.put_grant, ["PUT"], Right.GRANT),
+        ("/v1/stats", service.stats_endpoint, ["GET"], Right.STATS),
+        ("/admin/faults", service.get_faults, ["GET"], Right.ADMIN),
+        ("/admin/faults", service.post_faults, ["POST"], Right.ADMIN),
     ]
     app = Starlette(
-        routes=[Route(path, handler, methods=methods) for path, handler, methods in routes],
+        routes=[
+            Route(path, handler if right is None else service.guarded(right, handler), methods=methods)
+            for path, handler, methods, right in routes
+        ],
         middleware=[Middleware(_ConnectionDropMiddleware)],
     )
     app.state.service = service
