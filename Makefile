@@ -30,7 +30,7 @@ help:
 	@echo "make bench-airflow - the nightly run on BENCH_USERS users through Airflow's scheduler vs the CLI"
 	@echo "make airflow - Airflow UI + scheduler on http://127.0.0.1:8080 with this project's DAGs"
 	@echo "make scaleout-smoke - the DAG on $(SCALEOUT_USERS) users with PostgreSQL metadata, CeleryExecutor (Redis), separate processes"
-	@echo "make issuer-service - the reference entitlement service on 127.0.0.1:$(ISSUER_PORT), store ISSUER_STORE (SQLite)"
+	@echo "make issuer-service - the reference entitlement service on 127.0.0.1:$(ISSUER_PORT), store ISSUER_STORE (SQLite), tokens ISSUER_TOKENS"
 	@echo "make clean  - remove var/ (ledger, snapshots, Airflow metadata)"
 
 $(STAMP): requirements.lock pyproject.toml services/issuer/pyproject.toml
@@ -125,8 +125,15 @@ scaleout-smoke: venv
 ISSUER_PORT ?= 8700
 ISSUER_STORE ?= $(ENTITLE_HOME)/issuer/issuer.sqlite
 ISSUER_ARGS ?=
+# Every client needs a token: the first start writes ISSUER_TOKENS with one token holding every right
+# (readable by its owner only); give it to the pipeline as ENTITLE_ISSUER_<NAME>_TOKEN.
+ISSUER_TOKENS ?= $(ENTITLE_HOME)/issuer/tokens
 issuer-service: venv
-	$(BIN)/python -m issuer_service --store $(ISSUER_STORE) --host 127.0.0.1 --port $(ISSUER_PORT) $(ISSUER_ARGS)
+	@test -s $(ISSUER_TOKENS) || { mkdir -p $(dir $(ISSUER_TOKENS)) && install -m 600 /dev/null $(ISSUER_TOKENS) && \
+		$(BIN)/python -c "import secrets; print(secrets.token_urlsafe(32), '*', '  # written by make issuer-service')" \
+		> $(ISSUER_TOKENS) && echo "wrote a token with every right to $(ISSUER_TOKENS): export ENTITLE_ISSUER_SHOP_TOKEN=\$$(cut -d' ' -f1 $(ISSUER_TOKENS))"; }
+	$(BIN)/python -m issuer_service --store $(ISSUER_STORE) --host 127.0.0.1 --port $(ISSUER_PORT) \
+		--tokens-file $(ISSUER_TOKENS) $(ISSUER_ARGS)
 
 bench: venv
 	$(BIN)/python bench/bench.py --users $(BENCH_USERS) --backend $(BENCH_BACKEND)

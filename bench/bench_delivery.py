@@ -114,7 +114,7 @@ def main() -> int:
     )
     service = subprocess.Popen(
         [BIN / "python", "-m", "issuer_service", "--store", str(args.home / "issuer.sqlite"), "--port", "0"]
-        + ["--no-access-log", "--log-level", "warning"],
+        + ["--no-access-log", "--log-level", "warning", "--no-auth"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -115,7 +115,7 @@ def main() -> int:
         mib = sum(map(len, bodies)) / 2**20
         print(f"client encode: {args.grants:,} grants in {len(bodies):,} bodies ({mib:,.1f} MiB) in {encode_s:.2f} s")
         service = subprocess.Popen(
-            [sys.executable, "-m", "issuer_service", "--store", store, "--port", "0", "--no-access-log"],
+            [sys.executable, "-m", "issuer_service", "--store", store, "--port", "0", "--no-access-log", "--no-auth"],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

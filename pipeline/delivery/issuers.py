@@ -155,6 +155,7 @@ class HttpIssuer:
             raise CampaignError(f"issuer {spec.name!r} has no url")
         self.name = spec.name
         self.url = spec.url
+        self.auth = spec.auth
         headers = {}
         if spec.auth == "bearer":
             if spec.token is None:
@@ -228,6 +229,12 @@ class HttpIssuer:
         if code == 403:
             what = "refused this call to our token (403 forbidden)"
         detail = response.text[:ERROR_BODY_CHARS_MAX].replace("\n", " ")
+        if self.auth == "none":
+            return IssuerAuthError(
+                f"issuer {self.name!r} at {self.url} requires credentials ({code}): {detail}. Declare "
+                f'auth = "bearer" under [issuers.{self.name}] in the campaign file and set '
+                f"{where_tokens_come_from(self.name)}; nothing was marked delivered"
+            )
         return IssuerAuthError(
             f"issuer {self.name!r} at {self.url} {what}: {detail}. Check {where_tokens_come_from(self.name)} "
             "and the token's rights at the issuer; what was not answered stays undelivered for the next run"

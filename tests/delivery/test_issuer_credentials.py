@@ -375,3 +375,11 @@ def test_https_verifies_the_certificate_against_the_named_ca_bundle(
         untrusting.deliver(BATCH)
     assert not isinstance(raised.value, IssuerUnavailable), "a certificate is not a network failure: no retry"
     assert len(seen) == 1, "nothing reached the issuer over an untrusted connection"
+
+
+def test_an_issuer_declared_without_auth_that_requires_it_says_how_to_declare_it() -> None:
+    issuer = HttpIssuer(
+        spec(auth="none", token=None), transport=httpx.MockTransport(lambda r: httpx.Response(401, json={}))
+    )
+    with pytest.raises(IssuerAuthError, match='requires credentials .*auth = "bearer" under \\[issuers.shop\\]'):
+        issuer.deliver(BATCH)

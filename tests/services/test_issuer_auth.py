@@ -573,9 +573,19 @@ def test_tokens_rotate_without_restart_and_no_grant_is_lost(tmp_path: Path) -> N
     assert_no_token_in(log_text, tokens)
 
 
-def test_without_a_tokens_file_the_service_warns_once_at_start(tmp_path: Path) -> None:
+def test_without_a_tokens_file_the_service_refuses_to_start_unless_told_to_trust_everyone(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "ISSUER_TOKENS_FILE"}
+    store = tmp_path / "issuer.sqlite"
+    refused = subprocess.run(
+        issuer_command("--store", str(store), "--port", "0"), capture_output=True, text=True, timeout=60, env=env
+    )
+    assert refused.returncode == 2 and "give --tokens-file PATH" in refused.stderr and "--no-auth" in refused.stderr
+    assert "Traceback" not in refused.stderr and not store.exists()
+
+
+def test_with_no_auth_the_service_warns_once_at_start(tmp_path: Path) -> None:
     log_path = tmp_path / "service.log"
-    with service_process(["--store", str(tmp_path / "issuer.sqlite")], log_path) as (url, _process):
+    with service_process(["--store", str(tmp_path / "issuer.sqlite"), "--no-auth"], log_path) as (url, _process):
         assert httpx.post(f"{url}/admin/faults", json={"seed": 1}, timeout=CLIENT_TIMEOUT_S).status_code == 200
     warnings = [line for line in log_path.read_text(encoding="utf-8").splitlines() if NO_TOKENS_WARNING in line]
     assert len(warnings) == 1 and " WARNING issuer_service: " in warnings[0], warnings

@@ -521,7 +521,7 @@ def test_fault_settings_are_checked_and_unchanged_by_a_refused_update(sqlite_iss
 
 
 def test_the_command_line_serves_until_sigterm_and_refuses_bad_settings_with_exit_2(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "issuer_service"]
+    command = [sys.executable, "-m", "issuer_service", "--no-auth"]
     help_text = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert help_text.returncode == 0 and "--fault-timeout-after-commit-rate" in help_text.stdout
     store = str(tmp_path / "issuer.sqlite")

@@ -118,7 +118,7 @@ class Service:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "issuer_service", "--store", str(self.store), "--port", str(self.port)]
             + ["--no-access-log", "--log-level", "warning"]
-            + ([] if self.tokens_file is None else ["--tokens-file", str(self.tokens_file)]),
+            + (["--no-auth"] if self.tokens_file is None else ["--tokens-file", str(self.tokens_file)]),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

@@ -22,7 +22,7 @@ PORT_MAX = 65_535
 EXIT_OK = 0
 EXIT_USAGE = 2
 TOKENS_FILE_ENV = "ISSUER_TOKENS_FILE"
-NO_TOKENS_WARNING = "no --tokens-file: every client is trusted (reference/test use only)"
+NO_TOKENS_WARNING = "--no-auth: every client is trusted (reference/test use only)"
 
 _DESCRIPTION = """\
 Run the reference entitlement service: an HTTP API that grants entitlements by
@@ -46,8 +46,9 @@ tokens of at least 16 characters; blank lines and # comments are ignored. No
 token: 401; a token without the right: 403. The file is read again within a
 second of a change (no restart): add the new token, move the clients to it,
 remove the old one. A malformed file at start-up is exit code 2; at a reload it
-is logged and the tokens loaded before stay in force. Without a tokens file
-every client is trusted (reference and test use only).
+is logged and the tokens loaded before stay in force. A tokens file is
+required: only --no-auth (tests on loopback) runs the service trusting every
+client.
 
 When it listens, one line "issuer service listening on http://HOST:PORT" goes to
 stdout. Stop it with Ctrl-C or SIGTERM (exit code 0). Exit code 2: bad
@@ -57,9 +58,9 @@ file that cannot be read or holds an error.
 
 _EPILOG = """\
 examples:
-  python -m issuer_service --store var/issuer/issuer.sqlite --port 8700
   python -m issuer_service --store var/issuer/issuer.sqlite --tokens-file var/issuer/tokens
-  python -m issuer_service --store postgresql://postgres@127.0.0.1/issuer \\
+  python -m issuer_service --store var/issuer/issuer.sqlite --port 8700 --no-auth
+  python -m issuer_service --store postgresql://postgres@127.0.0.1/issuer --tokens-file var/issuer/tokens \\
       --fault-error-rate 0.05 --fault-throttle-rate 0.05 --fault-seed 42
 """
 
@@ -86,8 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get(TOKENS_FILE_ENV),
         metavar="PATH",
         help="bearer tokens and their rights, one 'TOKEN RIGHT[,RIGHT...]' per line, read again within a second "
-        f"of a change; every endpoint but /healthz and /openapi.json then needs one (default: ${TOKENS_FILE_ENV}; "
-        "none: every client is trusted)",
+        f"of a change; every endpoint but /healthz and /openapi.json then needs one (default: ${TOKENS_FILE_ENV})",
+    )
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="no tokens file: trust every client that reaches the port (tests on loopback only)",
     )
     parser.add_argument("--json-log", action="store_true", help="log one JSON object per line on stderr")
     parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
@@ -203,6 +208,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--port must be in 0..{PORT_MAX}, got {args.port}")
     if args.tokens_file is not None and not args.tokens_file.strip():
         parser.error(f"--tokens-file (or {TOKENS_FILE_ENV}) is set but empty; name the tokens file")
+    if args.tokens_file is None and not args.no_auth:
+        parser.error(
+            f"give --tokens-file PATH (or {TOKENS_FILE_ENV}) so that every client needs a token, "
+            "or --no-auth to trust every client (tests on loopback only)"
+        )
+    if args.tokens_file is not None and args.no_auth:
+        parser.error("--no-auth and --tokens-file exclude each other")
     _configure_logging(args.json_log, args.log_level)
     log = logging.getLogger("issuer_service")
     # Imported here so that --help answers without loading the web stack.
