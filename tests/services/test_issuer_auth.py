@@ -33,7 +33,7 @@ from issuer_service.faults import FaultInjector
 from issuer_service.server import bind, build_server
 from issuer_service.store import IssuerStore
 from support import REPO_ROOT
-from support.delivery import Service
+from support.delivery import Service, grant
 
 CAMPAIGN = "kakao-outage-2022"
 START_TIMEOUT_S = 10
@@ -61,22 +61,6 @@ def write_tokens(path: Path, tokens: dict[str, str], *, comment: str = "tokens o
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-def grant(n: int, **changes: Any) -> dict[str, Any]:
-    """A valid grant payload for user ``n``."""
-    payload: dict[str, Any] = {
-        "grant_id": f"{CAMPAIGN}:{n}:coupon-2000:0",
-        "campaign_id": CAMPAIGN,
-        "user_id": n,
-        "item_sku": "coupon-2000",
-        "issue_no": 0,
-        "amount_krw": 2000,
-        "valid_from": "2023-01-05T00:00:00+09:00",
-        "valid_until": "2023-04-05T00:00:00+09:00",
-    }
-    payload.update(changes)
-    return payload
 
 
 def assert_no_token_in(text: str, tokens: tuple[str, ...] = ALL_TOKENS) -> None:

@@ -38,6 +38,7 @@ from issuer_service.faults import FaultInjector
 from issuer_service.server import bind, build_server
 from issuer_service.store import IssuerStore
 from support import REPO_ROOT
+from support.delivery import grant
 
 ROOT = REPO_ROOT
 CAMPAIGN = "kakao-outage-2022"
@@ -121,22 +122,6 @@ def sqlite_issuer(tmp_path: Path) -> Iterator[Issuer]:
     """The service over an SQLite file (fault tests: faults are decided above the store)."""
     with running_issuer(str(tmp_path / "issuer.sqlite")) as service:
         yield service
-
-
-def grant(n: int, **changes: Any) -> dict[str, Any]:
-    """A valid grant payload for user ``n``; ``changes`` override fields."""
-    payload: dict[str, Any] = {
-        "grant_id": f"{CAMPAIGN}:{n}:coupon-2000:0",
-        "campaign_id": CAMPAIGN,
-        "user_id": n,
-        "item_sku": "coupon-2000",
-        "issue_no": 0,
-        "amount_krw": 2000,
-        "valid_from": "2023-01-05T00:00:00+09:00",
-        "valid_until": "2023-04-05T00:00:00+09:00",
-    }
-    payload.update(changes)
-    return payload
 
 
 def put(issuer: Issuer, payload: dict[str, Any], **kwargs: Any) -> httpx.Response:

@@ -64,6 +64,22 @@ issuer = "shop"
 """
 
 
+def grant(n: int, **changes: Any) -> dict[str, Any]:
+    """A valid grant payload of the issuer API for user ``n``; ``changes`` override fields."""
+    payload: dict[str, Any] = {
+        "grant_id": f"{CAMPAIGN}:{n}:coupon-2000:0",
+        "campaign_id": CAMPAIGN,
+        "user_id": n,
+        "item_sku": "coupon-2000",
+        "issue_no": 0,
+        "amount_krw": 2000,
+        "valid_from": "2023-01-05T00:00:00+09:00",
+        "valid_until": "2023-04-05T00:00:00+09:00",
+    }
+    payload.update(changes)
+    return payload
+
+
 def write_campaign(path: Path, **overrides: Any) -> Path:
     values = {
         "requests_per_s": 500,
