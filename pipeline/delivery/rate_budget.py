@@ -39,14 +39,19 @@ def take_issuer_slot(engine: Engine, issuer: str, interval_s: float, wait_max_s:
         "{greatest}(issuer_budgets.next_at_us, {now}) + :step",
         "issuer_budgets.next_at_us - :step - {now}",
     )
-    now = int(time.time() * 1_000_000)
     with write_transaction(engine) as connection:
+        # The clock is read once the write lock is held (SQLite's BEGIN IMMEDIATE; PostgreSQL's upsert
+        # reads its own clock after locking the row): a long wait for the lock moves the slot, instead
+        # of reserving one in the past that the next request's slot would then follow too closely.
+        reserved_at = time.monotonic()
+        now = int(time.time() * 1_000_000)
         wait_us = int(connection.execute(sa.text(sql), {"issuer": issuer, "step": step, "now": now}).scalar_one())
         if wait_us > wait_max_s * 1_000_000:
             restart = _budget_upsert(engine, "{now} + :step", "{now} + :step")
             connection.execute(sa.text(restart), {"issuer": issuer, "step": step, "now": now})
             return 0.0
-    return max(0.0, wait_us / 1_000_000)
+    # The slot is wait_us after the reservation; the commit took some of that time already.
+    return max(0.0, wait_us / 1_000_000 - (time.monotonic() - reserved_at))
 
 
 def hold_issuer(engine: Engine, issuer: str, seconds: float) -> None:
