@@ -111,7 +111,7 @@ class Settings:
             if spec.auth != "none"
             and (token := resolve_token(spec.name, self.issuer_tokens, self.issuer_secret_lookup)) is not None
         }
-        return campaign.with_issuer_urls(overrides).with_issuer_tokens(tokens)
+        return campaign.with_deployment(overrides, tokens)
 
     def describe_ledger(self) -> str:
         """The ledger URL with any password hidden."""

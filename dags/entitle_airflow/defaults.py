@@ -8,6 +8,7 @@ fail at once, without retries, with their message as the task log's last line.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,8 +64,12 @@ def failing_fast() -> Iterator[None]:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
 
+@functools.cache
 def connection_password(conn_id: str) -> str | None:
-    """The password of the Airflow Connection ``conn_id`` (an issuer's token), or None when there is none."""
+    """The password of the Airflow Connection ``conn_id`` (an issuer's token), or None when there is none.
+
+    Asked once per task process: the settings resolve their issuers' tokens each time they load the campaign.
+    """
     from airflow.sdk import Connection
     from airflow.sdk.exceptions import AirflowNotFoundException
 

@@ -126,18 +126,13 @@ class Campaign:
         """The items delivered by ``issuer``."""
         return tuple(i for i in self.items if i.issuer == issuer)
 
-    def with_issuer_tokens(self, tokens: dict[str, Secret]) -> Campaign:
-        """This campaign with the deployment's tokens attached to the named issuers."""
-        if not tokens:
+    def with_deployment(self, urls: dict[str, str], tokens: dict[str, Secret]) -> Campaign:
+        """This campaign with the deployment's issuer URLs replaced and tokens attached, by issuer name."""
+        if not urls and not tokens:
             return self
-        issuers = tuple(replace(s, token=tokens[s.name]) if s.name in tokens else s for s in self.issuers)
-        return replace(self, issuers=issuers)
-
-    def with_issuer_urls(self, urls: dict[str, str]) -> Campaign:
-        """This campaign with the URLs of the named issuers replaced (per-deployment overrides)."""
-        if not urls:
-            return self
-        issuers = tuple(replace(s, url=urls[s.name]) if s.name in urls else s for s in self.issuers)
+        issuers = tuple(
+            replace(s, url=urls.get(s.name, s.url), token=tokens.get(s.name, s.token)) for s in self.issuers
+        )
         return replace(self, issuers=issuers)
 
     def item(self, sku: str) -> Item:

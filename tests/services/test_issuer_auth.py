@@ -30,13 +30,11 @@ from issuer_service.__main__ import NO_TOKENS_WARNING
 from issuer_service.app import SPEC_PATH, create_app
 from issuer_service.auth import Credentials, Right, TokensFileError, parse_tokens
 from issuer_service.faults import FaultInjector
-from issuer_service.server import bind, build_server
 from issuer_service.store import IssuerStore
 from support import REPO_ROOT
-from support.delivery import Service, grant
+from support.delivery import Service, grant, serving_in_thread
 
 CAMPAIGN = "kakao-outage-2022"
-START_TIMEOUT_S = 10
 STOP_TIMEOUT_S = 20
 CLIENT_TIMEOUT_S = 10
 RELOAD_WAIT_S = 10  # a change is seen within about a second; generous on a loaded machine
@@ -103,23 +101,15 @@ class GuardedIssuer:
 def running_guarded_issuer(tmp_path: Path, tokens: dict[str, str]) -> Iterator[GuardedIssuer]:
     tokens_file = write_tokens(tmp_path / "tokens", tokens)
     store = IssuerStore.open(str(tmp_path / "issuer.sqlite"))
-    server = build_server(create_app(store, FaultInjector(), credentials=Credentials(tokens_file)), access_log=True)
-    sock = bind("127.0.0.1", 0)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the issuer service did not start"
-        time.sleep(0.01)
+    app = create_app(store, FaultInjector(), credentials=Credentials(tokens_file))
     try:
-        base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        with httpx.Client(base_url=base_url, timeout=CLIENT_TIMEOUT_S) as client:
+        with (
+            serving_in_thread(app, access_log=True) as base_url,
+            httpx.Client(base_url=base_url, timeout=CLIENT_TIMEOUT_S) as client,
+        ):
             yield GuardedIssuer(client, store, tokens_file)
     finally:
-        server.should_exit = True
-        thread.join(STOP_TIMEOUT_S)
         store.close()
-        assert not thread.is_alive(), "the issuer service did not stop"
 
 
 @pytest.fixture
@@ -278,21 +268,15 @@ def test_health_and_the_spec_need_no_token(guarded: GuardedIssuer) -> None:
 def test_without_a_tokens_file_every_client_is_trusted(tmp_path: Path) -> None:
     store = IssuerStore.open(str(tmp_path / "issuer.sqlite"))
     try:
-        server = build_server(create_app(store, FaultInjector()), access_log=False)
-        sock = bind("127.0.0.1", 0)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        while not server.started:
-            assert thread.is_alive()
-            time.sleep(0.01)
-        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=CLIENT_TIMEOUT_S) as client:
+        with (
+            serving_in_thread(create_app(store, FaultInjector())) as base_url,
+            httpx.Client(base_url=base_url, timeout=CLIENT_TIMEOUT_S) as client,
+        ):
             assert PROTECTED[0].send(client).status_code == 201
             assert PROTECTED[0].send(client, bearer(UNKNOWN)).status_code == 200
             stats = client.get("/v1/stats").json()
             assert (stats["unauthorized"], stats["forbidden"], stats["tokens_file"]) == (0, 0, None)
             check_schema(stats, "Stats")
-        server.should_exit = True
-        thread.join(STOP_TIMEOUT_S)
     finally:
         store.close()
 

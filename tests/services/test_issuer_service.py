@@ -19,7 +19,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,14 +34,13 @@ from issuer_service import app as issuer_app
 from issuer_service import grants as issuer_grants
 from issuer_service.app import SPEC_PATH, create_app
 from issuer_service.faults import FaultInjector
-from issuer_service.server import bind, build_server
+from issuer_service.server import bind
 from issuer_service.store import IssuerStore
 from support import REPO_ROOT
-from support.delivery import grant
+from support.delivery import grant, serving_in_thread
 
 ROOT = REPO_ROOT
 CAMPAIGN = "kakao-outage-2022"
-START_TIMEOUT_S = 10
 STOP_TIMEOUT_S = 20
 CLIENT_TIMEOUT_S = 10
 SPEC_PATHS = {
@@ -89,24 +87,14 @@ class Issuer:
 def running_issuer(store_url: str) -> Iterator[Issuer]:
     """The service on a free loopback port, in a background thread, until the block ends."""
     store = IssuerStore.open(store_url)
-    server = build_server(create_app(store, FaultInjector()), access_log=False)
-    sock = bind("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the issuer service did not start"
-        time.sleep(0.01)
-    base_url = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(base_url=base_url, timeout=CLIENT_TIMEOUT_S) as client:
+        with (
+            serving_in_thread(create_app(store, FaultInjector())) as base_url,
+            httpx.Client(base_url=base_url, timeout=CLIENT_TIMEOUT_S) as client,
+        ):
             yield Issuer(base_url, client, store)
     finally:
-        server.should_exit = True
-        thread.join(STOP_TIMEOUT_S)
         store.close()
-        assert not thread.is_alive(), "the issuer service did not stop"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

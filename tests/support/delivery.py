@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +178,28 @@ class Service:
     def stats(self) -> dict[str, Any]:
         document: dict[str, Any] = httpx.get(self.url + "/v1/stats", headers=self.headers).json()
         return document
+
+
+SERVER_START_TIMEOUT_S = 20
+SERVER_STOP_TIMEOUT_S = 20
+
+
+@contextlib.contextmanager
+def serving_in_thread(app: Any, *, access_log: bool = False) -> Iterator[str]:
+    """The issuer service's ASGI ``app`` on a free loopback port in a background thread; yields its base URL."""
+    from issuer_service.server import bind, build_server
+
+    server = build_server(app, access_log=access_log)
+    sock = bind("127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the issuer service did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(SERVER_STOP_TIMEOUT_S)
+        assert not thread.is_alive(), "the issuer service did not stop"
