@@ -110,16 +110,79 @@ def read_parquet(path: Location, name: str) -> pl.DataFrame:
 
 def int64_sha256(series: pl.Series) -> str:
     """SHA-256 of an int64 column's values as little-endian bytes, in order."""
+    digest = hashlib.sha256()
+    update_int64_digest(digest, series)
+    return digest.hexdigest()
+
+
+def update_int64_digest(digest: Any, series: pl.Series) -> None:
+    """Feed an int64 column's values to ``digest``; piece by piece equals :func:`int64_sha256` of the whole."""
     array = series.cast(pl.Int64).rechunk().to_arrow()
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
-    digest = hashlib.sha256()
     if len(array):
         values = array.buffers()[1]
         assert_little_endian()
         start = array.offset * 8
         digest.update(memoryview(values)[start : start + len(array) * 8])
-    return digest.hexdigest()
+
+
+class ParquetStream:
+    """Write frames one after another into one local Parquet file with schema ``name``.
+
+    The bytes equal :func:`write_parquet` of all the frames concatenated: every row
+    group holds exactly ``PARQUET_ROW_GROUP_ROWS_MAX`` rows (the last one fewer) from
+    one contiguous array, however the frames were cut.  Use as a context manager; the
+    file is complete only when the block ends without an error.
+    """
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        self.rows = 0
+        self._pending: list[pl.DataFrame] = []
+        self._pending_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._empty: pl.DataFrame | None = None
+
+    def __enter__(self) -> ParquetStream:
+        return self
+
+    def write(self, frame: pl.DataFrame) -> None:
+        """Append ``frame``'s rows."""
+        if self._empty is None:
+            self._empty = frame.clear()
+        if not frame.height:
+            return
+        self._pending.append(frame)
+        self._pending_rows += frame.height
+        self.rows += frame.height
+        while self._pending_rows >= PARQUET_ROW_GROUP_ROWS_MAX:
+            self._flush(PARQUET_ROW_GROUP_ROWS_MAX)
+
+    def __exit__(self, kind: object, error: object, trace: object) -> None:
+        if error is not None:
+            if self._writer is not None:
+                self._writer.close()
+            return
+        if self._pending_rows or self._writer is None:
+            self._flush(self._pending_rows)
+        assert self._writer is not None
+        self._writer.close()
+
+    def _flush(self, rows: int) -> None:
+        whole = pl.concat(self._pending, rechunk=True) if self._pending else self._empty
+        if whole is None:
+            raise SchemaMismatchError(f"{self.path}: nothing was written, not even an empty frame")
+        table = to_arrow(whole.head(rows), self.name, str(self.path)).combine_chunks()
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(
+                self.path, table.schema, compression=PARQUET_COMPRESSION, write_statistics=True
+            )
+        self._writer.write_table(table, row_group_size=PARQUET_ROW_GROUP_ROWS_MAX)
+        rest = whole.slice(rows)
+        self._pending = [rest] if rest.height else []
+        self._pending_rows = rest.height
 
 
 def assert_little_endian() -> None:

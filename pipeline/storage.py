@@ -11,7 +11,11 @@ which kind it holds:
   when its upload completes, so a reader never sees half an object; a crash
   before that leaves nothing (or an invisible, unfinished upload).
 - **Reads** hand Polars and pyarrow the local path itself, or the whole object
-  (one GET) as bytes.
+  (one GET) as bytes.  Work too large for memory (freezing and partitioning a
+  snapshot) runs in a local :func:`scratch_folder`: it downloads an object
+  there first (:func:`local_file`) and moves finished files into place with
+  :func:`publish_file` (a rename beside a local output, one streamed upload to
+  an object store).
 - **Failures are one line naming the URI and what to do**: a missing object or
   bucket on read is an :class:`ObjectNotFoundError` (a ``FileNotFoundError``,
   which callers already turn into their own "file not found" error); an
@@ -28,8 +32,11 @@ default chain (environment, ``~/.aws``, instance metadata).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -46,6 +53,7 @@ CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 60.0
 ATTEMPTS_MAX = 3  # the AWS SDK's standard retry strategy: network errors and throttling are retried
 ERROR_DETAIL_CHARS_MAX = 240
+COPY_CHUNK_BYTES = 8 * 1024 * 1024  # downloads and uploads of files too large to hold in memory
 
 _UNREACHABLE = (
     "NETWORK_CONNECTION",
@@ -300,6 +308,68 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     finally:
         temporary.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def scratch_folder(near: Location | None, prefix: str) -> Iterator[Path]:
+    """A local working folder, removed afterwards (also on failure).
+
+    Beside ``near`` when that is a local folder (hidden, ``.prefix-…``), so finished
+    files reach their place by a rename on the same disk; in the system's temporary
+    folder (``TMPDIR``) when ``near`` is None or on an object store.
+    """
+    parent: Path | None = None
+    if isinstance(near, Path):
+        near.mkdir(parents=True, exist_ok=True)
+        parent = near
+    folder = Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def local_file(where: Location, scratch: Path) -> Path:
+    """``where`` as a local file: itself, or the object downloaded into ``scratch`` in pieces."""
+    if isinstance(where, Path):
+        return where
+    target = scratch / f"download-{where.name}"
+    filesystem = _filesystem(where.options)
+    try:
+        with filesystem.open_input_stream(where.arrow_path) as source, open(target, "wb") as sink:
+            shutil.copyfileobj(source, sink, COPY_CHUNK_BYTES)
+    except FileNotFoundError as exc:
+        raise ObjectNotFoundError(missing_message(where)) from exc
+    except OSError as exc:
+        if any(marker in str(exc) for marker in _NO_KEY + _NO_BUCKET):
+            raise ObjectNotFoundError(missing_message(where)) from exc
+        raise _store_error(exc, where, "read") from exc
+    return target
+
+
+def publish_file(finished: Path, where: Location) -> None:
+    """Move a finished local file to ``where`` atomically (a rename, or one streamed upload)."""
+    if isinstance(where, ObjectUri):
+        filesystem = _filesystem(where.options)
+        try:
+            with open(finished, "rb") as source, filesystem.open_output_stream(where.arrow_path) as stream:
+                shutil.copyfileobj(source, stream, COPY_CHUNK_BYTES)
+        except OSError as exc:
+            raise _store_error(exc, where, "write") from exc
+        finished.unlink()
+        return
+    where.parent.mkdir(parents=True, exist_ok=True)
+    _fsync(finished)
+    try:
+        os.replace(finished, where)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with replaced_atomically(where) as temporary:  # another disk: copy, then rename there
+            shutil.copyfile(finished, temporary)
+        finished.unlink()
+        return
+    _fsync_dir(where.parent)
 
 
 def _upload(where: ObjectUri, data: Any) -> None:

@@ -21,11 +21,14 @@ written last, so a partial set is never taken for a complete one.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import schemas, storage
 from pipeline.errors import ConfigError, EntitleError, PartitionError, invariant
@@ -39,6 +42,9 @@ PARTITION_COUNT_MAX = 1024  # one Airflow mapped task each; Airflow's max_map_le
 PARTITION_USERS_TARGET_DEFAULT = 1_000_000
 PARTITION_USERS_TARGET_MIN = 1_000
 MANIFEST_NAME = "manifest.parquet"
+# Freezing and partitioning hold at most about this many users in memory at once (a group of
+# partitions, an id range), whatever the snapshot's size: at its peak about 30 bytes a user.
+ROWS_IN_MEMORY_DEFAULT = 8_000_000
 WRITER_THREADS = max(2, min(8, os.cpu_count() or 2))
 
 
@@ -115,21 +121,110 @@ def partition_snapshot(
     out_dir: Location,
     partition_count: int,
     on_partition_written: Callable[[int], None] | None = None,
+    rows_in_memory: int = ROWS_IN_MEMORY_DEFAULT,
 ) -> list[PartitionEntry]:
-    """Write the snapshot's partitions and manifest under ``out_dir``; reuse a complete set."""
+    """Write the snapshot's partitions and manifest under ``out_dir``; reuse a complete set.
+
+    Consecutive partitions are taken in groups of at most ``rows_in_memory`` users: one
+    streaming pass spills the snapshot's ids to a local scratch file per group, then each
+    group alone is sorted and cut into its partitions.
+    """
     check_partition_count(partition_count)
     existing = _reusable_manifest(out_dir, partition_count)
     if existing is not None:
         if on_partition_written is not None:
             on_partition_written(partition_count)
         return existing
-    users = schemas.read_parquet(users_file, "snapshot")
-    # The snapshot is sorted by user_id, so a stable sort on the bucket alone yields
-    # (user_bucket, user_id) order: one key to sort instead of two.
-    ordered = users.select(user_bucket_expr().alias("user_bucket"), pl.col("user_id")).sort(
-        "user_bucket", maintain_order=True
+    entries: list[PartitionEntry] = []
+    with storage.scratch_folder(out_dir if isinstance(out_dir, Path) else None, "partition") as scratch:
+        for partition_ids, ordered in _groups(users_file, scratch, partition_count, rows_in_memory):
+            entries += _write_group(ordered, partition_ids, out_dir, partition_count, on_partition_written)
+    rows = [
+        {
+            "partition_id": e.partition_id,
+            "partition_count": partition_count,
+            "file_name": e.path.name,
+            "rows": e.rows,
+            "bucket_lo": e.bucket_lo,
+            "bucket_hi": e.bucket_hi,
+            "content_sha256": e.content_sha256,
+        }
+        for e in entries
+    ]
+    invariant(len(entries) == partition_count, "every partition must be written once")
+    manifest = pl.DataFrame(rows).with_columns(
+        pl.col("partition_id").cast(pl.Int32), pl.col("partition_count").cast(pl.Int32)
     )
-    del users
+    # The manifest is written last: its presence means every partition file is complete.
+    schemas.write_parquet(manifest, "manifest", out_dir / MANIFEST_NAME)
+    return entries
+
+
+def _groups(
+    users_file: Location, scratch: Path, partition_count: int, rows_in_memory: int
+) -> Iterator[tuple[range, pl.DataFrame]]:
+    """(partition ids, their users in (user_bucket, user_id) order) for each group of partitions."""
+    local = storage.local_file(users_file, scratch)
+    try:
+        schemas.check_schema(pq.read_schema(local), "snapshot", str(users_file))
+        total = pq.read_metadata(local).num_rows
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise PartitionError(f"{users_file}: not a readable Parquet file ({exc})") from exc
+    per_group = max(1, min(partition_count, rows_in_memory * partition_count // max(total, 1)))
+    groups = -(-partition_count // per_group)
+    with_bucket = pl.scan_parquet(local).select(user_bucket_expr().alias("user_bucket"), pl.col("user_id"))
+    if groups > 1:
+        group = (pl.col("user_bucket") * partition_count // BUCKET_MODULUS // per_group).alias("group")
+        with_bucket.with_columns(group).sink_ipc(
+            pl.PartitionBy(scratch / "groups", key="group", include_key=False), mkdir=True, engine="streaming"
+        )
+    for number in range(groups):
+        if groups == 1:
+            users = with_bucket.collect()
+        else:
+            files = sorted((scratch / "groups" / f"group={number}").glob("*.*"))
+            users = pl.scan_ipc(files).collect() if files else with_bucket.clear().collect()
+        ordered = _bucket_order(users)
+        del users
+        invariant(_in_key_order(ordered), f"{users_file}: the snapshot's ids are not in ascending order")
+        yield range(number * per_group, min(partition_count, (number + 1) * per_group)), ordered
+
+
+def _bucket_order(users: pl.DataFrame) -> pl.DataFrame:
+    """``users`` (in user_id order, as the snapshot and the sinks keep it) in (user_bucket, user_id) order.
+
+    One int64 key per user, bucket * 2^32 + position, sorted as a plain column (faster than a
+    stable sort of the frame); the position then fetches the user id.
+    """
+    keys = users.select(
+        (pl.col("user_bucket") * 2**32 + pl.int_range(pl.len(), dtype=pl.Int64)).alias("key")
+    ).to_series()
+    keys = keys.sort()
+    return pl.DataFrame(
+        {
+            "user_bucket": keys // 2**32,
+            "user_id": users["user_id"].gather((keys % 2**32).cast(pl.UInt32)),
+        }
+    )
+
+
+def _in_key_order(ordered: pl.DataFrame) -> bool:
+    """Whether ``ordered`` is strictly ascending in (user_bucket, user_id)."""
+    if ordered.height < 2:
+        return True
+    step = ordered.select(
+        (pl.col("user_bucket").diff() > 0) | ((pl.col("user_bucket").diff() == 0) & (pl.col("user_id").diff() > 0))
+    ).to_series()
+    return bool(step.slice(1).all())
+
+
+def _write_group(
+    ordered: pl.DataFrame,
+    partition_ids: range,
+    out_dir: Location,
+    partition_count: int,
+    on_partition_written: Callable[[int], None] | None,
+) -> list[PartitionEntry]:
     buckets = ordered["user_bucket"]
 
     def write_one(partition_id: int) -> PartitionEntry:
@@ -146,28 +241,11 @@ def partition_snapshot(
     # Compression and hashing release the GIL, so writer threads use every core.
     entries: list[PartitionEntry] = []
     with ThreadPoolExecutor(max_workers=WRITER_THREADS) as pool:
-        for entry in pool.map(write_one, range(partition_count)):
+        for entry in pool.map(write_one, partition_ids):
             entries.append(entry)
             if on_partition_written is not None:
                 on_partition_written(1)
-    rows = [
-        {
-            "partition_id": e.partition_id,
-            "partition_count": partition_count,
-            "file_name": e.path.name,
-            "rows": e.rows,
-            "bucket_lo": e.bucket_lo,
-            "bucket_hi": e.bucket_hi,
-            "content_sha256": e.content_sha256,
-        }
-        for e in entries
-    ]
     invariant(sum(e.rows for e in entries) == ordered.height, "partitions must cover the snapshot exactly")
-    manifest = pl.DataFrame(rows).with_columns(
-        pl.col("partition_id").cast(pl.Int32), pl.col("partition_count").cast(pl.Int32)
-    )
-    # The manifest is written last: its presence means every partition file is complete.
-    schemas.write_parquet(manifest, "manifest", out_dir / MANIFEST_NAME)
     return entries
 
 

@@ -1,0 +1,244 @@
+"""Freezing a user file in bounded memory: split by bucket, deduplicate per group, merge by id range.
+
+A snapshot is the sorted set of distinct valid ids, hashed in that order; its
+quarantine is every unusable or repeated row, in file order.  Neither needs the
+whole file in memory at once:
+
+1. **Split.**  One streaming pass (Polars' streaming engine, several sinks over
+   one scan) writes the valid rows to local spill files grouped by the id's
+   ledger bucket (:func:`~pipeline.grants.partitioning.user_bucket_expr`, a
+   well-mixed function of the id, so the groups come out even), the rejected
+   rows to one file in row order, and every thousandth valid id to a sample.
+2. **Deduplicate.**  A user's bucket is fixed, so every row of one id is in one
+   group: each group, read alone, is sorted, its repeats become quarantine rows
+   (the first row of an id stays, the later ones are duplicates), the
+   exclusions are taken out, and its distinct ids are cut at id boundaries
+   chosen from the sample into id ranges.
+3. **Merge.**  Range by range, in id order, the pieces every group left for
+   that range are sorted together: the snapshot's ids in order, hashed and
+   written piece by piece.
+
+The quarantine is assembled from the rejected and duplicate rows in row
+order, row range by row range.  Memory is bounded by ``rows_in_memory`` rows
+of one group or range (about 30 bytes a row at its peak), not by the file;
+the spill files take about 16 bytes a valid row on disk, in a scratch folder
+beside the snapshots (or ``TMPDIR`` for a dry run or an object-store home).
+The files written are byte for byte those of sorting the whole file in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from pipeline import schemas
+from pipeline.grants.partitioning import BUCKET_MODULUS, user_bucket_expr
+from pipeline.grants.user_files import EXAMPLES_IN_MESSAGE_MAX, UserRows, unreadable
+from pipeline.storage import Location
+
+SAMPLE_EVERY = 1000  # one valid id in this many goes to the sample that places the range boundaries
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What the rows of a user file came to."""
+
+    rows_read: int
+    null_rows: int
+    not_integer_rows: int
+    out_of_range_rows: int
+    duplicate_rows: int
+    excluded_users: int
+    eligible_users: int
+
+
+@dataclass
+class Frozen:
+    """A user file after splitting and deduplicating: counts, quarantine, and the ranges to merge."""
+
+    counts: Counts
+    quarantine_file: Path
+    excluded_file: Path | None
+    first_rejected: list[tuple[int, str | None, str]]
+    users_file: Path
+    range_folders: list[Path] = field(default_factory=list)
+
+    def write_users(self, write: bool = True) -> str:
+        """Merge the id ranges into ``users_file`` (unless not ``write``); the snapshot id."""
+        digest = hashlib.sha256()
+        with schemas.ParquetStream("snapshot", self.users_file) as out:
+            for folder in self.range_folders:
+                ids = _read(folder)["user_id"].sort()
+                schemas.update_int64_digest(digest, ids)
+                if write:
+                    out.write(ids.to_frame())
+            if not write:
+                out.write(pl.DataFrame(schema={"user_id": pl.Int64}))
+        return digest.hexdigest()[:16]
+
+
+def freeze_rows(
+    scanned: UserRows,
+    scratch: Path,
+    exclusions: pl.DataFrame | None,
+    rows_in_memory: int,
+    source: Location,
+) -> Frozen:
+    """Split, deduplicate and exclude ``scanned``'s rows in ``scratch``; merge later with write_users."""
+    groups = max(1, -(-scanned.estimated_rows // rows_in_memory))
+    try:
+        _split(scanned, scratch, groups)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise unreadable(source, exc) from exc
+    rejected = pl.scan_ipc(scratch / "rejected.arrow")
+    by_reason = dict(rejected.group_by("reason").len().collect().iter_rows())
+    first_rejected = list(rejected.head(EXAMPLES_IN_MESSAGE_MAX).collect().iter_rows())
+    group_folders = _numbered_folders(scratch / "groups")
+    valid_rows = sum(_rows(folder) for folder in group_folders)
+    cuts = _range_cuts(scratch / "sample.arrow", -(-valid_rows // rows_in_memory))
+
+    duplicate_rows = eligible = 0
+    excluded: list[pl.Series] = []
+    for number, folder in enumerate(group_folders):
+        repeated, kept, left_out = _deduplicate(_read(folder), scanned.integer_column, exclusions)
+        if repeated.height:
+            repeated.write_ipc(_new_file(scratch / "duplicates", number))
+        duplicate_rows += repeated.height
+        eligible += kept.len()
+        excluded.append(left_out)
+        bounds = [0, *kept.search_sorted(pl.Series(cuts, dtype=pl.Int64), side="left").to_list(), kept.len()]
+        for range_number, (start, stop) in enumerate(zip(bounds, bounds[1:], strict=False)):
+            if stop > start:
+                kept.slice(start, stop - start).to_frame().write_ipc(
+                    _new_file(scratch / "ranges" / f"{range_number:06d}", number)
+                )
+
+    excluded_ids = pl.concat(excluded).sort() if excluded else pl.Series("user_id", [], pl.Int64)
+    excluded_file = None
+    if excluded_ids.len():
+        excluded_file = scratch / "excluded.parquet"
+        schemas.write_parquet(excluded_ids.to_frame(), "snapshot", excluded_file)
+    rows_read = valid_rows + sum(by_reason.values())
+    quarantine_file = scratch / "quarantine.parquet"
+    quarantined = sum(by_reason.values()) + duplicate_rows
+    _write_quarantine(scratch, quarantine_file, str(source), quarantined, rows_read, rows_in_memory)
+    counts = Counts(
+        rows_read=rows_read,
+        null_rows=int(by_reason.get("null", 0)),
+        not_integer_rows=int(by_reason.get("not_integer", 0)),
+        out_of_range_rows=int(by_reason.get("out_of_range", 0)),
+        duplicate_rows=duplicate_rows,
+        excluded_users=excluded_ids.len(),
+        eligible_users=eligible,
+    )
+    return Frozen(
+        counts,
+        quarantine_file,
+        excluded_file,
+        first_rejected,
+        scratch / "users.parquet",
+        _numbered_folders(scratch / "ranges"),
+    )
+
+
+def _split(scanned: UserRows, scratch: Path, groups: int) -> None:
+    rows = scanned.rows
+    valid = rows.filter(pl.col("reason").is_null())
+    kept = ["user_id", "row_number"] if scanned.integer_column else ["user_id", "row_number", "raw_value"]
+    group = (user_bucket_expr() * groups // BUCKET_MODULUS).alias("group")
+    sinks = [
+        valid.with_columns(scanned.raw_value.alias("raw_value"))
+        .select(*kept, group)
+        .sink_ipc(pl.PartitionBy(scratch / "groups", key="group", include_key=False), lazy=True, mkdir=True),
+        rows.filter(pl.col("reason").is_not_null())
+        .select("row_number", scanned.raw_value.alias("raw_value"), "reason")
+        .sink_ipc(scratch / "rejected.arrow", lazy=True),
+        valid.select("user_id").gather_every(SAMPLE_EVERY).sink_ipc(scratch / "sample.arrow", lazy=True),
+    ]
+    pl.collect_all(sinks, engine="streaming")
+
+
+def _deduplicate(
+    rows: pl.DataFrame, integer_column: bool, exclusions: pl.DataFrame | None
+) -> tuple[pl.DataFrame, pl.Series, pl.Series]:
+    """One group's (duplicate rows, sorted distinct kept ids, sorted excluded ids)."""
+    ids = rows["user_id"].sort()
+    first = (ids != ids.shift(1)).fill_null(True)
+    distinct = ids.filter(first)
+    repeated_ids = ids.filter(~first).unique()
+    if repeated_ids.len():
+        # The first row of an id stays; its later rows are duplicates, with the text the file had.
+        of_repeated = rows.filter(pl.col("user_id").is_in(repeated_ids.implode())).sort(["user_id", "row_number"])
+        raw = pl.col("user_id").cast(pl.String) if integer_column else pl.col("raw_value")
+        repeated = of_repeated.filter(pl.col("user_id") == pl.col("user_id").shift(1)).select(
+            "row_number", raw.alias("raw_value")
+        )
+    else:
+        repeated = pl.DataFrame(schema={"row_number": rows.schema["row_number"], "raw_value": pl.String})
+    left_out = distinct.clear()
+    if exclusions is not None:
+        hit = distinct.is_in(exclusions["user_id"].implode())
+        left_out = distinct.filter(hit)
+        distinct = distinct.filter(~hit)
+    return repeated, distinct, left_out
+
+
+def _range_cuts(sample_file: Path, ranges: int) -> list[int]:
+    """Ids at which to cut the sorted distinct ids into ``ranges`` ranges of about equal size."""
+    sample = pl.read_ipc(sample_file)["user_id"].unique().sort()
+    if ranges <= 1 or not sample.len():
+        return []
+    return sorted({int(sample[i * sample.len() // ranges]) for i in range(1, ranges)})
+
+
+def _write_quarantine(
+    scratch: Path, target: Path, source_file: str, quarantined: int, rows_read: int, rows_in_memory: int
+) -> None:
+    """Rejected and duplicate rows in row order, one row range at a time."""
+    pieces = [pl.scan_ipc(scratch / "rejected.arrow")]
+    if (scratch / "duplicates").exists():
+        pieces += [
+            pl.scan_ipc(path).with_columns(pl.lit("duplicate").alias("reason"))
+            for path in sorted((scratch / "duplicates").iterdir())
+        ]
+    steps = max(1, -(-quarantined // rows_in_memory))
+    width = -(-(rows_read + 1) // steps)
+    with schemas.ParquetStream("quarantine", target) as out:
+        for step in range(steps):
+            lo, hi = step * width, (step + 1) * width
+            part = (
+                pl.concat([piece.filter(pl.col("row_number").is_between(lo, hi, closed="left")) for piece in pieces])
+                .collect()
+                .sort("row_number")
+            )
+            out.write(
+                part.select(
+                    pl.lit(source_file).alias("source_file"),
+                    pl.col("row_number").cast(pl.Int64),
+                    pl.col("raw_value").cast(pl.String),
+                    pl.col("reason").cast(pl.String),
+                )
+            )
+
+
+def _numbered_folders(parent: Path) -> list[Path]:
+    """Sub-folders in number order: ``group=N`` from a partitioned sink, or zero-padded names."""
+    if not parent.exists():
+        return []
+    return sorted(parent.iterdir(), key=lambda folder: int(folder.name.rpartition("=")[2]))
+
+
+def _new_file(folder: Path, number: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{number:06d}.arrow"
+
+
+def _read(folder: Path) -> pl.DataFrame:
+    return pl.scan_ipc(sorted(folder.glob("*.*"))).collect()
+
+
+def _rows(folder: Path) -> int:
+    return int(pl.scan_ipc(sorted(folder.glob("*.*"))).select(pl.len()).collect().item())
