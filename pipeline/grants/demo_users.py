@@ -8,12 +8,13 @@ CSV also non-integers) exercise validation without tripping the 0.01 % limit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 from sqlalchemy.engine import make_url
 
 from pipeline import ledger, schemas, storage
@@ -21,6 +22,7 @@ from pipeline.config import Settings
 from pipeline.errors import ConfigError, EntitleError, LedgerError
 
 DEMO_USERS_MAX = 500_000_000
+SLICE_USERS = 50_000_000  # larger demo files are made and written this many users at a time
 FIRST_ID = 10_000_000
 RECENT_ID_BASE = 3_000_000_000
 RECENT_SHARE = 0.02
@@ -47,20 +49,48 @@ def write_demo_users(
 ) -> DemoUsers:
     """Write ``count`` distinct valid users plus a few bad rows to ``out`` (.parquet or .csv).
 
-    ``before_write`` sees the distinct valid user ids (column ``user_id``) before anything is
-    written, and may refuse by raising.
+    More than ``SLICE_USERS`` users are made and written slice by slice (each slice's ids
+    follow the previous slice's and are shuffled among themselves), so memory stays near one
+    slice.  ``before_write`` sees each slice's distinct valid user ids (column ``user_id``)
+    before it is written, and may refuse by raising; the file appears only when complete.
     """
     if not 1 <= count <= DEMO_USERS_MAX:
         raise ConfigError(f"--count {count} must be between 1 and {DEMO_USERS_MAX:,}")
     suffix = out.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise ConfigError(f"{out}: use a .parquet or .csv file name")
-    users = _valid_users(count, seed)
-    if before_write is not None:
-        before_write(users)
+    rows = bad_rows = duplicate_rows = 0
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with schemas.replaced_atomically(out) as temporary:
+            writer: pq.ParquetWriter | None = None
+            for number, (users, slice_seed) in enumerate(_valid_user_slices(count, seed)):
+                if before_write is not None:
+                    before_write(users)
+                frame, bad, duplicates = _with_bad_rows(users, suffix, slice_seed)
+                rows, bad_rows, duplicate_rows = rows + frame.height, bad_rows + bad, duplicate_rows + duplicates
+                if suffix == ".csv":
+                    with open(temporary, "ab") as handle:
+                        frame.write_csv(handle, include_header=number == 0)
+                elif count <= SLICE_USERS:
+                    frame.write_parquet(temporary)
+                else:
+                    table = frame.to_arrow()
+                    writer = writer or pq.ParquetWriter(temporary, table.schema, compression="zstd")
+                    writer.write_table(table)
+            if writer is not None:
+                writer.close()
+    except OSError as exc:  # a folder that is a file, no permission, a full disk
+        where = f": {exc.filename}" if exc.filename else ""
+        raise ConfigError(f"--out {out}: cannot write it ({exc.strerror or exc}{where})") from exc
+    return DemoUsers(str(out), rows, count, bad_rows, duplicate_rows)
+
+
+def _with_bad_rows(users: pl.DataFrame, suffix: str, seed: int) -> tuple[pl.DataFrame, int, int]:
+    """One slice's rows in file order, with its bad rows and duplicates; (rows, bad rows, duplicates)."""
     # Bad rows stay under 0.009 % of the file, below the default 0.01 % limit, so a demo file
     # passes validation (none below ~11,000 users); duplicates are always planted.
-    budget = count * BAD_ROWS_PER_100K // 100_000
+    budget = users.height * BAD_ROWS_PER_100K // 100_000
     kinds: list[int | str | None] = [None, 0, -7] + (["abc", "12.5"] if suffix == ".csv" else [])
     bad_values = [kinds[i % len(kinds)] for i in range(budget)]
     duplicates = users.head(max(3, budget))
@@ -71,29 +101,23 @@ def write_demo_users(
     else:
         bad = text.with_columns(pl.col("user_id").cast(pl.Int64))
         frame = pl.concat([users, duplicates, bad]).sample(fraction=1.0, shuffle=True, seed=seed + 3)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if suffix == ".csv":
-            frame.write_csv(out)
-        else:
-            frame.write_parquet(out)
-    except OSError as exc:  # a folder that is a file, no permission, a full disk
-        where = f": {exc.filename}" if exc.filename else ""
-        raise ConfigError(f"--out {out}: cannot write it ({exc.strerror or exc}{where})") from exc
-    rows, bad_rows = frame.height, len(bad_values)
-    return DemoUsers(str(out), rows, count, bad_rows, duplicates.height)
+    return frame, len(bad_values), duplicates.height
 
 
-def _valid_users(count: int, seed: int) -> pl.DataFrame:
-    """The ``count`` distinct valid ids of a demo file, in file order (column ``user_id``)."""
-    recent = int(count * RECENT_SHARE)
-    legacy = count - recent
-    gaps = _GAPS.sample(legacy, with_replacement=True, seed=seed)
-    legacy_ids = gaps.cum_sum() + FIRST_ID
-    recent_gaps = _GAPS.sample(recent, with_replacement=True, seed=seed + 1)
-    recent_ids = recent_gaps.cum_sum() + RECENT_ID_BASE
-    users = pl.concat([legacy_ids, recent_ids]).alias("user_id").to_frame()
-    return users.sample(fraction=1.0, shuffle=True, seed=seed + 2)
+def _valid_user_slices(count: int, seed: int) -> Iterator[tuple[pl.DataFrame, int]]:
+    """The ``count`` distinct valid ids of a demo file, slice by slice in file order, with each slice's seed."""
+    legacy_start, recent_start = FIRST_ID, RECENT_ID_BASE
+    for number, first in enumerate(range(0, count, SLICE_USERS)):
+        size = min(SLICE_USERS, count - first)
+        slice_seed = seed + 100 * number
+        recent = int(size * RECENT_SHARE)
+        legacy_ids = _GAPS.sample(size - recent, with_replacement=True, seed=slice_seed).cum_sum() + legacy_start
+        recent_gaps = _GAPS.sample(recent, with_replacement=True, seed=slice_seed + 1)
+        recent_ids = recent_gaps.cum_sum() + recent_start
+        legacy_start = int(legacy_ids[-1]) if legacy_ids.len() else legacy_start
+        recent_start = int(recent_ids[-1]) if recent_ids.len() else recent_start
+        users = pl.concat([legacy_ids, recent_ids]).alias("user_id").to_frame()
+        yield users.sample(fraction=1.0, shuffle=True, seed=slice_seed + 2), slice_seed
 
 
 def refuse_replacing_granted_users(settings: Settings, out: Path, users: pl.DataFrame) -> None:
