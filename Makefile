@@ -29,7 +29,7 @@ help:
 	@echo "make bench  - benchmark on BENCH_USERS=$(BENCH_USERS) users, backend BENCH_BACKEND=$(BENCH_BACKEND)"
 	@echo "make bench-airflow - the nightly run on BENCH_USERS users through Airflow's scheduler vs the CLI"
 	@echo "make airflow - Airflow UI + scheduler on http://127.0.0.1:8080 with this project's DAGs"
-	@echo "make scaleout-smoke - the DAG on $(SCALEOUT_USERS) users with PostgreSQL metadata, CeleryExecutor (Redis), separate processes"
+	@echo "make scaleout-smoke - the DAG on $(SCALEOUT_USERS) users on 3 Celery workers (Redis), PostgreSQL, S3 (moto); one worker killed mid-grant"
 	@echo "make issuer-service - the reference entitlement service on 127.0.0.1:$(ISSUER_PORT), store ISSUER_STORE (SQLite), tokens ISSUER_TOKENS"
 	@echo "make clean  - remove var/ (ledger, snapshots, Airflow metadata)"
 
@@ -114,9 +114,10 @@ test: lint
 	@bash ops/ensure_chromium.sh > /dev/null 2>&1 || echo "chromium unavailable: the browser tests will skip (see ops/ensure_chromium.sh)"
 	$(BIN)/pytest
 
-# Scale-out smoke test (README "Airflow in production"): api-server, scheduler, dag-processor and a
-# Celery worker as separate processes, PostgreSQL metadata and ledger, Redis broker; about 1.5 min.
-SCALEOUT_USERS ?= 100000
+# Scale-out smoke test (docs/how-to/scale-out.md): api-server, scheduler, dag-processor and three
+# Celery workers with their own empty homes as separate processes, PostgreSQL metadata and ledger,
+# Redis broker, partitions on moto's S3 server; one worker is killed mid-grant; 2 to 2.5 min.
+SCALEOUT_USERS ?= 1000000
 scaleout-smoke: venv
 	$(BIN)/python ops/scaleout_smoke.py --users $(SCALEOUT_USERS)
 

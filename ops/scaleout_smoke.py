@@ -1,24 +1,43 @@
-"""Scale-out smoke test: the nightly DAG on Airflow with PostgreSQL metadata and the CeleryExecutor.
+"""Scale-out smoke test: the nightly DAG on three Celery workers, one of them lost in the middle of the grant.
 
 Starts, on this machine, every process of a distributed Airflow deployment as a
 separate process — `airflow api-server`, `airflow scheduler`, `airflow
-dag-processor` and `airflow celery worker` — with PostgreSQL as Airflow's
-metadata database, Redis as the Celery broker and the PostgreSQL ledger; then
-grants N synthetic users through the DAG `entitlement_grant` and checks:
+dag-processor`, three `airflow celery worker`s and moto's S3 server — with
+PostgreSQL as Airflow's metadata database, Redis as the Celery broker, the
+PostgreSQL ledger, and the snapshots and partitions on S3 (ENTITLE_DATA_URI
+s3://entitle-smoke/data on the moto server; the user file is uploaded there
+too). Each worker has its own empty AIRFLOW_HOME and ENTITLE_HOME, its own log
+file, Celery host name (worker-N@host) and ENTITLE_WORKER_NAME (worker-N): the
+workers share nothing but S3 and the databases. It grants N synthetic users
+(default 1,000,000) through the DAG `entitlement_grant`, and while the grant
+tasks run it kills one worker with SIGKILL — the worker, its task supervisor and
+task process, as a lost machine — when the ledger shows it granting a partition
+('running' in partition_attempts). Then it checks:
 
-  * the DAG run ends in state success;
-  * every task instance of the run went through the Celery worker (its id is in
-    the worker's log, and Celery's result backend recorded a success for each);
+  * Airflow's scheduler finds the lost task instance (no heartbeat for
+    [scheduler] task_instance_heartbeat_timeout, looked for every
+    task_instance_heartbeat_timeout_detection_interval) and retries it on a
+    surviving worker; the times from the kill to the detection and to the
+    retry's start are printed;
+  * the DAG run ends in state success, and no task instance but the lost one
+    needed a second try;
+  * every task instance went through a Celery worker (its id in a worker's log,
+    a success in Celery's result backend for each);
   * `entitle reconcile --json` on the PostgreSQL ledger exits 0 with verdict
     RECONCILED and expected = ledger = matched = N x the campaign's items;
-  * `entitle summary --json` counts N live grants of every item.
+    `entitle summary --json` counts N live grants of every item;
+  * the ledger says which worker wrote which partition (partition_attempts.worker,
+    printed as a table): more than one worker did, and the partition the lost
+    worker was granting (its attempt left 'running') was granted by another;
+  * the partitions are on S3, and no worker's home holds a snapshot.
 
-Everything is configured by AIRFLOW__... environment variables on top of the
-project's airflow.cfg (printed to WORK_DIR/env.sh). Each run drops and recreates
-the PostgreSQL databases `entitle_smoke_airflow` (Airflow metadata and Celery
-results) and `entitle_smoke_ledger` (the ledger), flushes the Redis database of
-the broker URL, and uses WORK_DIR (default var/scaleout; never the project's
-var/airflow) for AIRFLOW_HOME, ENTITLE_HOME and the processes' logs.
+Everything is configured by AIRFLOW__... and ENTITLE_... environment variables on
+top of the project's airflow.cfg (the shared part printed to WORK_DIR/env.sh).
+Each run drops and recreates the PostgreSQL databases `entitle_smoke_airflow`
+(Airflow metadata and Celery results) and `entitle_smoke_ledger` (the ledger),
+flushes the Redis database of the broker URL, and uses WORK_DIR (default
+var/scaleout; never the project's var/airflow) for the homes and the processes'
+logs. The S3 server keeps its objects in memory: they go when it stops.
 
 All processes are stopped at the end (each in its own process group), also on a
 failure, Ctrl-C or SIGTERM, unless --keep leaves them running for inspection
@@ -27,8 +46,8 @@ failure, Ctrl-C or SIGTERM, unless --keep leaves them running for inspection
 they stay, and the tail of each process's log is printed.
 
 Exit codes: 0 the smoke passed; 1 it failed (or was interrupted); 2 bad usage or
-environment (PostgreSQL or Redis not answering, the Celery provider missing, the
-work dir in use or not this tool's).
+environment (PostgreSQL or Redis not answering, the Celery provider or moto
+missing, the work dir in use or not this tool's).
 
 Run with the project's virtualenv: `.venv/bin/python ops/scaleout_smoke.py`, or
 `make scaleout-smoke`.
@@ -40,6 +59,7 @@ import argparse
 import base64
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
@@ -61,13 +81,36 @@ from typing import IO, Any
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DAG_ID = "entitlement_grant"
+GRANT_TASK = "grant"
 POOL = "ledger_writers"
 MARKER_VAR = "ENTITLE_SCALEOUT_SMOKE_RUN"  # set in every process started here; the final sweep looks for it
 LOCK_NAME = ".scaleout-smoke.lock"  # also marks a work dir as this tool's (so its contents may be removed)
-PROCESS_NAMES = ("api-server", "scheduler", "dag-processor", "worker")
-WORK_ENTRIES = ("airflow", "entitle", "logs", "users.parquet", "env.sh", "pids.json")
+SERVICE_NAMES = ("s3", "api-server", "scheduler", "dag-processor")
+WORK_ENTRIES = ("airflow", "entitle", "workers", "logs", "users.parquet", "env.sh", "pids.json")
 DB_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 PARTITIONS_MAX = 1024
+WORKERS_MIN, WORKERS_MAX = 2, 8  # one is killed: at least one must survive
+
+# The object store: moto's S3 server on loopback. moto accepts any key pair; these only have to be set
+# (pyarrow's client would otherwise look for ~/.aws or an instance role).
+BUCKET = "entitle-smoke"
+DATA_PREFIX = "data"
+USERS_KEY = "incoming/users.parquet"
+S3_REGION = "us-east-1"
+S3_ACCESS_KEY, S3_SECRET_KEY = "smoke-access-key", "smoke-secret-key"
+
+# Lost-worker detection. The task supervisor heartbeats every [workers] min_heartbeat_interval (5 s,
+# Airflow's default); the scheduler fails a running task instance whose last heartbeat is older than
+# HEARTBEAT_TIMEOUT_S, looking every HEARTBEAT_CHECK_S. Production keeps Airflow's 300 s and 10 s.
+HEARTBEAT_TIMEOUT_S = 30
+HEARTBEAT_CHECK_S = 5
+RETRIES = 1  # the lost task instance's retry; the check allows no second try anywhere else
+RETRY_DELAY_S = 5  # the first retry waits 5-10 s (exponential backoff 2.0 with jitter, dags/entitle_airflow)
+
+KILL_AFTER_SHARE = 4  # the kill waits until a quarter of the partitions are granted: the middle of the grant
+FREEZE_SETTLE_S = 0.5  # a frozen worker's last statement (a COMMIT already sent) lands within this
+KILL_POLL_S = 0.2
+DETECTION_SLACK_S = 120.0  # beyond the heartbeat timeout, before "not detected" fails the smoke
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -93,9 +136,10 @@ class Interrupted(Exception):
 class SmokeConfig:
     """What one smoke run uses; everything else is derived from it."""
 
-    users: int = 100_000
-    partitions: int = 8
-    concurrency: int = 2
+    users: int = 1_000_000
+    partitions: int = 12
+    workers: int = 3
+    concurrency: int = 1
     pool_slots: int = 4
     timeout_s: float = 900.0
     postgres: str = "postgresql+psycopg://postgres@127.0.0.1:5432"
@@ -109,10 +153,12 @@ class SmokeConfig:
 
     @property
     def airflow_home(self) -> Path:
+        """AIRFLOW_HOME of the api-server, scheduler, dag-processor and the commands run here."""
         return self.work_dir / "airflow"
 
     @property
     def entitle_home(self) -> Path:
+        """ENTITLE_HOME of the services and of the `entitle` commands run here (not the workers')."""
         return self.work_dir / "entitle"
 
     @property
@@ -122,6 +168,22 @@ class SmokeConfig:
     @property
     def users_file(self) -> Path:
         return self.work_dir / "users.parquet"
+
+    @property
+    def worker_names(self) -> tuple[str, ...]:
+        return tuple(f"worker-{n}" for n in range(1, self.workers + 1))
+
+    def worker_home(self, name: str) -> Path:
+        """The folder of one worker's own AIRFLOW_HOME and ENTITLE_HOME (empty at its start)."""
+        return self.work_dir / "workers" / name
+
+    @property
+    def data_uri(self) -> str:
+        return f"s3://{BUCKET}/{DATA_PREFIX}"
+
+    @property
+    def users_uri(self) -> str:
+        return f"s3://{BUCKET}/{USERS_KEY}"
 
     def db_url(self, database: str) -> str:
         """SQLAlchemy URL (psycopg 3 driver) of one database on the configured server."""
@@ -158,7 +220,12 @@ class Secrets:
 @dataclass(frozen=True)
 class Ports:
     api: int
-    worker_logs: int
+    s3: int
+    worker_logs: tuple[int, ...]  # each worker's log server (they share one host here)
+
+    @classmethod
+    def free(cls, workers: int) -> Ports:
+        return cls(api=free_port(), s3=free_port(), worker_logs=tuple(free_port() for _ in range(workers)))
 
 
 def build_environment(
@@ -166,11 +233,12 @@ def build_environment(
 ) -> dict[str, str]:
     """The environment of every process of the deployment (and of the `airflow`/`entitle` commands run here).
 
-    Starts from ``base_env`` (default ``os.environ``) without any AIRFLOW* or ENTITLE_* variable, so
-    nothing of the caller's Airflow (the Makefile exports var/airflow) or ledger leaks in.
+    Starts from ``base_env`` (default ``os.environ``) without any AIRFLOW*, ENTITLE_* or AWS_* variable, so
+    nothing of the caller's Airflow (the Makefile exports var/airflow), ledger or cloud account leaks in.
+    The workers add their own homes on top: :func:`worker_environment`.
     """
     base = os.environ if base_env is None else base_env
-    env = {k: v for k, v in base.items() if not k.startswith(("AIRFLOW", "ENTITLE_"))}
+    env = {k: v for k, v in base.items() if not k.startswith(("AIRFLOW", "ENTITLE_", "AWS_"))}
     metadata_url = cfg.db_url(cfg.airflow_db)
     api_url = f"http://127.0.0.1:{ports.api}"
     env.update(
@@ -199,29 +267,59 @@ def build_environment(
             "AIRFLOW__API__SECRET_KEY": keys.api_secret_key,
             "AIRFLOW__API_AUTH__JWT_SECRET": keys.jwt_secret,
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(cfg.airflow_home / "logs"),
-            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(ports.worker_logs),
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(ports.worker_logs[0]),
             # Only the triggered run: no scheduled run of the nightly schedule competes with it.
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-            # The pipeline, in the tasks on the worker.
+            # A lost worker's task instance is failed after HEARTBEAT_TIMEOUT_S without a heartbeat, then
+            # retried once; no other task instance may need that retry (checked after the run).
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT_S),
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": str(HEARTBEAT_CHECK_S),
+            "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": str(RETRIES),
+            "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": str(RETRY_DELAY_S),
+            # The pipeline, in the tasks on the workers: ledger on PostgreSQL, snapshots and partitions on S3.
             "ENTITLE_HOME": str(cfg.entitle_home),
             "ENTITLE_LEDGER_URL": cfg.db_url(cfg.ledger_db),
             "ENTITLE_PARTITIONS": str(cfg.partitions),
-            "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "0",  # a smoke test that passes on a retry hides a fault
+            "ENTITLE_DATA_URI": cfg.data_uri,
+            "ENTITLE_S3_ENDPOINT_URL": f"http://127.0.0.1:{ports.s3}",
+            "AWS_REGION": S3_REGION,
+            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
             MARKER_VAR: keys.marker,
         }
     )
     return env
 
 
-def process_commands(cfg: SmokeConfig) -> dict[str, list[str]]:
-    """The four long-running processes of the deployment."""
-    airflow = str(cfg.bin_dir / "airflow")
+def worker_environment(cfg: SmokeConfig, ports: Ports, env: Mapping[str, str], name: str) -> dict[str, str]:
+    """One Celery worker's environment: the deployment's, with its own homes, log folder, log port and name."""
+    index = cfg.worker_names.index(name)
+    home = cfg.worker_home(name)
     return {
+        **env,
+        "AIRFLOW_HOME": str(home / "airflow"),
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "airflow" / "logs"),
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(ports.worker_logs[index]),
+        "ENTITLE_HOME": str(home / "entitle"),
+        "ENTITLE_WORKER_NAME": name,
+    }
+
+
+def process_commands(cfg: SmokeConfig, ports: Ports) -> dict[str, list[str]]:
+    """The long-running processes of the deployment: the S3 server, the three services, the workers."""
+    airflow = str(cfg.bin_dir / "airflow")
+    commands = {
+        "s3": [str(cfg.bin_dir / "moto_server"), "--host", "127.0.0.1", "--port", str(ports.s3)],
         "api-server": [airflow, "api-server", "--workers", "1"],
         "scheduler": [airflow, "scheduler", "--skip-serve-logs"],
         "dag-processor": [airflow, "dag-processor"],
-        "worker": [airflow, "celery", "worker", "--concurrency", str(cfg.concurrency), "--without-mingle"],
     }
+    for name in cfg.worker_names:
+        commands[name] = [
+            *(airflow, "celery", "worker", "--concurrency", str(cfg.concurrency)),
+            *("--celery-hostname", f"{name}@%h", "--without-mingle"),
+        ]
+    return commands
 
 
 def free_port() -> int:
@@ -266,7 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--partitions", type=_positive_int, default=d.partitions, help=f"ENTITLE_PARTITIONS (default {d.partitions})"
     )
     parser.add_argument(
-        "--concurrency", type=_positive_int, default=d.concurrency, help="Celery worker processes (default 2)"
+        "--workers",
+        type=_positive_int,
+        default=d.workers,
+        help=f"Celery workers, one of them killed ({WORKERS_MIN}-{WORKERS_MAX}, default {d.workers})",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=d.concurrency,
+        help=f"task processes of each Celery worker (default {d.concurrency})",
     )
     parser.add_argument(
         "--pool-slots", type=_positive_int, default=d.pool_slots, help=f"slots of the {POOL} pool (default 4)"
@@ -286,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--broker", default=d.broker_url, help=f"Celery broker, a Redis URL; its database is flushed ({d.broker_url})"
     )
-    parser.add_argument("--work-dir", type=Path, default=d.work_dir, help="AIRFLOW_HOME, ENTITLE_HOME and logs")
+    parser.add_argument("--work-dir", type=Path, default=d.work_dir, help="the homes and the logs of every process")
     parser.add_argument("--keep", action="store_true", help="leave the processes running and the work dir for a look")
     parser.add_argument("--stop", action="store_true", help="only stop the processes a --keep run left, then exit")
     parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout (progress on stderr)")
@@ -297,6 +404,14 @@ def config_from_args(args: argparse.Namespace) -> SmokeConfig:
     """Validate what argparse cannot; raises EnvironmentProblem (exit 2)."""
     if args.partitions > PARTITIONS_MAX:
         raise EnvironmentProblem(f"--partitions {args.partitions}: at most {PARTITIONS_MAX}")
+    if not WORKERS_MIN <= args.workers <= WORKERS_MAX:
+        raise EnvironmentProblem(
+            f"--workers {args.workers}: {WORKERS_MIN} to {WORKERS_MAX} (one is killed, another must take over)"
+        )
+    if args.partitions < args.workers:
+        raise EnvironmentProblem(
+            f"--partitions {args.partitions}: at least one per worker ({args.workers}), so that several grant"
+        )
     if not args.broker.startswith("redis://"):
         raise EnvironmentProblem(f"--broker {args.broker!r}: this smoke test uses a Redis broker (redis://...)")
     from sqlalchemy.engine import make_url
@@ -314,6 +429,7 @@ def config_from_args(args: argparse.Namespace) -> SmokeConfig:
     return SmokeConfig(
         users=args.users,
         partitions=args.partitions,
+        workers=args.workers,
         concurrency=args.concurrency,
         pool_slots=args.pool_slots,
         timeout_s=args.timeout,
@@ -360,16 +476,17 @@ class Deployment:
     env: dict[str, str]
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     log_files: dict[str, IO[bytes]] = field(default_factory=dict)
+    killed: set[str] = field(default_factory=set)  # killed on purpose: not a failure when found dead
 
     def log_path(self, name: str) -> Path:
         return self.cfg.logs_dir / f"{name}.log"
 
-    def start(self, name: str, command: list[str]) -> None:
+    def start(self, name: str, command: list[str], env: Mapping[str, str] | None = None) -> None:
         handle = open(self.log_path(name), "ab")  # noqa: SIM115 - closed in stop()
         self.log_files[name] = handle
         self.processes[name] = subprocess.Popen(
             command,
-            env=self.env,
+            env=dict(self.env if env is None else env),
             cwd=self.cfg.work_dir,
             stdin=subprocess.DEVNULL,
             stdout=handle,
@@ -380,7 +497,7 @@ class Deployment:
     def check_alive(self) -> None:
         for name, proc in self.processes.items():
             code = proc.poll()
-            if code is not None:
+            if code is not None and name not in self.killed:
                 raise SmokeFailed(f"the {name} process exited with code {code} (log: {self.log_path(name)})")
 
     def write_pids(self) -> None:
@@ -410,6 +527,44 @@ class Deployment:
             handle.close()
         self.processes.clear()
         self.log_files.clear()
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it (Airflow's task processes have process groups of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rpartition(")")[2].split()[1])  # "pid (comm) state ppid ...": comm may hold spaces
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def freeze_tree(root: int) -> list[int]:
+    """SIGSTOP ``root`` and all its descendants (again for any forked meanwhile); the frozen pids."""
+    frozen: list[int] = []
+    for _ in range(5):
+        new = [pid for pid in process_tree(root) if pid not in frozen]
+        if not new:
+            break
+        signal_all(new, signal.SIGSTOP)
+        frozen.extend(new)
+    return frozen
 
 
 def marked_pids(marker: str) -> list[int]:
@@ -495,15 +650,14 @@ def check_prerequisites(cfg: SmokeConfig) -> None:
     """Everything the run needs that this tool does not start; raises EnvironmentProblem."""
     from importlib import metadata
 
-    for tool in ("airflow", "entitle"):
+    for tool in ("airflow", "entitle", "moto_server"):
         if not (cfg.bin_dir / tool).exists():
             raise EnvironmentProblem(f"{cfg.bin_dir / tool} is missing: run `make venv` and use .venv/bin/python")
-    try:
-        metadata.version("apache-airflow-providers-celery")
-    except metadata.PackageNotFoundError as exc:
-        raise EnvironmentProblem(
-            "apache-airflow-providers-celery is not installed in this virtualenv: `make venv` installs it"
-        ) from exc
+    for package in ("apache-airflow-providers-celery", "moto", "boto3"):
+        try:
+            metadata.version(package)
+        except metadata.PackageNotFoundError as exc:
+            raise EnvironmentProblem(f"{package} is not installed in this virtualenv: `make venv` installs it") from exc
     import psycopg
 
     try:
@@ -595,6 +749,33 @@ def metadata_query(cfg: SmokeConfig, sql: str, params: tuple[Any, ...] = ()) -> 
         return list(conn.execute(sql, params).fetchall())
 
 
+def partition_attempts(cfg: SmokeConfig) -> list[dict[str, Any]]:
+    """Every row of the ledger's partition_attempts (none before the first task created the schema)."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(cfg.libpq_url(cfg.ledger_db), connect_timeout=5, row_factory=dict_row) as conn:
+        exists = conn.execute("SELECT to_regclass('partition_attempts') IS NOT NULL AS found").fetchone()
+        if not exists or not exists["found"]:
+            return []
+        return list(
+            conn.execute(
+                "SELECT attempt_key, snapshot_id, partition_id, status, worker, started_at, finished_at, written "
+                "FROM partition_attempts ORDER BY attempt_key"
+            ).fetchall()
+        )
+
+
+def worker_name(attempt: Mapping[str, Any]) -> str:
+    """The ENTITLE_WORKER_NAME part of an attempt's worker ("worker-2:12345" -> "worker-2")."""
+    return str(attempt.get("worker") or "").rpartition(":")[0]
+
+
+def worker_pid(attempt: Mapping[str, Any]) -> int | None:
+    text = str(attempt.get("worker") or "").rpartition(":")[2]
+    return int(text) if text.isdigit() else None
+
+
 def run_command(
     command: list[str], env: Mapping[str, str], timeout_s: float, what: str, *, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -640,8 +821,39 @@ def dag_parsed(cfg: SmokeConfig) -> bool:
     return bool(rows and rows[0][0])
 
 
-def worker_ready(deployment: Deployment) -> bool:
-    return " ready." in deployment.log_path("worker").read_text(errors="replace")
+def worker_ready(deployment: Deployment, name: str) -> bool:
+    return " ready." in deployment.log_path(name).read_text(errors="replace")
+
+
+def s3_client(ports: Ports) -> Any:
+    """A boto3 client on the moto server: this tool's own view of the bucket."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{ports.s3}",
+        aws_access_key_id=S3_ACCESS_KEY,
+        aws_secret_access_key=S3_SECRET_KEY,
+        region_name=S3_REGION,
+    )
+
+
+def create_bucket(ports: Ports) -> bool:
+    """Create the bucket once the S3 server answers; False while it does not."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        s3_client(ports).create_bucket(Bucket=BUCKET)
+    except (BotoCoreError, ClientError, OSError):
+        return False
+    return True
+
+
+def s3_keys(ports: Ports, prefix: str) -> list[str]:
+    paginator = s3_client(ports).get_paginator("list_objects_v2")
+    return [
+        item["Key"] for page in paginator.paginate(Bucket=BUCKET, Prefix=prefix) for item in page.get("Contents", [])
+    ]
 
 
 # --------------------------------------------------------------------------- the run
@@ -650,22 +862,178 @@ def worker_ready(deployment: Deployment) -> bool:
 def task_instances(cfg: SmokeConfig, run_id: str) -> list[dict[str, Any]]:
     rows = metadata_query(
         cfg,
-        "SELECT id, task_id, map_index, state, hostname, queue, try_number, pid FROM task_instance "
-        "WHERE dag_id = %s AND run_id = %s ORDER BY task_id, map_index",
+        "SELECT id, task_id, map_index, state, hostname, queue, try_number, pid, rendered_map_index "
+        "FROM task_instance WHERE dag_id = %s AND run_id = %s ORDER BY task_id, map_index",
         (DAG_ID, run_id),
     )
-    keys = ("id", "task_id", "map_index", "state", "hostname", "queue", "try_number", "pid")
+    keys = ("id", "task_id", "map_index", "state", "hostname", "queue", "try_number", "pid", "label")
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
-def wait_for_run(cfg: SmokeConfig, deployment: Deployment, run_id: str, rep: Reporter) -> str:
-    """Poll the run until success or failed (or the timeout); prints progress; returns the final state."""
+def run_state(cfg: SmokeConfig, run_id: str) -> str:
+    rows = metadata_query(cfg, "SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s", (DAG_ID, run_id))
+    return str(rows[0][0]) if rows else "missing"
+
+
+def partition_label(partition_id: int) -> str:
+    return f"part-{partition_id:04d}"  # as pipeline.grants.partitioning labels it (the grant task's map index)
+
+
+@dataclass
+class Kill:
+    """The worker killed in the middle of the grant, and what Airflow did about it."""
+
+    worker: str
+    partition_id: int
+    attempt_key: int
+    task_pid: int
+    pids: list[int]
+    map_index: int
+    try_number: int
+    killed_at: float  # time.monotonic()
+    granted_before: int  # partitions done when the worker was killed
+    detected_s: float | None = None  # kill -> the task instance left 'running' (heartbeat timeout)
+    detected_state: str | None = None
+    retry_started_s: float | None = None  # kill -> its next try running on another worker
+    retry_worker: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "worker": self.worker,
+            "partition": partition_label(self.partition_id),
+            "attempt_key": self.attempt_key,
+            "task_pid": self.task_pid,
+            "processes_killed": len(self.pids),
+            "partitions_done_before": self.granted_before,
+            "detected_s": self.detected_s,
+            "detected_state": self.detected_state,
+            "retry_started_s": self.retry_started_s,
+            "retry_worker": self.retry_worker,
+            "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S,
+            "detection_interval_s": HEARTBEAT_CHECK_S,
+        }
+
+
+def kill_mid_grant(cfg: SmokeConfig, deployment: Deployment, run_id: str, rep: Reporter) -> Kill:
+    """SIGKILL a worker while the ledger shows it granting a partition, once a quarter of them are granted.
+
+    The worker is frozen (SIGSTOP, its whole process tree) first, and its attempt read again:
+    one that committed meanwhile is let go (SIGCONT) and the next is waited for, so that the
+    killed attempt is one the worker can never finish.
+    """
     deadline = time.monotonic() + cfg.timeout_s
+    granted_first = max(1, cfg.partitions // KILL_AFTER_SHARE)
+    passed_over: set[int] = set()
+    while True:
+        deployment.check_alive()
+        state = run_state(cfg, run_id)
+        if state in ("success", "failed"):
+            raise SmokeFailed(
+                f"the DAG run ended {state} before a worker could be killed in the middle of the grant; "
+                "give it more --users or --partitions"
+            )
+        if time.monotonic() > deadline:
+            raise SmokeFailed(f"no worker was granting a partition within {cfg.timeout_s:.0f} s of the trigger")
+        attempts = partition_attempts(cfg)
+        done = {a["partition_id"] for a in attempts if a["status"] == "done"}
+        running = [
+            a
+            for a in attempts
+            if a["status"] == "running"
+            and worker_name(a) in deployment.processes
+            and a["attempt_key"] not in passed_over
+        ]
+        if len(done) < granted_first or not running:
+            time.sleep(KILL_POLL_S)
+            continue
+        # Rather a worker that granted a partition already (the ledger then shows it among the writers too);
+        # any worker once half of the partitions are granted.
+        proven = {worker_name(a) for a in attempts if a["status"] == "done"}
+        candidates = [a for a in running if worker_name(a) in proven]
+        if not candidates and len(done) < max(granted_first, cfg.partitions // 2):
+            time.sleep(KILL_POLL_S)
+            continue
+        target = (candidates or running)[-1]  # the latest to start: the most of its work still ahead
+        name, task_pid = worker_name(target), worker_pid(target)
+        frozen = freeze_tree(deployment.processes[name].pid)
+        time.sleep(FREEZE_SETTLE_S)
+        now = {a["attempt_key"]: a for a in partition_attempts(cfg)}
+        if now[target["attempt_key"]]["status"] != "running":
+            signal_all(frozen, signal.SIGCONT)
+            passed_over.add(target["attempt_key"])
+            rep.say(
+                f"{name} finished {partition_label(target['partition_id'])} while being frozen; waiting for another"
+            )
+            continue
+        if task_pid not in frozen:
+            signal_all(frozen, signal.SIGCONT)
+            raise SmokeFailed(
+                f"attempt {target['attempt_key']} names worker {target['worker']!r}, but pid {task_pid} is not "
+                f"a process of {name} (pids {sorted(frozen)}): the ledger's worker column is wrong"
+            )
+        label = partition_label(target["partition_id"])
+        tis = [t for t in task_instances(cfg, run_id) if t["task_id"] == GRANT_TASK and t["state"] == "running"]
+        matching = [t for t in tis if t["pid"] == task_pid] or [t for t in tis if t["label"] == label]
+        if not matching:
+            signal_all(frozen, signal.SIGCONT)
+            raise SmokeFailed(f"no running task instance of {GRANT_TASK} has pid {task_pid} or label {label}")
+        signal_all(frozen, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(deployment.processes[name].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        deployment.killed.add(name)
+        deployment.processes[name].wait(timeout=30)
+        rep.say(
+            f"SIGKILL {name} ({len(frozen)} processes) while it granted {label} (attempt {target['attempt_key']}, "
+            f"task pid {task_pid}, try {matching[0]['try_number']}); {len(done)} of {cfg.partitions} partitions done"
+        )
+        return Kill(
+            worker=name,
+            partition_id=int(target["partition_id"]),
+            attempt_key=int(target["attempt_key"]),
+            task_pid=task_pid,
+            pids=sorted(frozen),
+            map_index=int(matching[0]["map_index"]),
+            try_number=int(matching[0]["try_number"]),
+            killed_at=killed_at,
+            granted_before=len(done),
+        )
+
+
+def watch_recovery(cfg: SmokeConfig, deployment: Deployment, run_id: str, kill: Kill, rep: Reporter) -> None:
+    """Time Airflow's detection of the lost task instance and the start of its retry (fills ``kill``)."""
+    deadline = kill.killed_at + HEARTBEAT_TIMEOUT_S + DETECTION_SLACK_S + RETRY_DELAY_S * 2
+    while kill.retry_started_s is None:
+        deployment.check_alive()
+        rows = metadata_query(
+            cfg,
+            "SELECT state, try_number, pid FROM task_instance "
+            "WHERE dag_id = %s AND run_id = %s AND task_id = %s AND map_index = %s",
+            (DAG_ID, run_id, GRANT_TASK, kill.map_index),
+        )
+        state, try_number, pid = rows[0] if rows else ("missing", kill.try_number, None)
+        elapsed = time.monotonic() - kill.killed_at
+        if kill.detected_s is None and (state != "running" or try_number > kill.try_number):
+            kill.detected_s, kill.detected_state = round(elapsed, 1), str(state)
+            rep.say(f"the scheduler marked the lost task instance {state} {elapsed:.1f} s after the kill")
+        if try_number > kill.try_number and state in ("running", "success"):
+            kill.retry_started_s = round(elapsed, 1)
+            rep.say(f"its try {try_number} started {elapsed:.1f} s after the kill (task pid {pid})")
+        if time.monotonic() > deadline:
+            what = "retried" if kill.detected_s is not None else "detected"
+            raise SmokeFailed(
+                f"the task instance lost with {kill.worker} was not {what} within {elapsed:.0f} s of the kill "
+                f"(state {state}, try {try_number}; heartbeat timeout {HEARTBEAT_TIMEOUT_S} s)"
+            )
+        time.sleep(0.5)
+
+
+def wait_for_run(cfg: SmokeConfig, deployment: Deployment, run_id: str, rep: Reporter, deadline: float) -> str:
+    """Poll the run until success or failed (or the deadline); prints progress; returns the final state."""
     last_line, last_print = "", 0.0
     while True:
         deployment.check_alive()
-        rows = metadata_query(cfg, "SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s", (DAG_ID, run_id))
-        state = str(rows[0][0]) if rows else "missing"
+        state = run_state(cfg, run_id)
         counts: dict[str, int] = {}
         for ti in task_instances(cfg, run_id):
             key = str(ti["state"] or "none")
@@ -681,12 +1049,29 @@ def wait_for_run(cfg: SmokeConfig, deployment: Deployment, run_id: str, rep: Rep
         time.sleep(2)
 
 
+def check_tries(tis: list[dict[str, Any]], kill: Kill) -> None:
+    """The lost task instance took one more try; every other one succeeded on its first."""
+    lost = [t for t in tis if t["task_id"] == GRANT_TASK and t["map_index"] == kill.map_index]
+    if not lost or lost[0]["try_number"] != kill.try_number + 1:
+        raise SmokeFailed(
+            f"the lost task instance {GRANT_TASK}[{kill.map_index}]: {lost}; want try {kill.try_number + 1}"
+        )
+    retried = [
+        f"{t['task_id']}[{t['map_index']}] try {t['try_number']}"
+        for t in tis
+        if t["try_number"] != 1 and not (t["task_id"] == GRANT_TASK and t["map_index"] == kill.map_index)
+    ]
+    if retried:
+        raise SmokeFailed(f"task instances that needed a retry although their worker lived: {', '.join(retried)}")
+
+
 def check_celery(cfg: SmokeConfig, deployment: Deployment, tis: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every task instance went through the Celery worker: its id in the worker log, a SUCCESS in the backend."""
-    worker_log = deployment.log_path("worker").read_text(errors="replace")
-    not_in_log = [f"{t['task_id']}[{t['map_index']}]" for t in tis if str(t["id"]) not in worker_log]
+    """Every task instance went through a Celery worker: its id in a worker's log, a SUCCESS in the backend."""
+    worker_logs = {name: deployment.log_path(name).read_text(errors="replace") for name in cfg.worker_names}
+    ran_on = {str(t["id"]): [n for n, text in worker_logs.items() if str(t["id"]) in text] for t in tis}
+    not_in_log = [f"{t['task_id']}[{t['map_index']}]" for t in tis if not ran_on[str(t["id"])]]
     if not_in_log:
-        raise SmokeFailed(f"task instances not run by the Celery worker (not in its log): {', '.join(not_in_log)}")
+        raise SmokeFailed(f"task instances not run by a Celery worker (in no worker's log): {', '.join(not_in_log)}")
     # The worker stores a task's result just after the task instance reported its state (and the run
     # may already be success): give the last results a moment.
     deadline = time.monotonic() + 30
@@ -704,10 +1089,11 @@ def check_celery(cfg: SmokeConfig, deployment: Deployment, tis: list[dict[str, A
     bad_queue = sorted({str(t["queue"]) for t in tis if t["queue"] != "default"})
     if bad_queue:
         raise SmokeFailed(f"task instances in unexpected queues: {bad_queue}")
+    per_worker = {name: sum(1 for names in ran_on.values() if name in names) for name in cfg.worker_names}
     return {
-        "task_instances_in_worker_log": len(tis),
+        "task_instances_in_worker_logs": len(tis),
+        "task_instances_per_worker_log": per_worker,
         "result_backend": {str(k): int(v) for k, v in statuses.items()},
-        "hostnames": sorted({str(t["hostname"]) for t in tis}),
         "queues": sorted({str(t["queue"]) for t in tis}),
     }
 
@@ -759,6 +1145,72 @@ def check_ledger(cfg: SmokeConfig, env: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
+def check_workers(cfg: SmokeConfig, kill: Kill, say: Say) -> dict[str, Any]:
+    """From the ledger: which worker granted which partition; several did, and the lost partition was taken over."""
+    attempts = partition_attempts(cfg)
+    by_partition: dict[int, list[dict[str, Any]]] = {}
+    for attempt in attempts:
+        by_partition.setdefault(int(attempt["partition_id"]), []).append(attempt)
+    granted_by: dict[int, str] = {}
+    for partition_id, tried in by_partition.items():
+        done = [a for a in tried if a["status"] == "done"]
+        if done:
+            granted_by[partition_id] = worker_name(done[-1])
+    rows = [
+        f"  {partition_label(p):<10} {granted_by.get(p, '-'):<10} "
+        + ", ".join(f"{worker_name(a) or '?'} {a['status']}" for a in by_partition[p])
+        for p in sorted(by_partition)
+    ]
+    say("partition  granted by attempts (in order)\n" + "\n".join(rows))
+    problems = []
+    missing = sorted(set(range(cfg.partitions)) - set(granted_by))
+    if missing:
+        problems.append(f"partitions without a done attempt: {', '.join(partition_label(p) for p in missing)}")
+    unnamed = [a["attempt_key"] for a in attempts if worker_name(a) not in cfg.worker_names]
+    if unnamed:
+        problems.append(f"attempts whose worker is not one of {', '.join(cfg.worker_names)}: {unnamed}")
+    writers = sorted(set(granted_by.values()))
+    if len(writers) < 2:
+        problems.append(f"only {writers} granted partitions: the work did not spread over several workers")
+    lost = next((a for a in attempts if a["attempt_key"] == kill.attempt_key), None)
+    taken_over = [
+        a
+        for a in by_partition.get(kill.partition_id, [])
+        if a["attempt_key"] > kill.attempt_key and a["status"] == "done" and worker_name(a) != kill.worker
+    ]
+    if lost is None or lost["status"] != "running" or worker_name(lost) != kill.worker:
+        problems.append(f"the killed attempt {kill.attempt_key} should be {kill.worker}'s and still 'running': {lost}")
+    if not taken_over:
+        problems.append(
+            f"{partition_label(kill.partition_id)}, lost with {kill.worker}, was not granted by another worker"
+        )
+    if problems:
+        raise SmokeFailed("the workers check failed: " + "; ".join(problems))
+    kill.retry_worker = worker_name(taken_over[0])
+    per_worker = {name: sum(1 for w in granted_by.values() if w == name) for name in cfg.worker_names}
+    return {
+        "granted_by": {partition_label(p): w for p, w in sorted(granted_by.items())},
+        "partitions_per_worker": per_worker,
+        "attempts": len(attempts),
+        "lost_partition_granted_by": kill.retry_worker,
+    }
+
+
+def check_storage(cfg: SmokeConfig, ports: Ports) -> dict[str, Any]:
+    """The snapshot and its partitions are on S3; no worker's own home holds any of them."""
+    keys = s3_keys(ports, f"{DATA_PREFIX}/")
+    parts = [k for k in keys if re.search(rf"/partitions-{cfg.partitions:04d}/part-\d{{4}}\.parquet$", k)]
+    problems = []
+    if len(parts) != cfg.partitions:
+        problems.append(f"{len(parts)} partition files under {cfg.data_uri}, want {cfg.partitions}")
+    local = [str(p) for name in cfg.worker_names for p in cfg.worker_home(name).rglob("snapshots")]
+    if local:
+        problems.append(f"snapshots in a worker's local home: {', '.join(local)}")
+    if problems:
+        raise SmokeFailed("the storage check failed: " + "; ".join(problems))
+    return {"objects": len(keys), "partition_files": len(parts), "data_uri": cfg.data_uri}
+
+
 def check_work_dir(cfg: SmokeConfig) -> None:
     """Only an empty folder, or one this tool made (it holds the lock file), is used: its contents are removed."""
     work = cfg.work_dir
@@ -779,7 +1231,8 @@ def prepare_work_dir(cfg: SmokeConfig, rep: Reporter) -> IO[str]:
         raise EnvironmentProblem(f"another scale-out smoke test is running in {work}") from exc
     stop_kept(work, rep.say)
     clear_work_dir(cfg)
-    for path in (cfg.airflow_home, cfg.entitle_home, cfg.logs_dir):
+    homes = [cfg.worker_home(n) / sub for n in cfg.worker_names for sub in ("airflow", "entitle")]
+    for path in (cfg.airflow_home, cfg.entitle_home, cfg.logs_dir, *homes):
         path.mkdir(parents=True)
     return lock
 
@@ -796,7 +1249,8 @@ def clear_work_dir(cfg: SmokeConfig) -> None:
 def write_env_file(cfg: SmokeConfig, env: Mapping[str, str]) -> Path:
     """WORK_DIR/env.sh: `. var/scaleout/env.sh` gives a shell the deployment's airflow and entitle settings."""
     path = cfg.work_dir / "env.sh"
-    lines = [f"export {k}={_shell_quote(v)}" for k, v in sorted(env.items()) if k.startswith(("AIRFLOW", "ENTITLE_"))]
+    shared = ("AIRFLOW", "ENTITLE_", "AWS_")
+    lines = [f"export {k}={_shell_quote(v)}" for k, v in sorted(env.items()) if k.startswith(shared)]
     lines.append(f'export PATH={_shell_quote(str(cfg.bin_dir))}:"$PATH"')
     path.write_text("# the scale-out smoke deployment's settings (secrets: keep private)\n" + "\n".join(lines) + "\n")
     path.chmod(0o600)
@@ -814,7 +1268,7 @@ def smoke(cfg: SmokeConfig, rep: Reporter, outcome: dict[str, Any]) -> None:
         check_prerequisites(cfg)
         lock = prepare_work_dir(cfg, rep)
     keys = Secrets.generate()
-    ports = Ports(api=free_port(), worker_logs=free_port())
+    ports = Ports.free(cfg.workers)
     env = build_environment(cfg, ports, keys)
     deployment = Deployment(cfg, env)
     outcome.update(
@@ -824,9 +1278,12 @@ def smoke(cfg: SmokeConfig, rep: Reporter, outcome: dict[str, Any]) -> None:
     failed_logs: list[Path] = []
     try:
         write_env_file(cfg, env)
-        with rep.phase("databases"):
+        commands = process_commands(cfg, ports)
+        with rep.phase("databases, S3 server"):
             recreate_databases(cfg, rep.say)
             flush_broker(cfg)
+            deployment.start("s3", commands.pop("s3"))
+            wait_until(lambda: create_bucket(ports), 60, f"the S3 server on port {ports.s3}", deployment)
         with rep.phase("airflow db migrate"):
             run_command([str(cfg.bin_dir / "airflow"), "db", "migrate"], env, 600, "airflow db migrate")
             run_command(
@@ -835,61 +1292,80 @@ def smoke(cfg: SmokeConfig, rep: Reporter, outcome: dict[str, Any]) -> None:
                 120,
                 "airflow pools set",
             )
-        with rep.phase(f"demo users ({cfg.users:,})"):
+        with rep.phase(f"demo users ({cfg.users:,}, to S3)"):
             run_command(
                 [str(cfg.bin_dir / "entitle"), "demo-users", "--count", str(cfg.users), "--out", str(cfg.users_file)],
                 env,
                 300,
                 "entitle demo-users",
             )
-        with rep.phase("start api-server, scheduler, dag-processor, celery worker"):
-            for name, command in process_commands(cfg).items():
-                deployment.start(name, command)
+            s3_client(ports).upload_file(str(cfg.users_file), BUCKET, USERS_KEY)
+        with rep.phase(f"start api-server, scheduler, dag-processor, {cfg.workers} celery workers"):
+            for name, command in commands.items():
+                worker_env = worker_environment(cfg, ports, env, name) if name in cfg.worker_names else None
+                deployment.start(name, command, worker_env)
             deployment.write_pids()
             wait_until(lambda: api_healthy(ports.api), 180, "the api-server's health endpoint", deployment)
-            wait_until(lambda: worker_ready(deployment), 180, "the Celery worker ready", deployment)
+            for name in cfg.worker_names:
+                wait_until(
+                    functools.partial(worker_ready, deployment, name), 180, f"the Celery {name} ready", deployment
+                )
             wait_until(lambda: dag_parsed(cfg), 180, f"the dag-processor parsing {DAG_ID}", deployment)
         run_id = f"scaleout_smoke__{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
         outcome["run_id"] = run_id
         with rep.phase("trigger"):
             airflow = str(cfg.bin_dir / "airflow")
             run_command([airflow, "dags", "unpause", DAG_ID], env, 120, "airflow dags unpause")
-            conf = json.dumps({"snapshot_uri": str(cfg.users_file)})
+            conf = json.dumps({"snapshot_uri": cfg.users_uri})
             run_command(
                 [airflow, "dags", "trigger", DAG_ID, "--run-id", run_id, "--conf", conf],
                 env,
                 120,
                 "airflow dags trigger",
             )
+        run_deadline = time.monotonic() + cfg.timeout_s
         with rep.phase("DAG run"):
-            state = wait_for_run(cfg, deployment, run_id, rep)
+            kill = kill_mid_grant(cfg, deployment, run_id, rep)
+            outcome["kill"] = kill.as_dict()
+            watch_recovery(cfg, deployment, run_id, kill, rep)
+            outcome["kill"] = kill.as_dict()
+            state = wait_for_run(cfg, deployment, run_id, rep, run_deadline)
         tis = task_instances(cfg, run_id)
         outcome["dag_run_state"] = state
         outcome["task_instances"] = len(tis)
         if state != "success":
             failed = [t for t in tis if t["state"] not in ("success",)]
             outcome["failed_task_instances"] = [f"{t['task_id']}[{t['map_index']}] {t['state']}" for t in failed]
-            run_logs = cfg.airflow_home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}"
             for t in [t for t in failed if t["state"] == "failed"][:3]:
                 mapped = f"map_index={t['map_index']}/" if t["map_index"] >= 0 else ""
-                failed_logs.extend(sorted(run_logs.glob(f"task_id={t['task_id']}/{mapped}*.log")))
+                for home in [cfg.worker_home(n) / "airflow" for n in cfg.worker_names]:
+                    run_logs = home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}"
+                    failed_logs.extend(sorted(run_logs.glob(f"task_id={t['task_id']}/{mapped}*.log")))
             errors = [f"{log.parent.name}/{log.name}: {e}" for log in failed_logs for e in task_log_errors(log)]
             raise SmokeFailed(
                 f"the DAG run {run_id} ended {state}: {', '.join(outcome['failed_task_instances'])}"
                 + "".join(f"\n  {e}" for e in errors)
             )
-        with rep.phase("checks (Celery, ledger)"):
+        with rep.phase("checks (tries, Celery, ledger, workers, S3)"):
+            check_tries(tis, kill)
             outcome["celery"] = check_celery(cfg, deployment, tis)
             outcome["ledger"] = check_ledger(cfg, env)
+            outcome["workers"] = check_workers(cfg, kill, rep.say)
+            outcome["kill"] = kill.as_dict()
+            outcome["storage"] = check_storage(cfg, ports)
+        writers = outcome["workers"]["partitions_per_worker"]
         rep.say(
-            f"ok: {len(tis)} task instances on the Celery worker; ledger {outcome['ledger']['verdict']}, "
-            f"{outcome['ledger']['total_grants']:,} grants = {cfg.users:,} users x {outcome['ledger']['items']} items"
+            f"ok: {len(tis)} task instances on {cfg.workers} Celery workers; partitions granted per worker "
+            + ", ".join(f"{n} {c}" for n, c in writers.items())
+            + f"; {kill.worker} killed mid-grant, detected after {kill.detected_s:.1f} s, "
+            f"{partition_label(kill.partition_id)} retried after {kill.retry_started_s:.1f} s and granted by "
+            f"{kill.retry_worker}; ledger {outcome['ledger']['verdict']}, {outcome['ledger']['total_grants']:,} "
+            f"grants = {cfg.users:,} users x {outcome['ledger']['items']} items"
         )
         passed = True
     except (SmokeFailed, Interrupted, KeyboardInterrupt):
-        for name in PROCESS_NAMES:
-            if name in deployment.processes:
-                rep.say(f"--- tail of {deployment.log_path(name)}:\n{tail(deployment.log_path(name))}")
+        for name in deployment.processes:
+            rep.say(f"--- tail of {deployment.log_path(name)}:\n{tail(deployment.log_path(name))}")
         for log in failed_logs:  # last, so that a CI log cut to its tail still shows why the task failed
             rep.say(f"--- failed task's log {log}:\n{tail(log, 60)}")
         raise
@@ -915,7 +1391,7 @@ def installed_versions() -> dict[str, str]:
     from importlib import metadata
 
     found = {}
-    for name in ("apache-airflow", "apache-airflow-providers-celery", "celery", "redis", "psycopg"):
+    for name in ("apache-airflow", "apache-airflow-providers-celery", "celery", "redis", "psycopg", "moto"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
     return found
@@ -943,6 +1419,7 @@ def main(argv: list[str] | None = None) -> int:
     outcome: dict[str, Any] = {
         "users": cfg.users,
         "partitions": cfg.partitions,
+        "celery_workers": cfg.workers,
         "concurrency": cfg.concurrency,
         "versions": installed_versions(),
     }
@@ -966,12 +1443,21 @@ def main(argv: list[str] | None = None) -> int:
     if code != EXIT_OK:
         rep.say(f"FAILED: {outcome['error']}")
         if code == EXIT_FAILED and not cfg.keep:
-            rep.say(f"logs kept in {cfg.logs_dir} and {cfg.airflow_home / 'logs'}")
+            rep.say(f"logs kept in {cfg.logs_dir} and {cfg.work_dir / 'workers'}/*/airflow/logs")
     if args.json:
         print(json.dumps(outcome, indent=1, default=str))
     else:
         timings = ", ".join(f"{k} {v:.1f} s" for k, v in rep.phases.items())
-        print(f"scale-out smoke {'passed' if code == EXIT_OK else 'FAILED'} in {outcome['total_s']:.1f} s ({timings})")
+        kill = outcome.get("kill") or {}
+        detection = (
+            f"; lost worker detected in {kill['detected_s']:.1f} s, retry started in {kill['retry_started_s']:.1f} s"
+            if kill.get("retry_started_s") is not None
+            else ""
+        )
+        print(
+            f"scale-out smoke {'passed' if code == EXIT_OK else 'FAILED'} in {outcome['total_s']:.1f} s "
+            f"({timings}){detection}"
+        )
     return code
 
 

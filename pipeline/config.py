@@ -12,6 +12,7 @@ settings as arguments.
 | ENTITLE_PARTITION_USERS     | 1000000 (users per partition when ENTITLE_PARTITIONS is unset) |
 | ENTITLE_REJECTED_SHARE_MAX  | 0.0001 (0.01 %)                       |
 | ENTITLE_RECONCILE_WORKERS   | 2 (the cores, at most 2)              |
+| ENTITLE_WORKER_NAME         | the host name (recorded with the pid on every partition attempt) |
 | ENTITLE_DATA_URI            | $ENTITLE_HOME (snapshots, partitions); e.g. s3://bucket/prefix |
 | ENTITLE_S3_ENDPOINT_URL     | AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS's endpoint |
 | AWS_REGION                  | AWS_DEFAULT_REGION, else the AWS SDK's |
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,6 +51,7 @@ RECONCILE_WORKERS_DEFAULT = max(1, min(2, os.cpu_count() or 1))  # reader proces
 RECONCILE_WORKERS_MAX = 32
 ISSUER_URL_PREFIX, ISSUER_URL_SUFFIX = "ENTITLE_ISSUER_", "_URL"
 S3_ENDPOINT_VARIABLES = ("ENTITLE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # first set wins
+WORKER_NAME_CHARS_MAX = 200  # with ":<pid>" it fits partition_attempts.worker (255)
 
 
 def utc_now() -> dt.datetime:
@@ -77,6 +80,8 @@ class Settings:
     partition_users_target: int = PARTITION_USERS_TARGET_DEFAULT
     pass_program_file: Path | None = None  # None: the bundled drawer pass program
     merchant_program_file: Path | None = None  # None: the bundled merchant cash program
+    # Who writes: "<ENTITLE_WORKER_NAME or host name>:<pid>", recorded on every partition attempt.
+    worker: str | None = field(default=None, compare=False)
 
     def partitions_for(self, eligible_users: int) -> int:
         """The partition count of a snapshot of ``eligible_users``: ENTITLE_PARTITIONS, else by size."""
@@ -176,7 +181,23 @@ def load_settings(
         partition_users_target=users_target,
         pass_program_file=_path(env, "ENTITLE_PASS_PROGRAM"),
         merchant_program_file=merchant_program_file(env),
+        worker=worker_identity(env),
     )
+
+
+def worker_identity(env: Mapping[str, str]) -> str:
+    """``<name>:<pid>`` of this process: ENTITLE_WORKER_NAME, else the host name, then the process id.
+
+    Several workers on one machine share its host name; ENTITLE_WORKER_NAME tells them apart.
+    """
+    name = env.get("ENTITLE_WORKER_NAME") or ""
+    if len(name) > WORKER_NAME_CHARS_MAX or any(c.isspace() or not c.isprintable() for c in name):
+        raise ConfigError(
+            f"ENTITLE_WORKER_NAME={name[:40]!r}: a worker name is at most {WORKER_NAME_CHARS_MAX} printable "
+            "characters without spaces"
+        )
+    name = name or socket.gethostname()[:WORKER_NAME_CHARS_MAX] or "unknown-host"
+    return f"{name}:{os.getpid()}"
 
 
 def merchant_program_file(environ: Mapping[str, str] | None = None) -> Path | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import re
 import socket
 from pathlib import Path
@@ -85,6 +86,17 @@ def test_bad_values_are_config_errors(name: str, value: str, message: str, tmp_p
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as caught:
         load_settings({"ENTITLE_HOME": str(tmp_path), name: value})
     assert caught.value.exit_code == 2
+
+
+def test_the_worker_is_named_by_the_variable_or_the_host_and_the_pid(tmp_path: Path) -> None:
+    pid = os.getpid()
+    assert load_settings({"ENTITLE_HOME": str(tmp_path)}).worker == f"{socket.gethostname()}:{pid}"
+    named = load_settings({"ENTITLE_HOME": str(tmp_path), "ENTITLE_WORKER_NAME": "worker-2"})
+    assert named.worker == f"worker-2:{pid}"
+    assert named == load_settings({"ENTITLE_HOME": str(tmp_path)}), "the worker is not part of a settings' identity"
+    for bad in ("two words", "x" * 201):
+        with pytest.raises(ConfigError, match="ENTITLE_WORKER_NAME=.*at most 200 printable characters"):
+            load_settings({"ENTITLE_HOME": str(tmp_path), "ENTITLE_WORKER_NAME": bad})
 
 
 def test_settings_are_frozen(tmp_path: Path) -> None:

@@ -61,6 +61,7 @@ class GrantContext:
     run_key: int
     snapshot_id: str
     clock: Callable[[], dt.datetime]
+    worker: str | None = None  # recorded on each attempt: who wrote the partition (Settings.worker)
 
 
 def grant_partition(context: GrantContext, entry: PartitionEntry, verify: bool = False) -> PartitionOutcome:
@@ -178,6 +179,7 @@ def _attempt_values(
         "verified": verify,
         "planned": entry.rows * len(context.campaign.items),
         "started_at": now,
+        "worker": context.worker,
     }
 
 

@@ -268,7 +268,13 @@ def grant(
     writer at a time whatever this says; PostgreSQL runs them side by side.
     """
     context = GrantContext(
-        pipeline.engine, pipeline.campaign, pipeline.keys, run.run_key, run.snapshot_id, pipeline.settings.clock
+        pipeline.engine,
+        pipeline.campaign,
+        pipeline.keys,
+        run.run_key,
+        run.snapshot_id,
+        pipeline.settings.clock,
+        pipeline.settings.worker,
     )
     pipeline.campaign.require_started(pipeline.settings.clock())
     chosen = list(entries)

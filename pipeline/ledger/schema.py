@@ -22,8 +22,9 @@ from pipeline.ledger.zones import record_time_zones
 # 2: issue_no, reconciliation tables; 3: grants partitioned (PostgreSQL); 4: delivery tables;
 # 5: three-way reconciliation; 6: first-come-first-served pass tables; 7: merchant cash claims, cases,
 # decisions and intake files; 8: revocations at the issuers; 9: program reconciliations; 10: the issuers'
-# shared rate budgets; 11: no applied_at index on pass_applications. pipeline/ledger/migrations
-SCHEMA_VERSION = 11
+# shared rate budgets; 11: no applied_at index on pass_applications; 12: the worker of each partition
+# attempt. pipeline/ledger/migrations
+SCHEMA_VERSION = 12
 
 MIGRATIONS_DIR = Path(str(resources.files("pipeline.ledger.migrations")))
 

@@ -189,6 +189,8 @@ partition_attempts = sa.Table(
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("started_at", Instant, nullable=False),
     sa.Column("finished_at", Instant, nullable=True),
+    # "<ENTITLE_WORKER_NAME or host name>:<pid>" of the process that made the attempt (null before version 12).
+    sa.Column("worker", sa.String(255), nullable=True),
     sa.CheckConstraint("status IN ('running', 'done', 'failed')", name="ck_attempt_status"),
     sa.Index("ix_partition_attempts_lookup", "campaign_key", "snapshot_id", "partition_id", "attempt_key"),
     sa.Index("ix_partition_attempts_content", "campaign_key", "content_sha256", "items_signature", "status"),

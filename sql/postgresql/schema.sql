@@ -356,6 +356,7 @@ CREATE TABLE partition_attempts (
 	error TEXT, 
 	started_at TIMESTAMP WITH TIME ZONE NOT NULL, 
 	finished_at TIMESTAMP WITH TIME ZONE, 
+	worker VARCHAR(255), 
 	PRIMARY KEY (attempt_key), 
 	CONSTRAINT ck_attempt_status CHECK (status IN ('running', 'done', 'failed')), 
 	FOREIGN KEY(run_key) REFERENCES runs (run_key), 

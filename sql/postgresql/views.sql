@@ -184,7 +184,8 @@ SELECT
     a.error,
     r.run_id,
     a.started_at,
-    a.finished_at
+    a.finished_at,
+    a.worker
 FROM partition_attempts AS a
 JOIN campaigns AS c ON c.campaign_key = a.campaign_key
 JOIN runs AS r ON r.run_key = a.run_key

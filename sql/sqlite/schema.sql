@@ -360,6 +360,7 @@ CREATE TABLE partition_attempts (
 	error TEXT, 
 	started_at BIGINT NOT NULL, 
 	finished_at BIGINT, 
+	worker VARCHAR(255), 
 	PRIMARY KEY (attempt_key), 
 	CONSTRAINT ck_attempt_status CHECK (status IN ('running', 'done', 'failed')), 
 	FOREIGN KEY(run_key) REFERENCES runs (run_key), 

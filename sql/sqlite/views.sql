@@ -228,7 +228,8 @@ SELECT
     a.error,
     r.run_id,
     ISO_UTC_MS(a.started_at) AS started_at,
-    ISO_UTC_MS(a.finished_at) AS finished_at
+    ISO_UTC_MS(a.finished_at) AS finished_at,
+    a.worker
 FROM partition_attempts AS a
 JOIN campaigns AS c ON c.campaign_key = a.campaign_key
 JOIN runs AS r ON r.run_key = a.run_key

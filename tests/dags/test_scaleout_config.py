@@ -1,9 +1,11 @@
 """The scale-out smoke test's configuration, checked without starting Airflow's services.
 
 `make scaleout-smoke` (ops/scaleout_smoke.py) runs the real deployment; these tests check
-what it hands every process (one executor, broker, metadata DB and DAG folder), that
-Airflow itself reads that configuration as meant (the Celery provider installed and
-chosen), and that bad usage or a missing service exits 2 before anything is touched.
+what it hands every process (one executor, broker, metadata DB, DAG folder and S3 data URI),
+that each Celery worker has homes, logs and a name of its own and shares nothing else, that
+Airflow itself reads that configuration as meant (the Celery provider chosen, the lost-worker
+heartbeat timeout, a retry for the grant task), that the kill reaches a worker's whole process
+tree, and that bad usage or a missing service exits 2 before anything is touched.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +29,7 @@ from support import REPO_ROOT
 ROOT = REPO_ROOT
 SCRIPT = ROOT / "ops" / "scaleout_smoke.py"
 BIN = Path(sys.executable).parent
-API_PORT, LOG_PORT = 18123, 18793
+API_PORT, S3_PORT, LOG_PORTS = 18123, 18124, (18793, 18794, 18795)
 Generated = tuple[dict[str, str], Any, Any]  # environment, SmokeConfig, Secrets
 
 
@@ -53,9 +56,17 @@ def generated(smoke: ModuleType, tmp_path: Path) -> Generated:
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "sqlite:////tmp/other.db",
         "ENTITLE_LEDGER_URL": "sqlite:////tmp/other-ledger.sqlite",
         "ENTITLE_DATA_URI": "s3://someone-elses-bucket/prefix",
+        "ENTITLE_WORKER_NAME": "someone-else",
+        "AWS_ACCESS_KEY_ID": "callers-real-key",
+        "AWS_SECRET_ACCESS_KEY": "callers-real-secret",
+        "AWS_PROFILE": "production",
     }
-    env = smoke.build_environment(cfg, smoke.Ports(api=API_PORT, worker_logs=LOG_PORT), keys, caller)
+    env = smoke.build_environment(cfg, ports(smoke), keys, caller)
     return env, cfg, keys
+
+
+def ports(smoke: ModuleType) -> Any:
+    return smoke.Ports(api=API_PORT, s3=S3_PORT, worker_logs=LOG_PORTS)
 
 
 def test_every_process_gets_one_celery_deployment(generated: Generated) -> None:
@@ -80,9 +91,17 @@ def test_every_process_gets_one_celery_deployment(generated: Generated) -> None:
     assert env["AIRFLOW__CORE__LOAD_EXAMPLES"] == "False"
     assert env["AIRFLOW__API__PORT"] == str(API_PORT)
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == f"http://127.0.0.1:{API_PORT}/execution/"
-    assert env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] == str(LOG_PORT)
     assert env["AIRFLOW__API_AUTH__JWT_SECRET"] == keys.jwt_secret and len(keys.jwt_secret) >= 64
     assert env["AIRFLOW__API__SECRET_KEY"] == keys.api_secret_key
+
+    # Snapshots and partitions on the S3 server the smoke starts, with the object-store settings pipeline reads.
+    assert env["ENTITLE_DATA_URI"] == "s3://entitle-smoke/data"
+    assert env["ENTITLE_S3_ENDPOINT_URL"] == f"http://127.0.0.1:{S3_PORT}"
+    assert env["AWS_REGION"] and env["AWS_ACCESS_KEY_ID"] and env["AWS_SECRET_ACCESS_KEY"]
+    # A lost worker is detected after 30 s without a heartbeat (checked every 5 s) and retried once.
+    assert env["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"] == "30"
+    assert env["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL"] == "5"
+    assert env["AIRFLOW__CORE__DEFAULT_TASK_RETRIES"] == "1"
 
 
 def test_nothing_of_the_callers_airflow_or_ledger_leaks_in(generated: Generated) -> None:
@@ -92,11 +111,60 @@ def test_nothing_of_the_callers_airflow_or_ledger_leaks_in(generated: Generated)
     assert Path(env["AIRFLOW_HOME"]) != ROOT / "var" / "airflow"
     assert Path(env["ENTITLE_HOME"]) == work_dir / "entitle"
     assert Path(env["AIRFLOW__LOGGING__BASE_LOG_FOLDER"]).is_relative_to(work_dir)
-    assert "ENTITLE_DATA_URI" not in env
-    assert env["ENTITLE_PARTITIONS"] == "8"
+    assert env["ENTITLE_DATA_URI"] == cfg.data_uri != "s3://someone-elses-bucket/prefix"
+    assert env["AWS_ACCESS_KEY_ID"] != "callers-real-key" and "AWS_PROFILE" not in env
+    assert "ENTITLE_WORKER_NAME" not in env
+    assert env["ENTITLE_PARTITIONS"] == "12"
     # The worker runs the tasks with the venv's python and finds `entitle` and `airflow` on its PATH.
     first = Path(env["PATH"].split(os.pathsep)[0])
     assert (first / "airflow").exists() and (first / "entitle").exists()
+
+
+def test_each_worker_has_its_own_homes_logs_and_name_and_shares_nothing_else(
+    smoke: ModuleType, generated: Generated
+) -> None:
+    env, cfg, _ = generated
+    assert cfg.worker_names == ("worker-1", "worker-2", "worker-3")
+    own = {
+        "AIRFLOW_HOME",
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER",
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT",
+        "ENTITLE_HOME",
+        "ENTITLE_WORKER_NAME",
+    }
+    workers = {name: smoke.worker_environment(cfg, ports(smoke), env, name) for name in cfg.worker_names}
+    for name, worker in workers.items():
+        assert set(worker) == set(env) | {"ENTITLE_WORKER_NAME"}
+        assert {k: v for k, v in worker.items() if k not in own} == {k: v for k, v in env.items() if k not in own}
+        assert worker["ENTITLE_WORKER_NAME"] == name
+        home = cfg.worker_home(name)
+        assert home.parent == cfg.work_dir / "workers"
+        for key in ("AIRFLOW_HOME", "AIRFLOW__LOGGING__BASE_LOG_FOLDER", "ENTITLE_HOME"):
+            assert Path(worker[key]).is_relative_to(home)
+    for key in own:
+        assert len({w[key] for w in workers.values()}) == len(workers), key
+    for key in own - {"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"}:  # the services read worker-1's log port
+        assert env.get(key) not in {w[key] for w in workers.values()}, key
+    homes = [Path(w["ENTITLE_HOME"]) for w in workers.values()] + [Path(env["ENTITLE_HOME"])]
+    assert not any(a != b and a.is_relative_to(b) for a in homes for b in homes)
+
+    # What a task on worker-2 sees through the pipeline's composition root: its home, S3, its name.
+    from pipeline.config import load_settings
+    from pipeline.storage import ObjectUri
+
+    settings = load_settings(workers["worker-2"])
+    assert settings.home == cfg.worker_home("worker-2") / "entitle"
+    assert settings.worker == f"worker-2:{os.getpid()}"
+    assert isinstance(settings.data_root, ObjectUri) and str(settings.data_root) == "s3://entitle-smoke/data"
+    assert settings.object_store.endpoint_url == f"http://127.0.0.1:{S3_PORT}"
+    assert make_url(settings.ledger_url).database == "entitle_smoke_ledger"
+
+    commands = smoke.process_commands(cfg, ports(smoke))
+    assert list(commands) == ["s3", "api-server", "scheduler", "dag-processor", *cfg.worker_names]
+    assert commands["s3"][0] == str(BIN / "moto_server") and str(S3_PORT) in commands["s3"]
+    assert (BIN / "moto_server").exists()
+    hostnames = [c[c.index("--celery-hostname") + 1] for n, c in commands.items() if n in cfg.worker_names]
+    assert hostnames == ["worker-1@%h", "worker-2@%h", "worker-3@%h"]
 
 
 def test_airflow_reads_the_generated_configuration_as_a_celery_deployment(
@@ -106,10 +174,16 @@ def test_airflow_reads_the_generated_configuration_as_a_celery_deployment(
     env, _, _ = generated
     probe = """
 import json
+import importlib.util, sys
 from airflow.configuration import conf
 from airflow.executors.executor_loader import ExecutorLoader
 from airflow.providers.celery.executors.default_celery import get_default_celery_config
 celery = get_default_celery_config(conf)
+dags = conf.get("core", "dags_folder")
+sys.path.insert(0, dags)  # as Airflow parses the file (without a metadata DB, which this probe has not)
+spec = importlib.util.spec_from_file_location("entitlement_grant", dags + "/entitlement_grant.py")
+dag_file = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(dag_file)
 executor = ExecutorLoader.import_default_executor_cls()[0]
 print(json.dumps({
     "executor": f"{executor.__module__}.{executor.__name__}",
@@ -118,6 +192,10 @@ print(json.dumps({
     "dags_folder": conf.get("core", "dags_folder"),
     "sql_alchemy_conn": conf.get("database", "sql_alchemy_conn"),
     "execution_api_server_url": conf.get("core", "execution_api_server_url"),
+    "heartbeat_timeout": conf.getint("scheduler", "task_instance_heartbeat_timeout"),
+    "heartbeat_check": conf.getfloat("scheduler", "task_instance_heartbeat_timeout_detection_interval"),
+    "min_heartbeat_interval": conf.getint("workers", "min_heartbeat_interval"),
+    "grant_retries": dag_file.entitlement_grant_dag.get_task("grant").retries,
 }))
 """
     result = subprocess.run(
@@ -131,6 +209,10 @@ print(json.dumps({
     assert seen["dags_folder"] == str(ROOT / "dags")
     assert seen["sql_alchemy_conn"] == env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
     assert seen["execution_api_server_url"] == f"http://127.0.0.1:{API_PORT}/execution/"
+    # The scheduler fails a task instance 30 s after its supervisor's last heartbeat (sent every 5 s);
+    # the grant task, parsed as the dag-processor parses it, has the retry that then runs elsewhere.
+    assert (seen["heartbeat_timeout"], seen["heartbeat_check"], seen["min_heartbeat_interval"]) == (30, 5.0, 5)
+    assert seen["grant_retries"] == 1
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess[str]:
@@ -142,7 +224,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess[str]:
 def test_help_describes_the_options_and_exit_codes() -> None:
     result = run_script("--help")
     assert result.returncode == 0, result.stderr
-    for text in ("--users", "--keep", "--json", "--stop", "default 100,000", "CeleryExecutor", "Exit codes"):
+    for text in ("--users", "--workers", "--keep", "--json", "--stop", "default 1,000,000", "SIGKILL", "Exit codes"):
         assert text in result.stdout
 
 
@@ -152,6 +234,9 @@ def test_help_describes_the_options_and_exit_codes() -> None:
         ["--users", "0"],
         ["--users", "many"],
         ["--partitions", "2000"],
+        ["--workers", "1"],
+        ["--workers", "9"],
+        ["--partitions", "2"],
         ["--timeout", "-5"],
         ["--broker", "amqp://guest@127.0.0.1:5672//"],
         ["--postgres", "sqlite:///x.db"],
@@ -227,6 +312,46 @@ def test_the_final_sweep_finds_and_kills_only_this_runs_processes(
     assert smoke.marked_pids(marker + "0") == []
     assert smoke.kill_marked(marker) == 1
     assert proc.wait(timeout=10) == -9
+
+
+def test_the_kill_reaches_every_process_of_a_workers_tree(smoke: ModuleType) -> None:
+    """As a lost machine: the worker, and its task process although that runs in a process group of its own."""
+    marker = smoke.Secrets.generate().marker
+    script = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+        "print('started', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env={**os.environ, smoke.MARKER_VAR: marker},
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == b"started"
+        tree = smoke.process_tree(worker.pid)
+        assert len(tree) == 2 and tree[0] == worker.pid
+        task = tree[1]
+        assert os.getpgid(task) != os.getpgid(worker.pid), "the task runs in its own process group"
+        frozen = smoke.freeze_tree(worker.pid)
+        assert sorted(frozen) == sorted(tree)
+        for pid in frozen:
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+                assert time.monotonic() < deadline, f"{pid} not stopped"
+                time.sleep(0.01)
+        smoke.signal_all(frozen, signal.SIGKILL)
+        assert worker.wait(timeout=10) == -signal.SIGKILL
+        deadline = time.monotonic() + 10
+        while smoke.marked_pids(marker):  # the orphaned task process, reaped by init
+            assert time.monotonic() < deadline, "the task process survived"
+            time.sleep(0.05)
+    finally:
+        smoke.kill_marked(marker)
+        worker.kill()
+        worker.wait()
 
 
 def test_a_failed_tasks_exception_is_read_from_its_json_log(smoke: ModuleType, tmp_path: Path) -> None:

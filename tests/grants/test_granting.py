@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,10 @@ from support.settings import CAMPAIGN_START, ITEMS_PER_USER
 from pipeline import ledger
 from pipeline.config import Settings
 from pipeline.errors import CampaignNotStartedError
+from pipeline.grants import runs
 from pipeline.grants.granting import GrantContext, PartitionOutcome, grant_partition
 from pipeline.grants.partitioning import PartitionEntry, partition_of
+from pipeline.ledger import queries
 
 USERS = [10_000_000 + 7 * i for i in range(400)] + [1, 2_147_483_647, 2**63 - 1]
 
@@ -114,6 +118,29 @@ def test_running_a_partition_twice_writes_nothing_and_is_a_skip(prepared: Prepar
     assert second.already_present == second.planned == first.planned
     assert ledger_probe.grant_pairs(prepared.engine) == before
     assert [a["status"] for a in attempts(prepared, entry.partition_id)] == ["done", "done"]
+
+
+def test_each_attempt_records_the_worker_that_made_it(prepared: Prepared) -> None:
+    """A partition that failed on one worker and was granted by another shows each attempt's worker."""
+    entry = biggest(prepared)
+    pipeline = prepared.pipeline
+    elsewhere = dataclasses.replace(context_for(prepared), worker="worker-1:4101")
+    intact = entry.path.read_bytes()
+    entry.path.write_bytes(os.urandom(64))
+    assert grant_partition(elsewhere, entry).status == "failed"
+    entry.path.write_bytes(intact)
+
+    # The retry through runs.grant, as the DAG task and the CLI run it: this process's identity from the settings.
+    outcome = runs.grant(pipeline, prepared.run, [entry])[0]
+    assert outcome.status == "done" and outcome.written == outcome.planned > 0
+    assert pipeline.settings.worker == f"{socket.gethostname()}:{os.getpid()}"
+    assert grant_partition(dataclasses.replace(elsewhere, worker="worker-3:4303"), entry).skipped
+
+    recorded = [(a["status"], a["worker"]) for a in attempts(prepared, entry.partition_id)]
+    assert recorded == [("failed", "worker-1:4101"), ("done", pipeline.settings.worker), ("done", "worker-3:4303")]
+    latest = queries.run_query(prepared.engine, "partition_status", {"status": "done"})
+    workers = {row[latest.columns.index("partition_id")]: row[latest.columns.index("worker")] for row in latest.rows}
+    assert workers == {entry.partition_id: "worker-3:4303"}
 
 
 def test_verify_checks_every_row_of_a_complete_partition(prepared: Prepared, ledger_probe: Any) -> None:

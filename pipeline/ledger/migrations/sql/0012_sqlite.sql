@@ -1,0 +1,4 @@
+-- Schema version 11 -> 12 (sqlite): the worker of each partition attempt. Frozen; statements end with a line "-- end".
+
+ALTER TABLE partition_attempts ADD COLUMN worker VARCHAR(255)
+-- end
