@@ -36,6 +36,7 @@ import errno
 import functools
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -314,19 +315,40 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
 def scratch_folder(near: Location | None, prefix: str) -> Iterator[Path]:
     """A local working folder, removed afterwards (also on failure).
 
-    Beside ``near`` when that is a local folder (hidden, ``.prefix-…``), so finished
-    files reach their place by a rename on the same disk; in the system's temporary
-    folder (``TMPDIR``) when ``near`` is None or on an object store.
+    Beside ``near`` when that is a local folder (hidden, ``.prefix-<host>-<pid>-…``), so
+    finished files reach their place by a rename on the same disk; in the system's temporary
+    folder (``TMPDIR``) when ``near`` is None or on an object store.  A folder this host's
+    killed process left behind is deleted the next time one is made in the same place.
     """
-    parent: Path | None = None
+    parent = Path(tempfile.gettempdir())
     if isinstance(near, Path):
         near.mkdir(parents=True, exist_ok=True)
         parent = near
-    folder = Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=parent))
+    owner = f".{prefix}-{socket.gethostname()}-"
+    _remove_abandoned(parent, owner)
+    folder = Path(tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}-", dir=parent))
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_abandoned(parent: Path, owner: str) -> None:
+    """Delete scratch folders this host left behind in ``parent`` when their process was killed."""
+    for folder in parent.glob(f"{owner}*"):
+        pid = folder.name[len(owner) :].partition("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def local_file(where: Location, scratch: Path) -> Path:

@@ -431,3 +431,45 @@ def test_a_user_file_given_to_a_merchant_campaign_names_the_column_it_needs(tmp_
     pl.DataFrame({"user_id": [1, 2]}).write_csv(path)
     with pytest.raises(SnapshotError, match=r"no 'merchant_id' column; found \['user_id'\]"):
         freeze(path, home, id_column="merchant_id")
+
+
+# --------------------------------------------------------------------------- scratch folders
+
+
+def test_a_failure_midway_leaves_no_snapshot_and_no_scratch(
+    tmp_path: Path, home: Path, write_users: WriteUsers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.grants import freezing
+
+    users = write_users(tmp_path / "users.parquet", list(range(1, 5000)))
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(freezing, "_write_quarantine", crash)
+    with pytest.raises(OSError, match="disk full"):
+        freeze(users, home)
+    root = snapshot_root(home, CAMPAIGN)
+    assert frozen_snapshots(home) == []
+    assert [p.name for p in root.iterdir()] == []  # the scratch folder went with the failure
+
+
+def test_scratch_of_a_killed_freeze_is_removed_by_the_next(tmp_path: Path, home: Path, write_users: WriteUsers) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    users = write_users(tmp_path / "users.parquet", list(range(1, 5000)))
+    root = snapshot_root(home, CAMPAIGN)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    abandoned = root / f".freeze-{socket.gethostname()}-{dead_pid}-x1"
+    (abandoned / "groups").mkdir(parents=True)
+    (abandoned / "groups" / "spill.arrow").write_bytes(b"x" * 1000)
+    running = root / f".freeze-{socket.gethostname()}-{os.getpid()}-x2"  # a live process's folder stays
+    running.mkdir()
+    report = freeze(users, home)
+    assert not abandoned.exists()
+    assert running.exists()
+    assert report.eligible_users == 4999
