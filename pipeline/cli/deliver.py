@@ -65,6 +65,11 @@ def cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
             lines.append(
                 f"  {name}: {budget['requests']:,} requests"
                 + (f" at {rate:.1f} req/s (budget {budget['budget_requests_per_s']:g})" if rate else "")
+                + (
+                    f"; slots given up (their sender woke too late to keep the budget): {budget['slots_missed']:,}"
+                    if budget["slots_missed"]
+                    else ""
+                )
             )
         for report in unfinished[:20]:
             lines.append(

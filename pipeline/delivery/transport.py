@@ -4,7 +4,8 @@ Per issuer and process there is one rate budget (a token bucket of
 ``requests_per_s`` with a burst of one request, plus ``concurrency`` requests in
 flight) and one circuit breaker, shared by every partition the process delivers.
 With the ledger's engine the budget is shared through the ledger with every other
-delivering process (:class:`SharedRateBudget`).
+delivering process (:class:`SharedRateBudget`). How many requests an issuer can then
+see in one second is worked out in :mod:`pipeline.delivery.rate_budget`.
 
 A batch is sent again with the same grant ids after a failure (backoff with full
 jitter, an issuer's Retry-After honoured): the issuer uses the id as its idempotency
@@ -44,15 +45,27 @@ def grant_id(campaign_id: str, user_id: int, item_sku: str, issue_no: int) -> st
 
 
 class RateBudget:
-    """A token bucket (``requests_per_s``, burst of one) and a bound on requests in flight; thread-safe."""
+    """A token bucket (``requests_per_s``, burst of one) and a bound on requests in flight; thread-safe.
 
-    def __init__(self, requests_per_s: float, concurrency: int, clock: Callable[[], float] = time.monotonic) -> None:
+    Each request reserves the next slot, one interval after the previous one, and goes in it
+    (:func:`rate_budget.depart_in_slot`: a slot woken up too late is given up for the next free one).
+    """
+
+    def __init__(
+        self,
+        requests_per_s: float,
+        concurrency: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.interval_s = 1.0 / requests_per_s
         self.in_flight = threading.BoundedSemaphore(concurrency)
         self._clock = clock
+        self._sleep = sleep
         self._lock = threading.Lock()
         self._next_at = 0.0
         self.starts: list[float] = []  # the instant each request was let through
+        self.slots_missed = 0  # slots given up because their sender woke too late
 
     def hold(self, seconds: float) -> None:
         """Let no request through for ``seconds`` (an issuer's Retry-After)."""
@@ -61,13 +74,18 @@ class RateBudget:
 
     def acquire(self) -> None:
         """Wait for this request's turn."""
+        departure = rate_budget.depart_in_slot(self._reserve, self._clock, self._sleep)
+        with self._lock:
+            self.starts.append(departure.at)
+            self.slots_missed += departure.slots_missed
+
+    def _reserve(self) -> float:
+        """Reserve the next free slot; seconds until it."""
         with self._lock:
             now = self._clock()
             start = max(now, self._next_at)
             self._next_at = start + self.interval_s
-            self.starts.append(start)
-        if start > now:
-            time.sleep(start - now)
+        return start - now
 
     def achieved_requests_per_s(self) -> float | None:
         """Requests per second between the first and the last request let through."""
@@ -93,14 +111,10 @@ class SharedRateBudget(RateBudget):
     def hold(self, seconds: float) -> None:
         rate_budget.hold_issuer(self.engine, self.issuer, seconds)
 
-    def acquire(self) -> None:
+    def _reserve(self) -> float:
         # No real wait exceeds the longest Retry-After plus a thousand queued requests.
         wait_max_s = RETRY_AFTER_S_MAX + 1_000 * self.interval_s
-        wait_s = rate_budget.take_issuer_slot(self.engine, self.issuer, self.interval_s, wait_max_s)
-        with self._lock:
-            self.starts.append(self._clock() + wait_s)
-        if wait_s > 0:
-            time.sleep(wait_s)
+        return rate_budget.take_issuer_slot(self.engine, self.issuer, self.interval_s, wait_max_s)
 
 
 class CircuitBreaker:
@@ -193,12 +207,13 @@ def open_issuers(
 
 
 def budget_usage(runtimes: dict[str, IssuerRuntime]) -> dict[str, dict[str, Any]]:
-    """Per issuer: the requests its budget let through, the rate achieved and the budget's rate."""
+    """Per issuer: the requests its budget let through, the rate achieved, the budget's rate and the slots given up."""
     return {
         name: {
             "requests": len(r.budget.starts),
             "requests_per_s": r.budget.achieved_requests_per_s(),
             "budget_requests_per_s": r.spec.requests_per_s,
+            "slots_missed": r.budget.slots_missed,
         }
         for name, r in runtimes.items()
     }

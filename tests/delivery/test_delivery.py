@@ -28,7 +28,7 @@ import pytest
 import sqlalchemy as sa
 from issuer_service.grants import payload_sha256
 from support.cli import cli_environment, run_entitle
-from support.delivery import CAMPAIGN, Service, delivery_settings, write_campaign
+from support.delivery import CAMPAIGN, Service, busy_cpu, delivery_settings, most_in_one_second, write_campaign
 from support.ledger_state import prepare_pipeline
 
 from pipeline import delivery, ledger, reconciliation
@@ -43,6 +43,8 @@ from pipeline.ledger import queries
 
 USERS = list(range(1_000, 1_400))  # 400 users: 800 coupon grants for the shop
 COUPONS = ("coupon-2000", "coupon-3000")
+CPU_BURNERS = 2  # busy-loop processes: one per core of a 2-core CI machine
+BUSY_START_HOLD_S = 8.0  # longer than `entitle deliver` takes to start beside the burners
 
 
 # --------------------------------------------------------------------------- the service
@@ -375,51 +377,56 @@ def test_the_rate_budget_is_never_exceeded(tmp_path: Path, service: Service, gra
     assert requests == expected and all(r.status == "done" for r in reports)
     starts = runtimes["shop"].budget.starts
     assert 20 * 0.5 <= requests / wall_s <= 20 * 1.05, f"{requests} requests in {wall_s:.2f} s"
-    for i in range(len(starts)):
-        in_one_second = sum(1 for t in starts[i:] if t - starts[i] < 1.0)
-        assert in_one_second <= 21, "no one-second window holds more than the budget"
+    assert most_in_one_second(starts) <= 21, "no one-second window of departures holds more than the budget + 1"
 
 
-def test_two_deliver_processes_share_the_issuers_rate_budget(
+def test_two_deliver_processes_on_a_busy_machine_share_the_issuers_rate_budget(
     tmp_path: Path, service: Service, write_users: Callable[..., Path]
 ) -> None:
-    """Two `entitle deliver` processes on different partitions at once send, together, at the budget:
-    each reserves its requests' slots in the ledger's issuer_budgets row (not one budget each)."""
-    budget = 20
-    campaign_file = write_campaign(tmp_path / "c.toml", requests_per_s=budget, batch_size=5, concurrency=4)
+    """Two `entitle deliver` processes on different partitions at once, with every core kept busy, send
+    together within the budget: as the service saw them, no one-second window holds more than budget + 1
+    requests, and neither process had the budget to itself.
+
+    That bound holds at the issuer while requests reach it within one interval less SLOT_LATE_S_MAX of
+    leaving (pipeline.delivery.rate_budget). On a loaded 2-core machine the service, sharing the cores,
+    sometimes reads a request a few hundred ms after it left, so the budget here is 2 req/s (0.5 s apart):
+    the bound is the product's, only the budget is low enough for the condition to hold.
+    """
+    budget = 2
+    # 800 grants in batches of 25: about 32 requests, 16 s at the budget.
+    campaign_file = write_campaign(tmp_path / "c.toml", requests_per_s=budget, batch_size=25, concurrency=4)
     env = granted_by_the_cli(tmp_path, campaign_file, service, write_users)
-    # Hold the issuer (as a Retry-After would) while both processes start, so that they compete from
-    # the same instant however long each takes to start on a loaded machine.
     engine = ledger.create_ledger_engine(
         load_settings({k: v for k, v in env.items() if k.startswith("ENTITLE_")}).ledger_url
     )
-    rate_budget.hold_issuer(engine, "shop", 8.0)
-    engine.dispose()
     entitle = Path(sys.executable).parent / "entitle"
-    processes = [
-        subprocess.Popen(
-            [str(entitle), "deliver", "--json", "--no-progress", "--partitions", selection],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for selection in ("0,1", "2,3")
-    ]
     documents = []
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=120)
-        assert process.returncode == 0, stderr
-        documents.append(json.loads(stdout))
+    with busy_cpu(CPU_BURNERS):
+        # Hold the issuer (as a Retry-After would) while both processes start, so that they compete from
+        # the same instant however long each takes to start on the loaded machine.
+        rate_budget.hold_issuer(engine, "shop", BUSY_START_HOLD_S)
+        engine.dispose()
+        processes = [
+            subprocess.Popen(
+                [str(entitle), "deliver", "--json", "--no-progress", "--partitions", selection],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for selection in ("0,1", "2,3")
+        ]
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=120)
+            assert process.returncode == 0, stderr
+            documents.append(json.loads(stdout))
     assert sum(d["totals"]["created"] for d in documents) == len(USERS) * len(COUPONS)
     arrivals = sorted(service.stats()["arrivals"])
     assert len(arrivals) == sum(d["budgets"]["shop"]["requests"] for d in documents)
     together = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
     assert together <= budget * 1.05, f"{len(arrivals)} requests at {together:.1f} req/s together"
-    for i in range(len(arrivals)):
-        # Slots are 1/budget apart; a request that starts late (the machine is busy) can land next to
-        # the following one, so a one-second window of arrivals may hold a couple more than the budget.
-        assert sum(1 for t in arrivals[i:] if t - arrivals[i] < 1.0) <= budget + 3, "a one-second window over budget"
+    most = most_in_one_second(arrivals)
+    assert most <= budget + 1, f"{most} requests in one second against a budget of {budget}"
     own = [d["budgets"]["shop"]["requests_per_s"] for d in documents]
     assert all(rate < budget * 0.75 for rate in own), f"each process had the budget to itself: {own} req/s"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import signal
@@ -203,3 +204,28 @@ def serving_in_thread(app: Any, *, access_log: bool = False) -> Iterator[str]:
         server.should_exit = True
         thread.join(SERVER_STOP_TIMEOUT_S)
         assert not thread.is_alive(), "the issuer service did not stop"
+
+
+CPU_BURNER = "while True: pass"
+BURNER_STOP_TIMEOUT_S = 10
+
+
+@contextlib.contextmanager
+def busy_cpu(processes: int) -> Iterator[None]:
+    """``processes`` busy-loop processes running for the duration, always stopped at the end."""
+    burners: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(processes):
+            burners.append(subprocess.Popen([sys.executable, "-c", CPU_BURNER]))
+        yield
+    finally:
+        for burner in burners:
+            burner.kill()
+        for burner in burners:
+            burner.wait(BURNER_STOP_TIMEOUT_S)
+
+
+def most_in_one_second(arrivals: list[float]) -> int:
+    """The largest number of ``arrivals`` (seconds) inside any half-open one-second window."""
+    times = sorted(arrivals)
+    return max((bisect.bisect_left(times, t + 1.0) - i for i, t in enumerate(times)), default=0)
