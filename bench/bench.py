@@ -110,11 +110,44 @@ def stages_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> i
     print(f"bench: {args.users:,} users, backend {args.backend}, {args.partitions} partitions, home {home}", flush=True)
     print(f"{'stage':<22} {'rows':>13} {'seconds':>9} {'rows/s':>13} {'peak RSS MB':>12}  target", flush=True)
 
+    figures: list[dict[str, Any]] = []
+
     def report(stage: str, rows: int, seconds: float, rss_mb: float, target: str = "") -> None:
-        rate = rows / seconds if seconds > 0 else float("inf")
+        rate = rows / seconds if seconds > 0 else 0.0
+        figures.append(
+            {
+                "stage": stage,
+                "rows": rows,
+                "seconds": round(seconds, 3),
+                "rows_per_s": round(rate),
+                "peak_rss_mb": round(rss_mb),
+                "target": target,
+            }
+        )
         print(f"{stage:<22} {rows:>13,} {seconds:>9.2f} {rate:>13,.0f} {rss_mb:>12,.0f}  {target}", flush=True)
 
-    return int(stages.run(args, home, env, report, self_rss_mb))
+    status = int(stages.run(args, home, env, report, self_rss_mb))
+    if args.record is not None and status == 0:
+        import machine  # bench/machine.py, beside this script
+
+        command = reproducing_command(args) + f" --stages {args.stages}"
+        if any(name in stages.SAMPLED for name in names):
+            command += f" --partitions-sample {args.partitions_sample}"
+        document = {
+            "benchmark": "grant pipeline, stage by stage",
+            "title": f"{args.users / 1e6:,.0f} million users, stage by stage ({args.backend})",
+            "command": command,
+            "machine": machine.describe(args.pg_url if args.backend == "postgresql" else None),
+            "users": args.users,
+            "backend": args.backend,
+            "partitions": args.partitions,
+            "writers": args.writers,
+            "stages": figures,
+        }
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        args.record.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        print(f"recorded in {args.record}; render the page with .venv/bin/python bench/performance_page.py")
+    return status
 
 
 def airflow_bench(args: argparse.Namespace) -> int:
@@ -145,7 +178,7 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
     print(f"{'stage':<22} {'rows':>13} {'seconds':>9} {'rows/s':>13} {'peak RSS MB':>12}  target", flush=True)
 
     def report(stage: str, rows: int, seconds: float, rss_mb: float, target: str = "") -> None:
-        rate = rows / seconds if seconds > 0 else float("inf")
+        rate = rows / seconds if seconds > 0 else 0.0
         figures.append(
             {
                 "stage": stage,
@@ -198,6 +231,14 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
         return 1
 
     grant_rate = grant_figures["written"] / grant_figures["seconds"]
+    size = ledger_bytes(args, home)
+    report(
+        "ledger on disk",
+        grant_figures["written"],
+        0.0,
+        self_rss_mb(),
+        f"{size / 1e9:.1f} GB in all; {size / grant_figures['written'] * 1e8 / 1e9:.1f} GB per 100M grants",
+    )
     if args.backend == "postgresql":
         bound, conflict = pg_bounds(pipeline, args.bound_partitions)
         report(
@@ -547,6 +588,17 @@ def pg_bounds(pipeline: Any, sample: int) -> tuple[dict[str, float], dict[str, f
         {"rows": rows, "seconds": raw_s, "rate": rows / raw_s},
         {"rows": rows, "seconds": conflict_s, "rate": rows / conflict_s},
     )
+
+
+def ledger_bytes(args: argparse.Namespace, home: Path) -> int:
+    """The ledger's size on disk: the SQLite file and its WAL, or the PostgreSQL database."""
+    if args.backend == "sqlite":
+        return sum(path.stat().st_size for path in home.glob("ledger.sqlite*"))
+    import psycopg
+
+    with psycopg.connect(args.pg_url.replace("postgresql+psycopg://", "postgresql://")) as connection:
+        row = connection.execute("SELECT pg_database_size(current_database())").fetchone()
+    return int(row[0]) if row else 0
 
 
 def reset_postgres(pg_url: str) -> None:

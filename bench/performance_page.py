@@ -38,14 +38,21 @@ How to read the tables:
 
 - **rows/s** is users per second for the first stages (generate, freeze,
   partition) and grants per second from the grant stage on.
-- **peak RSS** is the resident memory of the process doing that stage; the grant
-  and reconcile stages run in their own processes, so their figure is theirs
-  alone (reconcile: one worker's peak).
+- **peak RSS** is the resident memory of the process doing that stage, its
+  high-water mark reset before each stage, so each figure is that stage's own;
+  the grant and reconcile stages run in their own processes (reconcile: one
+  worker's peak).
+- **(sample)** stages run on every k-th partition of a larger snapshot, one
+  partition at a time in ledger order; the notes give the rate of each tenth of
+  the sample, so a rate that fell as the ledger grew would show.
 - **rerun (nothing to do)** runs the whole grant again on a fully granted
   campaign; **reconcile (5 breaks)** reconciles after five grants were deleted
   behind the pipeline's back, and must find exactly those five.
 - **naive executemany** is row-at-a-time `INSERT … ON CONFLICT DO NOTHING` on a
   sample, the write path the pipeline replaces.
+
+What these figures mean for a larger campaign, and what to add to grant more
+users in one night: [Capacity](explanation/capacity.md).
 """
 
 
@@ -92,7 +99,10 @@ def _other_benchmarks() -> str:
 def render(records: list[dict[str, Any]]) -> str:
     """The page for these records (grant pipeline runs, one per backend)."""
     order = list(BACKEND_TITLES)
-    records = sorted(records, key=lambda r: order.index(r["backend"]) if r["backend"] in order else len(order))
+    records = sorted(
+        records,
+        key=lambda r: (r["users"], order.index(r["backend"]) if r["backend"] in order else len(order)),
+    )
     users = ", ".join(sorted({f"{r['users']:,}" for r in records})) or "no"
     parts = [INTRO.format(users=users)]
     for record in records:
@@ -104,7 +114,7 @@ def render(records: list[dict[str, Any]]) -> str:
 def _section(record: dict[str, Any]) -> str:
     machine = record["machine"]
     lines = [
-        f"## {BACKEND_TITLES.get(record['backend'], record['backend'])}",
+        f"## {record.get('title') or BACKEND_TITLES.get(record['backend'], record['backend'])}",
         "",
         f"{record['users']:,} users, {record['partitions']} partitions, {record['writers']} ledger writer(s); "
         f"measured {machine['measured_on']}.",
@@ -119,8 +129,9 @@ def _section(record: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---|",
     ]
     for stage in record["stages"]:
+        rate = f"{stage['rows_per_s']:,}" if stage["seconds"] else "—"  # a size, not a timed stage
         lines.append(
-            f"| {stage['stage']} | {stage['rows']:,} | {stage['seconds']:,.2f} | {stage['rows_per_s']:,} "
+            f"| {stage['stage']} | {stage['rows']:,} | {stage['seconds']:,.2f} | {rate} "
             f"| {stage['peak_rss_mb']:,} | {_cell(stage['target'])} |"
         )
     lookup = record.get("lookup") or {}

@@ -326,7 +326,13 @@ def scratch_folder(near: Location | None, prefix: str) -> Iterator[Path]:
         parent = near
     owner = f".{prefix}-{socket.gethostname()}-"
     _remove_abandoned(parent, owner)
-    folder = Path(tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}-", dir=parent))
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}-", dir=parent))
+    except OSError as exc:
+        raise StorageError(
+            f"{parent}: cannot make a scratch folder there ({exc.strerror or exc}); "
+            "free space or fix its permissions (a dry run or an s3:// home uses TMPDIR)"
+        ) from exc
     try:
         yield folder
     finally:

@@ -93,23 +93,35 @@ def freeze_rows(
         _split(scanned, scratch, groups)
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise unreadable(source, exc) from exc
-    rejected = pl.scan_ipc(scratch / "rejected.arrow")
+    folders = {int(folder.name.rpartition("=")[2]): folder for folder in (scratch / "groups").glob("group=*")}
+    rejected_folder = folders.pop(groups, None)
+    rejected = _rejected(scanned, rejected_folder)
     by_reason = dict(rejected.group_by("reason").len().collect().iter_rows())
-    first_rejected = list(rejected.head(EXAMPLES_IN_MESSAGE_MAX).collect().iter_rows())
-    group_folders = _numbered_folders(scratch / "groups")
+    first_rejected = list(
+        rejected.sort("row_number")
+        .head(EXAMPLES_IN_MESSAGE_MAX)
+        .select("row_number", "raw_value", "reason")
+        .collect()
+        .iter_rows()
+    )
+    group_folders = [folders[number] for number in sorted(folders)]
     valid_rows = sum(_rows(folder) for folder in group_folders)
-    cuts = _range_cuts(scratch / "sample.arrow", -(-valid_rows // rows_in_memory))
+    ranges = -(-valid_rows // rows_in_memory)
 
     duplicate_rows = eligible = 0
     excluded: list[pl.Series] = []
+    cuts: pl.Series | None = None
     for number, folder in enumerate(group_folders):
-        repeated, kept, left_out = _deduplicate(_read(folder), scanned.integer_column, exclusions)
+        repeated, kept, left_out = _deduplicate(scanned, _read(folder), exclusions)
+        if cuts is None:
+            # A group is an even sample of all ids (the bucket mixes them): its ids place the range cuts.
+            cuts = _range_cuts(kept, ranges)
         if repeated.height:
             repeated.write_ipc(_new_file(scratch / "duplicates", number))
         duplicate_rows += repeated.height
         eligible += kept.len()
         excluded.append(left_out)
-        bounds = [0, *kept.search_sorted(pl.Series(cuts, dtype=pl.Int64), side="left").to_list(), kept.len()]
+        bounds = [0, *kept.search_sorted(cuts, side="left").to_list(), kept.len()]
         for range_number, (start, stop) in enumerate(zip(bounds, bounds[1:], strict=False)):
             if stop > start:
                 kept.slice(start, stop - start).to_frame().write_ipc(
@@ -121,10 +133,17 @@ def freeze_rows(
     if excluded_ids.len():
         excluded_file = scratch / "excluded.parquet"
         schemas.write_parquet(excluded_ids.to_frame(), "snapshot", excluded_file)
-    rows_read = valid_rows + sum(by_reason.values())
+    rejected_rows = sum(by_reason.values())
+    rows_read = valid_rows + rejected_rows
     quarantine_file = scratch / "quarantine.parquet"
-    quarantined = sum(by_reason.values()) + duplicate_rows
-    _write_quarantine(scratch, quarantine_file, str(source), quarantined, rows_read, rows_in_memory)
+    _write_quarantine(
+        [rejected.select("row_number", "raw_value", "reason"), *_duplicates(scratch)],
+        quarantine_file,
+        str(source),
+        rejected_rows + duplicate_rows,
+        rows_read,
+        rows_in_memory,
+    )
     counts = Counts(
         rows_read=rows_read,
         null_rows=int(by_reason.get("null", 0)),
@@ -145,26 +164,36 @@ def freeze_rows(
 
 
 def _split(scanned: UserRows, scratch: Path, groups: int) -> None:
-    rows = scanned.rows
-    valid = rows.filter(pl.col("reason").is_null())
-    kept = ["user_id", "row_number"] if scanned.integer_column else ["user_id", "row_number", "raw_value"]
-    group = (user_bucket_expr() * groups // BUCKET_MODULUS).alias("group")
-    sinks = [
-        valid.with_columns(scanned.raw_value.alias("raw_value"))
-        .select(*kept, group)
-        .sink_ipc(pl.PartitionBy(scratch / "groups", key="group", include_key=False), lazy=True, mkdir=True),
-        rows.filter(pl.col("reason").is_not_null())
-        .select("row_number", scanned.raw_value.alias("raw_value"), "reason")
-        .sink_ipc(scratch / "rejected.arrow", lazy=True),
-        valid.select("user_id").gather_every(SAMPLE_EVERY).sink_ipc(scratch / "sample.arrow", lazy=True),
-    ]
-    pl.collect_all(sinks, engine="streaming")
+    """One streaming pass: every row's (value, row_number) into its group's spill; rejected rows in group ``groups``.
+
+    One sink only: several sinks over one scan would make Polars buffer the rows one sink
+    has not taken yet, and memory would grow with the file.
+    """
+    group = (
+        pl.when(pl.col("reason").is_null())
+        .then(user_bucket_expr() * groups // BUCKET_MODULUS)
+        .otherwise(pl.lit(groups, dtype=pl.Int64))
+        .alias("group")
+    )
+    scanned.rows.select("value", "row_number", group).sink_ipc(
+        pl.PartitionBy(scratch / "groups", key="group", include_key=False), mkdir=True, engine="streaming"
+    )
+
+
+def _rejected(scanned: UserRows, folder: Path | None) -> pl.LazyFrame:
+    """The rejected rows, classified again from their spilled values: (row_number, raw_value, reason)."""
+    if folder is None:
+        empty = scanned.source.clear()
+        return scanned.classified(empty).select("row_number", scanned.raw_value.alias("raw_value"), "reason")
+    frame = pl.scan_ipc(sorted(folder.glob("*.*")))
+    return scanned.classified(frame).select("row_number", scanned.raw_value.alias("raw_value"), "reason")
 
 
 def _deduplicate(
-    rows: pl.DataFrame, integer_column: bool, exclusions: pl.DataFrame | None
+    scanned: UserRows, values: pl.DataFrame, exclusions: pl.DataFrame | None
 ) -> tuple[pl.DataFrame, pl.Series, pl.Series]:
     """One group's (duplicate rows, sorted distinct kept ids, sorted excluded ids)."""
+    rows = values.select("row_number", scanned.parsed.alias("user_id"), "value")
     ids = rows["user_id"].sort()
     first = (ids != ids.shift(1)).fill_null(True)
     distinct = ids.filter(first)
@@ -172,9 +201,8 @@ def _deduplicate(
     if repeated_ids.len():
         # The first row of an id stays; its later rows are duplicates, with the text the file had.
         of_repeated = rows.filter(pl.col("user_id").is_in(repeated_ids.implode())).sort(["user_id", "row_number"])
-        raw = pl.col("user_id").cast(pl.String) if integer_column else pl.col("raw_value")
         repeated = of_repeated.filter(pl.col("user_id") == pl.col("user_id").shift(1)).select(
-            "row_number", raw.alias("raw_value")
+            "row_number", scanned.raw_value.alias("raw_value")
         )
     else:
         repeated = pl.DataFrame(schema={"row_number": rows.schema["row_number"], "raw_value": pl.String})
@@ -186,24 +214,25 @@ def _deduplicate(
     return repeated, distinct, left_out
 
 
-def _range_cuts(sample_file: Path, ranges: int) -> list[int]:
+def _range_cuts(sample: pl.Series, ranges: int) -> pl.Series:
     """Ids at which to cut the sorted distinct ids into ``ranges`` ranges of about equal size."""
-    sample = pl.read_ipc(sample_file)["user_id"].unique().sort()
     if ranges <= 1 or not sample.len():
+        return pl.Series("user_id", [], pl.Int64)
+    cuts = sorted({int(sample[i * sample.len() // ranges]) for i in range(1, ranges)})
+    return pl.Series("user_id", cuts, pl.Int64)
+
+
+def _duplicates(scratch: Path) -> list[pl.LazyFrame]:
+    folder = scratch / "duplicates"
+    if not folder.exists():
         return []
-    return sorted({int(sample[i * sample.len() // ranges]) for i in range(1, ranges)})
+    return [pl.scan_ipc(path).with_columns(pl.lit("duplicate").alias("reason")) for path in sorted(folder.iterdir())]
 
 
 def _write_quarantine(
-    scratch: Path, target: Path, source_file: str, quarantined: int, rows_read: int, rows_in_memory: int
+    pieces: list[pl.LazyFrame], target: Path, source_file: str, quarantined: int, rows_read: int, rows_in_memory: int
 ) -> None:
     """Rejected and duplicate rows in row order, one row range at a time."""
-    pieces = [pl.scan_ipc(scratch / "rejected.arrow")]
-    if (scratch / "duplicates").exists():
-        pieces += [
-            pl.scan_ipc(path).with_columns(pl.lit("duplicate").alias("reason"))
-            for path in sorted((scratch / "duplicates").iterdir())
-        ]
     steps = max(1, -(-quarantined // rows_in_memory))
     width = -(-(rows_read + 1) // steps)
     with schemas.ParquetStream("quarantine", target) as out:

@@ -18,6 +18,7 @@ file in memory; the text of a row as the file had it (the quarantine's
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.errors import SnapshotError
+from pipeline.errors import SnapshotError, StorageError
 from pipeline.storage import Location
 
 USER_ID_COLUMN = "user_id"
@@ -37,12 +38,28 @@ _VALUE = "value"  # the file's id column, renamed
 
 @dataclass(frozen=True)
 class UserRows:
-    """A user file's rows as a lazy query of (row_number, value, user_id, reason)."""
+    """A user file's id column as a lazy query of (row_number, value), with the rules that classify it.
 
-    rows: pl.LazyFrame
-    raw_value: pl.Expr  # the row's text as the file had it (String)
-    integer_column: bool  # raw_value is the canonical text of user_id wherever user_id is valid
+    ``value`` is the column as the file has it; :meth:`classified` adds ``user_id`` and
+    ``reason`` to any frame holding ``value`` (so a spilled copy of the rows can be
+    classified again without the file), and :attr:`raw_value` gives the row's text.
+    """
+
+    source: pl.LazyFrame  # (value, row_number)
+    parsed: pl.Expr  # value -> user_id (Int64), null when it is no id
+    reason: pl.Expr  # needs value and user_id -> the reason a row is unusable, null when usable
+    raw_value: pl.Expr  # value -> the row's text as the file had it (String)
+    integer_column: bool
     estimated_rows: int  # the row count (Parquet) or an upper estimate from the size (CSV)
+
+    @property
+    def rows(self) -> pl.LazyFrame:
+        """(value, row_number, user_id, reason) of every row."""
+        return self.classified(self.source)
+
+    def classified(self, frame: pl.LazyFrame) -> pl.LazyFrame:
+        """``frame`` (with ``value``) with ``user_id`` and ``reason`` added."""
+        return frame.with_columns(self.parsed.alias("user_id")).with_columns(self.reason.alias("reason"))
 
 
 def scan_user_file(path: Location, local: Path, id_column: str = USER_ID_COLUMN) -> UserRows:
@@ -81,8 +98,13 @@ def readable_file(path: Location, scratch: Path, id_column: str = USER_ID_COLUMN
         raise SnapshotError(str(exc)) from exc
 
 
-def unreadable(path: Location, exc: Exception) -> SnapshotError:
-    """The error for a file that failed while its rows were read."""
+def unreadable(path: Location, exc: Exception) -> SnapshotError | StorageError:
+    """The error for a file that failed while its rows were read (or its spill files written)."""
+    if "No space left on device" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
+        return StorageError(
+            f"{path}: no space left for the scratch files while reading it ({exc}); freezing needs about "
+            "16 bytes a user beside the snapshots (TMPDIR for a dry run or an s3:// home): free space there"
+        )
     if "".join(path.suffixes).lower().endswith((".csv", ".csv.gz")):
         return SnapshotError(f"{path}: cannot parse the CSV ({exc}); check quoting and line endings")
     return SnapshotError(f"{path}: cannot read the user ids ({exc}); is the file truncated?")
@@ -141,8 +163,7 @@ def _scan_parquet(path: Location, local: Path, id_column: str) -> UserRows:
             .then(pl.lit("out_of_range"))
             .otherwise(pl.lit(None, dtype=pl.String))
         )
-        rows = numbered.with_columns(parsed.alias("user_id")).with_columns(reason.alias("reason"))
-        return UserRows(rows, value.cast(pl.String), True, metadata.num_rows)
+        return UserRows(numbered, parsed, reason, value.cast(pl.String), True, metadata.num_rows)
     if pa.types.is_floating(field_type):
         whole = value.is_not_null() & (value == value.floor()) & (value.abs() < 2.0**63)
         parsed = pl.when(whole).then(value).otherwise(None).cast(pl.Int64, strict=False)
@@ -153,8 +174,7 @@ def _scan_parquet(path: Location, local: Path, id_column: str) -> UserRows:
             f"{path}: column '{id_column}' has type {field_type}; expected integers (int64) or text digits"
         )
     raw = value.cast(pl.String)
-    rows = numbered.with_columns(parsed.alias("user_id")).with_columns(_reason(raw).alias("reason"))
-    return UserRows(rows, raw, False, metadata.num_rows)
+    return UserRows(numbered, parsed, _reason(raw), raw, False, metadata.num_rows)
 
 
 def _scan_csv(path: Location, local: Path, id_column: str) -> UserRows:
@@ -166,12 +186,11 @@ def _scan_csv(path: Location, local: Path, id_column: str) -> UserRows:
     scanned = pl.scan_csv(local, schema_overrides={id_column: pl.String})
     raw = pl.col(_VALUE)
     parsed = raw.str.strip_chars().cast(pl.Int64, strict=False)
-    rows = _numbered(scanned, id_column).with_columns(parsed.alias("user_id"))
-    rows = rows.with_columns(_reason(raw).alias("reason"))
+    numbered = _numbered(scanned, id_column)
     # At least two bytes a row (a digit and a newline); compressed files hold more rows than bytes.
     size = local.stat().st_size
     estimate = size // 2 if "".join(path.suffixes).lower().endswith(".csv") else size * 8
-    return UserRows(rows, raw, False, estimate)
+    return UserRows(numbered, parsed, _reason(raw), raw, False, estimate)
 
 
 def _require_column(path: Location, columns: list[str], id_column: str) -> None:

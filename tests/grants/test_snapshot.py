@@ -473,3 +473,23 @@ def test_scratch_of_a_killed_freeze_is_removed_by_the_next(tmp_path: Path, home:
     assert not abandoned.exists()
     assert running.exists()
     assert report.eligible_users == 4999
+
+
+def test_a_full_disk_while_spilling_says_where_room_is_needed(
+    tmp_path: Path, home: Path, write_users: WriteUsers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from pipeline.errors import StorageError
+    from pipeline.grants import freezing
+
+    users = write_users(tmp_path / "users.parquet", list(range(1, 100)))
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(freezing, "_split", full)
+    with pytest.raises(StorageError, match="no space left for the scratch files.*free space there") as caught:
+        freeze(users, home)
+    assert caught.value.exit_code == 2
+    assert frozen_snapshots(home) == []
