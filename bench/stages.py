@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace, home: Path, env: dict[str, str], report: Repor
         report("freeze snapshot", frozen.rows_read, seconds, rss(), _target(args.users))
     if "partition" in stages:
         frozen = load_snapshot_report(Path(json.loads((home / "frozen.json").read_text())["directory"]))
+        for written in Path(frozen.directory).glob("partitions-*"):  # else a complete set is reused, not timed
+            shutil.rmtree(written)
         reset_peak_rss()
         started = time.perf_counter()
         runs.partition(pipeline, frozen)

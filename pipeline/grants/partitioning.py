@@ -172,19 +172,19 @@ def _groups(
         raise PartitionError(f"{users_file}: not a readable Parquet file ({exc})") from exc
     per_group = max(1, min(partition_count, rows_in_memory * partition_count // max(total, 1)))
     groups = -(-partition_count // per_group)
-    with_bucket = pl.scan_parquet(local).select(user_bucket_expr().alias("user_bucket"), pl.col("user_id"))
-    if groups > 1:
-        group = (pl.col("user_bucket") * partition_count // BUCKET_MODULUS // per_group).alias("group")
-        with_bucket.with_columns(group).sink_ipc(
+    snapshot = pl.scan_parquet(local).select("user_id")
+    if groups > 1:  # the ids only (the bucket is computed again): half the spill to write and read
+        group = (user_bucket_expr() * partition_count // BUCKET_MODULUS // per_group).alias("group")
+        snapshot.with_columns(group).sink_ipc(
             pl.PartitionBy(scratch / "groups", key="group", include_key=False), mkdir=True, engine="streaming"
         )
     for number in range(groups):
         if groups == 1:
-            users = with_bucket.collect()
+            users = snapshot.collect()
         else:
             files = sorted((scratch / "groups" / f"group={number}").glob("*.*"))
-            users = pl.scan_ipc(files).collect() if files else with_bucket.clear().collect()
-        ordered = _bucket_order(users)
+            users = pl.scan_ipc(files).collect() if files else snapshot.clear().collect()
+        ordered = _bucket_order(users.select(user_bucket_expr().alias("user_bucket"), "user_id"))
         del users
         invariant(_in_key_order(ordered), f"{users_file}: the snapshot's ids are not in ascending order")
         yield range(number * per_group, min(partition_count, (number + 1) * per_group)), ordered

@@ -35,6 +35,43 @@ def test_demo_file_counts_are_what_it_reports(suffix: str, tmp_path: Path) -> No
     assert unique.filter(unique >= RECENT_ID_BASE).len() == int(60_000 * 0.02), "2 % recent sign-ups"
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_large_file_is_made_slice_by_slice(suffix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.grants import demo_users
+
+    monkeypatch.setattr(demo_users, "SLICE_USERS", 20_000)
+    seen: list[int] = []
+    out = tmp_path / f"users{suffix}"
+    demo = write_demo_users(70_000, out, seed=3, before_write=lambda users: seen.append(users.height))
+    assert seen == [20_000, 20_000, 20_000, 10_000]  # each slice is shown before it is written
+    frame = pl.read_csv(out, schema_overrides={"user_id": pl.String}) if suffix == ".csv" else pl.read_parquet(out)
+    ids = frame["user_id"].cast(pl.Int64, strict=False)
+    valid = ids.filter(ids > 0)
+    assert frame.height == demo.rows == 70_000 + demo.duplicate_rows + demo.bad_rows
+    assert valid.n_unique() == demo.distinct_valid_users == 70_000  # no id repeats across slices
+    assert valid.len() - valid.n_unique() == demo.duplicate_rows
+    report = freeze_snapshot(out, tmp_path / "var", "demo")
+    assert report.eligible_users == 70_000
+
+
+def test_a_refused_slice_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.grants import demo_users
+
+    monkeypatch.setattr(demo_users, "SLICE_USERS", 1_000)
+    seen: list[int] = []
+
+    def refuse_the_third(users: pl.DataFrame) -> None:
+        seen.append(users.height)
+        if len(seen) == 3:
+            raise LedgerError("refused")
+
+    out = tmp_path / "users.parquet"
+    with pytest.raises(LedgerError):
+        write_demo_users(5_000, out, before_write=refuse_the_third)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_same_seed_same_file_other_seed_other_file(tmp_path: Path) -> None:
     a, b, c = tmp_path / "a.parquet", tmp_path / "b.parquet", tmp_path / "c.parquet"
     write_demo_users(5_000, a, seed=1)
