@@ -1,5 +1,6 @@
 """Benchmark of the three-way comparison at scale: time and memory per grant, without an issuer's export speed.
 
+    .venv/bin/python bench/bench_three_way.py --users 48000000    # the target's scale, about 15 min
     .venv/bin/python bench/bench_three_way.py --users 5000000
     .venv/bin/python bench/bench_three_way.py --users 5000000 \
         --ledger-url postgresql+psycopg://postgres@127.0.0.1:5432/bench_three_way
@@ -10,13 +11,18 @@ an export holding exactly those coupon grants, in this process, as
 ``entitle reconcile`` does for each issuer (``three_way.check_issuer``).
 The export comes from a ``kind = "python"`` issuer defined here that builds it
 partition by partition from the run's own partition files, so the figures are
-the pipeline's side of the comparison: reading the ledger side, reducing the
-export chunk by chunk, the joins. A real issuer's export adds its own time
-(about 125,000 grants/s for the reference service's export and its reading,
-which ``bench/bench_delivery.py`` measures end to end).
+the pipeline's side of the comparison: reading the export and spilling its
+keys by partition, comparing each partition with the ledger, reading the
+breaks' details. A real issuer's export adds its own time (about 125,000
+grants/s for the reference service's export and its reading, which
+``bench/bench_delivery.py`` measures end to end).
 
-Prints the time and the process's peak resident memory, and both per exported
-grant, so that they can be scaled to 48 million users.
+Prints the time and peak resident memory of every stage: the two commands'
+own (from wait4), and each stage of the comparison's (the peak is reset
+between stages through /proc/self/clear_refs); then the comparison's peak
+against the target, at most 2,048 MB at 48 million users, the disk its spill
+took, and time and memory per exported grant. Exits 1 when the comparison is
+not exact, or at 48 million users or more when it misses the target.
 """
 
 from __future__ import annotations
@@ -113,6 +119,69 @@ def _fresh_database(url_text: str) -> str:
     return url_text
 
 
+PEAK_RSS_TARGET_MB = 2_048  # the comparison's peak at 48 million users
+TARGET_USERS = 48_000_000
+
+
+class StagePeaks:
+    """Time and peak resident memory of this process per stage, the peak reset as each stage ends."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float, float]] = []  # (stage, seconds, peak MB)
+        self.resets = _reset_peak()
+        self.started = time.perf_counter()
+
+    def end(self, stage: str) -> None:
+        """Record ``stage`` (from the previous one's end to now) and start the next one's peak afresh."""
+        now = time.perf_counter()
+        self.rows.append((stage, now - self.started, _peak_mb()))
+        self.resets = _reset_peak() and self.resets
+        self.started = time.perf_counter()
+
+
+def _reset_peak() -> bool:
+    """Set this process's peak resident memory (VmHWM) to its current size; False where Linux does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_mb() -> float:
+    """This process's peak resident memory since the last reset (VmHWM), in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_mb() -> float:
+    """This process's resident memory now (VmRSS), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _run_measured(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Run ``command`` to its end; its seconds and its own peak resident memory in MB (from wait4)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env)
+    _pid, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed with exit code {os.waitstatus_to_exitcode(status)}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def _folder_bytes(root: Path) -> int:
+    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=5_000_000)
@@ -139,22 +208,33 @@ def main() -> int:
         env["ENTITLE_LEDGER_URL"] = _fresh_database(args.ledger_url)
     users = args.home / "users.parquet"
     entitle = str(BIN / "entitle")
-    subprocess.run([entitle, "demo-users", "--count", str(args.users), "--out", str(users)], env=env, check=True)
-    started = time.perf_counter()
-    subprocess.run([entitle, "run", "--users", str(users), "--no-progress"], env=env, check=True)
-    print(f"granted in {time.perf_counter() - started:.1f} s", flush=True)
+    stages: list[tuple[str, int, float, float]] = []  # (stage, rows, seconds, peak MB)
+    seconds, peak_mb = _run_measured([entitle, "demo-users", "--count", str(args.users), "--out", str(users)], env)
+    stages.append(("generate users (entitle demo-users)", args.users, seconds, peak_mb))
+    seconds, peak_mb = _run_measured([entitle, "run", "--users", str(users), "--no-progress"], env)
 
     pipeline = runs.open_pipeline(load_settings({k: v for k, v in env.items() if k.startswith("ENTITLE_")}))
+    stages.append(("grant (entitle run)", args.users * len(pipeline.campaign.items), seconds, peak_mb))
     row = runs.snapshot_row(pipeline, None)
     count = int(row["partition_count"])
     manifest = load_manifest(partitions_dir(pipeline.settings.location(row["snapshot_dir"]), count))
     PARTITION_FILES[:] = [Path(str(entry.path)) for entry in manifest]
     spec = pipeline.campaign.issuers[0]
-    before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    spilled_bytes = 0
+
+    def on_stage(stage: str) -> None:
+        nonlocal spilled_bytes
+        if stage == three_way.STAGES[0]:  # the export's keys are all in the scratch folder now
+            spilled_bytes = sum(
+                _folder_bytes(folder) for folder in pipeline.settings.home.glob(f".{three_way.SPILL_PREFIX}-*")
+            )
+        peaks.end(stage)
+
+    start_mb = _current_mb()
+    peaks = StagePeaks()
     started = time.perf_counter()
-    check = three_way.check_issuer(pipeline, spec, count)
+    check = three_way.check_issuer(pipeline, spec, count, on_stage=on_stage)
     seconds = time.perf_counter() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     pipeline.engine.dispose()
     held = check.issuer_held
     exact = check.state == "compared" and check.matched == check.ledger_live == held and check.breaks is not None
@@ -167,16 +247,37 @@ def main() -> int:
     if not exact:
         print("FAILED: the comparison did not find the export equal to the ledger", file=sys.stderr)
         return 1
+    for stage, stage_s, stage_mb in peaks.rows:
+        rows = check.breaks.height if stage == three_way.STAGES[2] else held  # the details are the breaks'
+        stages.append((f"three-way: {stage}", rows, stage_s, stage_mb))
+    compare_mb = max(stage_mb for _stage, _s, stage_mb in peaks.rows)
+    stages.append(("three-way (all its stages)", held, seconds, compare_mb))
+
+    print(f"\n{args.users:,} users, {count} partitions, {held:,} exported grants\n")
+    print(f"| {'stage':<40} | {'rows':>13} | {'seconds':>8} | {'rows/s':>11} | {'peak RSS MB':>11} |")
+    print(f"|{'-' * 42}|{'-' * 14}:|{'-' * 9}:|{'-' * 12}:|{'-' * 12}:|")
+    for stage, rows, stage_s, stage_mb in stages:
+        rate = f"{rows / stage_s:,.0f}" if rows and stage_s >= 0.05 else "—"
+        print(f"| {stage:<40} | {rows:>13,} | {stage_s:>8.1f} | {rate:>11} | {stage_mb:>11,.0f} |")
+    print()
+    if not peaks.resets:
+        print("note: /proc/self/clear_refs could not be written, so each stage's peak includes the earlier ones'")
+    meets = compare_mb <= PEAK_RSS_TARGET_MB
+    scale = "" if args.users >= TARGET_USERS else f" (the target is for {TARGET_USERS:,} users; this run has fewer)"
     print(
-        f"compared in {seconds:.1f} s = {held / seconds:,.0f} exported grants/s; peak memory "
-        f"{peak_kib / 1024:,.0f} MiB (before the comparison {before_kib / 1024:,.0f} MiB; the ledger's SQLite "
-        "page cache is up to 256 MiB of it on SQLite)"
+        f"target: the three-way comparison's peak RSS <= {PEAK_RSS_TARGET_MB:,} MB at {TARGET_USERS:,} users: "
+        f"{compare_mb:,.0f} MB, {'met' if meets else 'NOT MET'}{scale}; the process held {start_mb:,.0f} MB "
+        "before it (the ledger's SQLite page cache is up to 256 MiB of it on SQLite)"
+    )
+    print(
+        f"spilled {spilled_bytes / 1e6:,.0f} MB to the scratch folder in ENTITLE_HOME ({spilled_bytes / held:.1f} "
+        "bytes a grant), removed afterwards"
     )
     print(
         f"per exported grant: {seconds / held * 1e6:.2f} µs, "
-        f"{(peak_kib - before_kib) * 1024 / held:.0f} bytes of peak memory above the start"
+        f"{(compare_mb - start_mb) * 1024 * 1024 / held:.1f} bytes of peak memory above the start"
     )
-    return 0
+    return 0 if meets or args.users < TARGET_USERS else 1
 
 
 if __name__ == "__main__":

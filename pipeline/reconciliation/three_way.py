@@ -20,30 +20,40 @@ the bridge of the issuer's verdict (:attr:`IssuerCheck.outcome`). An issuer whos
 export cannot be read makes its verdict, and the reconciliation's, ``INCOMPLETE``.
 
 Both sides are compared on the grant's integer key (user_id, item_key,
-issue_no), never its id string. The export is reduced chunk by chunk to that
-key and its partition (rows whose id is not the canonical one of their
-fields, whose sku the campaign does not know or whose user id is not
-positive cannot be ledger grants and are kept whole, as issuer_unexpected);
-then each partition's bucket range of the ledger is read and compared with
-that partition's keys, so memory grows with the export (about 35 bytes a
-grant measured, bench/bench_three_way.py), not with both sides and their join
-tables. The texts a break's detail needs (who voided it, why its delivery
-failed) are read for the breaks only.
+issue_no), never its id string. The export is read as it streams and reduced
+chunk by chunk to that key and its partition (rows whose id is not the
+canonical one of their fields, whose sku the campaign does not know or whose
+user id is not positive cannot be ledger grants and are kept whole, as
+issuer_unexpected). The keys are never held all together: every
+:data:`SPILL_ROWS` of them are written to a scratch folder hidden in
+ENTITLE_HOME (:func:`pipeline.storage.scratch_folder`), one lz4-compressed
+Arrow IPC file per partition. Then, one partition at a time, its keys are
+read back and compared with the same bucket range of the ledger, in slices of
+about :data:`COMPARE_KEYS_MAX` keys when the partition holds more. Memory
+therefore holds one partition's exported keys, one slice of both sides with
+its joins, and the breaks found, whatever the size of the export, the ledger
+or their partitions (bench/bench_three_way.py prints each stage's peak: about
+1 GB at 48 million users, 96 million exported grants). The scratch folder
+takes up to about 16 bytes an exported grant on disk (6 measured) and is
+removed at the end, on error too. The texts a break's detail needs (who
+voided it, why its delivery failed) are read for the breaks only.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 import sqlalchemy as sa
 
-from pipeline import ledger
+from pipeline import ledger, storage
 from pipeline.campaigns import IssuerSpec
 from pipeline.delivery.issuers import Issuer, IssuerRejected, IssuerUnavailable, build_issuer
+from pipeline.errors import StorageError, invariant
 from pipeline.grants import runs
 from pipeline.grants.partitioning import BUCKET_MODULUS, bucket_range, user_bucket_expr
 from pipeline.reconciliation.verdict import BREAKS, INCOMPLETE, REPAIR_COMMAND, Bridge, Step, Verdict, judge
@@ -57,6 +67,11 @@ EXPORT_SCHEMA: dict[str, Any] = {
     "issue_no": pl.Int32,
 }
 LEDGER_FETCH_ROWS = 200_000
+SPILL_ROWS = 4_000_000  # export keys held in memory before they are written out by partition (about 80 MB)
+SPILL_PREFIX = "three-way"  # the scratch folder of one issuer's comparison, hidden in ENTITLE_HOME
+SPILL_BYTES_PER_GRANT = 16  # the spilled keys on disk, uncompressed (lz4 makes it about 6 for ordinary ids)
+COMPARE_KEYS_MAX = 1_000_000  # exported keys of a partition compared at once; more are cut into bucket ranges
+STAGES = ("read the export", "compare with the ledger", "read the break details")
 TEXT_LOOKUP_USERS = 500  # user ids per query when reading the breaks' texts
 KEY = ["user_id", "item_key", "issue_no"]  # a grant within the campaign (with the campaign's key)
 _EMPTY_KEYS = pl.DataFrame(schema={"user_id": pl.Int64, "item_key": pl.Int32, "issue_no": pl.Int32})
@@ -146,68 +161,125 @@ def check_issuers(pipeline: runs.Pipeline, partition_count: int) -> list[IssuerC
     return [check_issuer(pipeline, spec, partition_count) for spec in delivering_issuers(pipeline)]
 
 
-def check_issuer(pipeline: runs.Pipeline, spec: IssuerSpec, partition_count: int) -> IssuerCheck:
-    """One issuer: read its export, then compare it with the ledger partition by partition.
+def check_issuer(
+    pipeline: runs.Pipeline,
+    spec: IssuerSpec,
+    partition_count: int,
+    *,
+    spill_rows: int = SPILL_ROWS,
+    compare_keys_max: int = COMPARE_KEYS_MAX,
+    on_stage: Callable[[str], None] | None = None,
+) -> IssuerCheck:
+    """One issuer: spill its export's keys by partition, then compare them with the ledger a bucket range at a time.
 
-    The export is held as integer keys (16 bytes a grant, plus its partition); the ledger side
-    is read one partition's bucket range at a time, so memory grows with the export, not with
-    both sides and their join tables.
+    Memory holds one partition's exported keys, a slice of about ``compare_keys_max`` of them
+    against the same bucket range of the ledger, and the breaks found, whatever the export's size;
+    ``spill_rows`` keys at most wait in memory before they are written out. ``on_stage`` is called
+    with each stage's name (:data:`STAGES`) as it ends.
     """
+    invariant(spill_rows > 0, f"spill_rows must be positive, got {spill_rows}")
+    invariant(compare_keys_max > 0, f"compare_keys_max must be positive, got {compare_keys_max}")
     started = time.monotonic()
     skus = {pipeline.keys.item_keys[i.sku]: i.sku for i in pipeline.campaign.items_of(spec.name)}
-    issuer = build_issuer(spec)
-    try:
-        exported, odd = _compact_export(pipeline, issuer, partition_count)
-    except (IssuerUnavailable, IssuerRejected, OSError, ValueError, KeyError, TypeError) as exc:
-        return IssuerCheck(
-            spec.name,
-            "unreadable",
-            _live_count(pipeline, skus),
-            0,
-            0,
-            0,
-            0,
-            None,
-            f"the export of issuer {spec.name!r} cannot be read ({type(exc).__name__}: {exc})",
-            time.monotonic() - started,
-        )
-    finally:
-        issuer.close()
-    groups = exported.partition_by("partition_id", as_dict=True, include_key=False)
-    del exported
-    ledger_live = issuer_held = 0
-    missing_parts, unexpected_parts, voided_parts = [], [], []
-    for partition_id in range(partition_count):
-        held = groups.pop((partition_id,), _EMPTY_KEYS).unique(KEY)
-        rows = _ledger_side(pipeline, skus, bucket_range(partition_id, partition_count))
-        live = rows.filter(~pl.col("voided"))
-        missing_parts.append(live.join(held, on=KEY, how="anti"))
-        unexpected = held.join(live.select(KEY), on=KEY, how="anti")
-        unexpected_parts.append(unexpected)
-        voided_parts.append(unexpected.join(rows.filter(pl.col("voided")).select(KEY), on=KEY, how="semi"))
-        ledger_live += live.height
-        issuer_held += held.height
-    missing = pl.concat(missing_parts)
-    unexpected = pl.concat(unexpected_parts)
+    with storage.scratch_folder(pipeline.settings.home, SPILL_PREFIX) as folder:
+        issuer = build_issuer(spec)
+        try:
+            spill, odd = _spill_export(pipeline, issuer, partition_count, _Spill(folder, spill_rows))
+        except (IssuerUnavailable, IssuerRejected, OSError, ValueError, KeyError, TypeError) as exc:
+            return IssuerCheck(
+                spec.name,
+                "unreadable",
+                _live_count(pipeline, skus),
+                0,
+                0,
+                0,
+                0,
+                None,
+                f"the export of issuer {spec.name!r} cannot be read ({type(exc).__name__}: {exc})",
+                time.monotonic() - started,
+            )
+        finally:
+            issuer.close()
+        _stage_ended(on_stage, STAGES[0])
+        compared = _compare(pipeline, skus, spill, partition_count, compare_keys_max)
+    _stage_ended(on_stage, STAGES[1])
     breaks = pl.concat(
         [
-            _missing_rows(pipeline, missing, spec.name, skus, partition_count),
-            _unexpected_rows(pipeline, unexpected, odd, pl.concat(voided_parts), spec.name, skus, partition_count),
+            _missing_rows(pipeline, compared.missing, spec.name, skus, partition_count),
+            _unexpected_rows(pipeline, compared.unexpected, odd, compared.voided, spec.name, skus, partition_count),
         ],
         how="vertical_relaxed",
     )
+    _stage_ended(on_stage, STAGES[2])
     return IssuerCheck(
         spec.name,
         "compared",
-        ledger_live,
-        issuer_held + odd.height,
-        ledger_live - missing.height,
-        missing.height,
-        unexpected.height + odd.height,
+        compared.ledger_live,
+        compared.issuer_held + odd.height,
+        compared.ledger_live - compared.missing.height,
+        compared.missing.height,
+        compared.unexpected.height + odd.height,
         breaks,
         None,
         time.monotonic() - started,
     )
+
+
+def _stage_ended(on_stage: Callable[[str], None] | None, stage: str) -> None:
+    if on_stage is not None:
+        on_stage(stage)
+
+
+@dataclass
+class _Compared:
+    """The breaks of every partition by key, and the counts of the bridge's keyed rows."""
+
+    missing: pl.DataFrame  # live in the ledger, not exported (with the last answer's code)
+    unexpected: pl.DataFrame  # exported by canonical key, not live in the ledger
+    voided: pl.DataFrame  # those of ``unexpected`` the ledger voided
+    ledger_live: int
+    issuer_held: int  # distinct keys exported (the odd rows come on top)
+
+
+def _compare(
+    pipeline: runs.Pipeline, skus: dict[int, str], spill: _Spill, partition_count: int, compare_keys_max: int
+) -> _Compared:
+    """Each partition's exported keys against that partition's bucket range of the ledger, a slice at a time.
+
+    A partition whose export holds more than ``compare_keys_max`` keys is cut into equal bucket
+    ranges of about that many each, each read from the ledger on its own, so that the joins stay
+    small however large the partitions are: a slice's ledger rows are the exported keys they
+    match, plus breaks, which are kept anyway.
+    """
+    ledger_live = issuer_held = 0
+    missing_parts, unexpected_parts, voided_parts = [], [], []
+    for partition_id in range(partition_count):
+        exported = spill.keys_of(partition_id)
+        slices = _bucket_slices(bucket_range(partition_id, partition_count), -(-exported.height // compare_keys_max))
+        if len(slices) > 1:
+            exported = exported.with_columns(user_bucket_expr("user_id").alias("user_bucket"))
+        for buckets in slices:
+            held = exported if len(slices) == 1 else exported.filter(pl.col("user_bucket").is_between(*buckets))
+            held = held.select(KEY).unique(KEY)
+            rows = _ledger_side(pipeline, skus, buckets)
+            live = rows.filter(~pl.col("voided"))
+            missing_parts.append(live.join(held, on=KEY, how="anti"))
+            unexpected = held.join(live.select(KEY), on=KEY, how="anti")
+            unexpected_parts.append(unexpected)
+            voided_parts.append(unexpected.join(rows.filter(pl.col("voided")).select(KEY), on=KEY, how="semi"))
+            ledger_live += live.height
+            issuer_held += held.height
+    return _Compared(
+        pl.concat(missing_parts), pl.concat(unexpected_parts), pl.concat(voided_parts), ledger_live, issuer_held
+    )
+
+
+def _bucket_slices(buckets: tuple[int, int], count: int) -> list[tuple[int, int]]:
+    """The inclusive bucket range ``buckets`` cut into ``count`` (at least one) adjacent ranges of equal width."""
+    lo, hi = buckets
+    count = max(1, min(count, hi - lo + 1))
+    edges = [lo + (hi - lo + 1) * i // count for i in range(count + 1)]
+    return [(edges[i], edges[i + 1] - 1) for i in range(count)]
 
 
 def _live_count(pipeline: runs.Pipeline, skus: dict[int, str]) -> int:
@@ -286,23 +358,68 @@ def _export_chunks(pipeline: runs.Pipeline, issuer: Issuer) -> Iterator[pl.DataF
     yield pl.DataFrame(chunk, schema=EXPORT_SCHEMA, orient="row")
 
 
-def _compact_export(pipeline: runs.Pipeline, issuer: Issuer, partition_count: int) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The export reduced chunk by chunk to the distinct integer keys (16 bytes a grant), and the odd rows.
+@dataclass
+class _Spill:
+    """The export's integer keys on disk, one Arrow IPC file per partition and spill, in the export's order."""
+
+    folder: Path
+    spill_rows: int  # keys buffered in memory before they are written out
+    buffered: list[pl.DataFrame] = field(default_factory=list)
+    buffered_rows: int = 0
+    spills: int = 0
+    pieces: dict[int, list[Path]] = field(default_factory=dict)  # partition id -> its files, in order
+
+    def add(self, keys: pl.DataFrame) -> None:
+        """Take a chunk's keys (with ``partition_id``); write the buffer out once it holds ``spill_rows``."""
+        self.buffered.append(keys)
+        self.buffered_rows += keys.height
+        if self.buffered_rows >= self.spill_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered keys out, one file per partition they fall in."""
+        if self.buffered_rows == 0:
+            self.buffered = []
+            return
+        keys = pl.concat(self.buffered)
+        self.buffered, self.buffered_rows = [], 0
+        for (partition_id,), piece in keys.partition_by("partition_id", as_dict=True, include_key=False).items():
+            path = self.folder / f"{int(partition_id):05d}-{self.spills:06d}.arrow"
+            try:
+                piece.write_ipc(path, compression="lz4")
+            except OSError as exc:
+                raise StorageError(
+                    f"{self.folder}: cannot write the issuer's exported keys there ({exc}); the three-way "
+                    f"reconciliation needs up to about {SPILL_BYTES_PER_GRANT} bytes an exported grant in ENTITLE_HOME "
+                    f"({self.folder.parent}): free space there"
+                ) from exc
+            self.pieces.setdefault(int(partition_id), []).append(path)
+        self.spills += 1
+
+    def keys_of(self, partition_id: int) -> pl.DataFrame:
+        """The keys exported in one partition (duplicates included), read back in the export's order."""
+        paths = self.pieces.pop(partition_id, [])
+        return pl.concat([pl.read_ipc(path) for path in paths]) if paths else _EMPTY_KEYS
+
+
+def _spill_export(
+    pipeline: runs.Pipeline, issuer: Issuer, partition_count: int, spill: _Spill
+) -> tuple[_Spill, pl.DataFrame]:
+    """The export reduced chunk by chunk to integer keys (16 bytes a grant) spilled by partition, and the odd rows.
 
     A row is kept by key when its grant id is the canonical ``{campaign}:{user}:{sku}:{issue_no}``
     of its fields and its sku an item of the campaign; any other row ("odd": a foreign id, an
-    unknown sku) cannot be a ledger grant and is kept whole, as issuer_unexpected.
+    unknown sku) cannot be a ledger grant and is kept whole in memory, as issuer_unexpected.
     """
     campaign_id = pipeline.campaign.campaign_id
     known = dict(pipeline.keys.item_keys)
     canonical = _grant_id_expr(campaign_id)
-    # An empty frame of each kind first: an issuer that holds nothing may yield no chunk at all.
-    keyed = [_EMPTY_KEYS.with_columns(pl.lit(0, dtype=pl.Int32).alias("partition_id"))]
+    # An empty frame first: an issuer that holds nothing may yield no chunk at all.
     odd = [pl.DataFrame(schema=EXPORT_SCHEMA)]
     for chunk in _export_chunks(pipeline, issuer):
         ok = (pl.col("grant_id") == canonical) & pl.col("item_sku").is_in(list(known)) & (pl.col("user_id") > 0)
         marked = chunk.with_columns(ok.fill_null(False).alias("ok"))
-        keyed.append(
+        spill.add(
             marked.filter(pl.col("ok")).select(
                 "user_id",
                 pl.col("item_sku").replace_strict(known, return_dtype=pl.Int32).alias("item_key"),
@@ -313,10 +430,8 @@ def _compact_export(pipeline: runs.Pipeline, issuer: Issuer, partition_count: in
         odd.append(
             marked.filter(~pl.col("ok")).select("grant_id", "user_id", "item_sku", pl.col("issue_no").cast(pl.Int32))
         )
-    return (
-        pl.concat(keyed),
-        pl.concat(odd).unique("grant_id", keep="first").cast({"issue_no": pl.Int32}),
-    )
+    spill.flush()
+    return spill, pl.concat(odd).unique("grant_id", keep="first").cast({"issue_no": pl.Int32})
 
 
 def _partition_expr(partition_count: int, bucket: pl.Expr | None = None) -> pl.Expr:
