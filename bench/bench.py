@@ -76,6 +76,7 @@ def main() -> int:
         default=0.05,
         help="with --stages: the share of the partitions that grant, reconcile and notify run on (default 0.05)",
     )
+    parser.add_argument("--child-figures", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-grant", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-reconcile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -127,6 +128,9 @@ def stages_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> i
         print(f"{stage:<22} {rows:>13,} {seconds:>9.2f} {rate:>13,.0f} {rss_mb:>12,.0f}  {target}", flush=True)
 
     status = int(stages.run(args, home, env, report, self_rss_mb))
+    if args.child_figures:
+        print(json.dumps(figures))
+        return status
     if args.record is not None and status == 0:
         import machine  # bench/machine.py, beside this script
 
@@ -200,21 +204,12 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
     settings = load_settings(env)
     pipeline = runs.open_pipeline(settings)
     runs.register(pipeline)
-    reset_peak_rss()
-    started = time.perf_counter()
-    snapshot_report = runs.freeze(pipeline, users_file)
-    report("freeze snapshot", snapshot_report.rows_read, time.perf_counter() - started, self_rss_mb())
+    # Freeze and partition in a fresh process, as Airflow runs them: their peaks are their own.
+    for figure in run_stages_child(env, args, home, "freeze,partition"):
+        report(figure["stage"], figure["rows"], figure["seconds"], figure["peak_rss_mb"], figure["target"])
+    from pipeline.grants.snapshot import load_snapshot_report
 
-    reset_peak_rss()
-    started = time.perf_counter()
-    runs.partition(pipeline, snapshot_report)
-    report(
-        "partition",
-        snapshot_report.eligible_users,
-        time.perf_counter() - started,
-        self_rss_mb(),
-        "freeze + partition <= 20 s together for 48M, peak RSS <= 1,536 MB",
-    )
+    snapshot_report = load_snapshot_report(Path(json.loads((home / "frozen.json").read_text())["directory"]))
 
     planned = snapshot_report.eligible_users * len(pipeline.campaign.items)
     grant_figures = run_child(env, args)
@@ -306,6 +301,7 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
         "rows = partitions drawn; the page and the chart of the reconciliation above",
     )
 
+    reset_peak_rss()
     lookup_ms = lookup_users(pipeline, snapshot_report.users_file)
     report(
         "user lookup (median)",
@@ -316,6 +312,7 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
         f"(median {lookup_ms['median_ms']:.3f} ms, p99 {lookup_ms['p99_ms']:.3f} ms)",
     )
 
+    reset_peak_rss()
     baseline = naive_baseline(args.backend, args.pg_url, home, snapshot_report.users_file, pipeline)
     ratio = (grant_figures["written"] / grant_figures["seconds"]) / baseline["rate"]
     report(
@@ -359,6 +356,18 @@ def reproducing_command(args: argparse.Namespace) -> str:
     if args.backend == "postgresql" and args.pg_url != DEFAULT_PG_URL:
         command += " --pg-url URL"
     return command
+
+
+def run_stages_child(env: dict[str, str], args: argparse.Namespace, home: Path, names: str) -> list[dict[str, Any]]:
+    """Run ``--stages names`` in a fresh process on ``home``; its figures."""
+    command = [sys.executable, __file__, "--stages", names, "--child-figures", "--home", str(home)]
+    command += ["--users", str(args.users), "--backend", args.backend, "--partitions", str(args.partitions)]
+    command += ["--pg-url", args.pg_url]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, check=False)
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout + result.stderr)
+        raise SystemExit(f"the {names} child failed with exit code {result.returncode}")
+    return list(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 def run_child(env: dict[str, str], args: argparse.Namespace, mode: str = "--child-grant") -> dict[str, Any]:
