@@ -139,7 +139,6 @@ def stages_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> i
             command += f" --partitions-sample {args.partitions_sample}"
         document = {
             "benchmark": "grant pipeline, stage by stage",
-            "title": f"{args.users / 1e6:,.0f} million users, stage by stage ({args.backend})",
             "command": command,
             "machine": machine.describe(args.pg_url if args.backend == "postgresql" else None),
             "users": args.users,
@@ -231,7 +230,7 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
         "ledger on disk",
         grant_figures["written"],
         0.0,
-        self_rss_mb(),
+        0.0,
         f"{size / 1e9:.1f} GB in all; {size / grant_figures['written'] * 1e8 / 1e9:.1f} GB per 100M grants",
     )
     if args.backend == "postgresql":

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, home: Path, env: dict[str, str], report: Repor
     every = max(1, round(1 / args.partitions_sample))
     entries = list(run_handle.entries)[::every]
     print(
-        f"sample: {len(entries)} of {len(run_handle.entries)} partitions (every {every}th), "
+        f"sample: {len(entries)} of {len(run_handle.entries)} partitions (one in {every}), "
         f"{sum(e.rows for e in entries):,} users",
         flush=True,
     )

@@ -35,7 +35,8 @@ def test_the_page_is_exactly_what_the_records_render() -> None:
 
 def test_there_is_one_record_per_backend_at_full_scale_with_its_command_and_machine() -> None:
     records = bench_module("performance_page").load_records()
-    assert sorted(r["backend"] for r in records) == ["postgresql", "sqlite"]
+    full = [r for r in records if r.get("benchmark") == "grant pipeline"]
+    assert sorted(r["backend"] for r in full) == ["postgresql", "sqlite"]
     for record in records:
         assert record["users"] >= 48_000_000
         words = shlex.split(record["command"])
@@ -43,8 +44,22 @@ def test_there_is_one_record_per_backend_at_full_scale_with_its_command_and_mach
         assert words[words.index("--users") + 1] == str(record["users"])
         assert words[words.index("--backend") + 1] == record["backend"]
         assert record["machine"]["cores"] and record["machine"]["memory_gib"]
+        assert all(stage["peak_rss_mb"] >= 0 for stage in record["stages"])
+    for record in full:
         stages = {s["stage"] for s in record["stages"]}
         assert {"partition", "grant (all partitions)", "rerun (nothing to do)", "reconcile (clean)"} <= stages
+
+
+def test_the_stage_by_stage_record_runs_every_stage_at_ten_times_the_users() -> None:
+    records = bench_module("performance_page").load_records()
+    staged = [r for r in records if r.get("benchmark") == "grant pipeline, stage by stage"]
+    assert [r["users"] for r in staged] == [480_000_000]
+    words = shlex.split(staged[0]["command"])
+    assert words[words.index("--stages") + 1] == "generate,freeze,partition,grant,reconcile,notify"
+    assert "--partitions-sample" in words
+    stages = [s["stage"] for s in staged[0]["stages"]]
+    assert stages[:3] == ["generate users", "freeze snapshot", "partition"]
+    assert {"grant (sample)", "reconcile (sample)", "notify (sample)"} <= set(stages)
 
 
 def test_render_puts_each_figure_of_a_record_in_its_table(tmp_path: Path) -> None:
@@ -84,3 +99,33 @@ def test_render_puts_each_figure_of_a_record_in_its_table(tmp_path: Path) -> Non
     assert "2 cores (Test CPU), 24.0 GiB memory" in text
     assert ".venv/bin/python bench/bench.py --users 10 --backend sqlite" in text
     assert "median 0.250 ms, p99 1.500 ms over 1,000 random users" in text
+
+
+def test_bench_stages_run_each_stage_and_record_what_the_page_renders(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+
+    record = tmp_path / "records" / "staged.json"
+    command = [sys.executable, str(BENCH / "bench.py"), "--users", "20000", "--partitions", "4"]
+    command += ["--stages", "generate,freeze,partition,grant,reconcile,notify", "--partitions-sample", "0.5"]
+    command += ["--home", str(tmp_path / "home"), "--record", str(record)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENTITLE_")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sample: 2 of 4 partitions (one in 2)" in result.stdout
+    document = json.loads(record.read_text(encoding="utf-8"))
+    by_stage = {s["stage"]: s for s in document["stages"]}
+    assert list(by_stage) == [
+        "generate users",
+        "freeze snapshot",
+        "partition",
+        "grant (sample)",
+        "reconcile (sample)",
+        "notify (sample)",
+    ]
+    assert by_stage["freeze snapshot"]["rows"] > 20_000  # the demo file's bad and duplicate rows too
+    assert by_stage["grant (sample)"]["rows"] == by_stage["reconcile (sample)"]["rows"] > 0
+    assert all(s["peak_rss_mb"] > 0 for s in document["stages"])
+    page = bench_module("performance_page")
+    assert "## 20,000 users, stage by stage, SQLite ledger" in page.render(page.load_records(record.parent))
