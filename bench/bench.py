@@ -15,17 +15,20 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import sqlite3
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # machine.py and stages.py, beside this script
+from machine import peak_rss_mb  # noqa: E402
+
 BASELINE_SAMPLE_USERS = 200_000
 LOOKUPS = 1000
 TAMPERED_GRANTS = 5  # grants deleted behind the pipeline to time a reconciliation that finds breaks
@@ -113,21 +116,9 @@ def stages_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> i
 
     figures: list[dict[str, Any]] = []
 
-    def report(stage: str, rows: int, seconds: float, rss_mb: float, target: str = "") -> None:
-        rate = rows / seconds if seconds > 0 else 0.0
-        figures.append(
-            {
-                "stage": stage,
-                "rows": rows,
-                "seconds": round(seconds, 3),
-                "rows_per_s": round(rate),
-                "peak_rss_mb": round(rss_mb),
-                "target": target,
-            }
-        )
-        print(f"{stage:<22} {rows:>13,} {seconds:>9.2f} {rate:>13,.0f} {rss_mb:>12,.0f}  {target}", flush=True)
+    report = reporter(figures)
 
-    status = int(stages.run(args, home, env, report, self_rss_mb))
+    status = int(stages.run(args, home, env, report, peak_rss_mb))
     if args.child_figures:
         print(json.dumps(figures))
         return status
@@ -165,7 +156,7 @@ def airflow_bench(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
     import machine  # bench/machine.py, beside this script
-    from stages import reset_peak_rss  # bench/stages.py
+    from machine import reset_peak_rss
 
     from pipeline.config import load_settings
     from pipeline.grants import runs
@@ -180,25 +171,13 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
     print(f"bench: {args.users:,} users, backend {args.backend}, {args.partitions} partitions, home {home}", flush=True)
     print(f"{'stage':<22} {'rows':>13} {'seconds':>9} {'rows/s':>13} {'peak RSS MB':>12}  target", flush=True)
 
-    def report(stage: str, rows: int, seconds: float, rss_mb: float, target: str = "") -> None:
-        rate = rows / seconds if seconds > 0 else 0.0
-        figures.append(
-            {
-                "stage": stage,
-                "rows": rows,
-                "seconds": round(seconds, 3),
-                "rows_per_s": round(rate),
-                "peak_rss_mb": round(rss_mb),
-                "target": target,
-            }
-        )
-        print(f"{stage:<22} {rows:>13,} {seconds:>9.2f} {rate:>13,.0f} {rss_mb:>12,.0f}  {target}", flush=True)
+    report = reporter(figures)
 
     users_file = home / "users.parquet"
     reset_peak_rss()  # each stage's figure is its own peak, not the highest so far
     started = time.perf_counter()
     write_demo_users(args.users, users_file)
-    report("generate users", args.users, time.perf_counter() - started, self_rss_mb())
+    report("generate users", args.users, time.perf_counter() - started, peak_rss_mb())
 
     settings = load_settings(env)
     pipeline = runs.open_pipeline(settings)
@@ -239,7 +218,7 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
             "COPY bound (unindexed)",
             bound["rows"],
             bound["seconds"],
-            self_rss_mb(),
+            peak_rss_mb(),
             f"raw binary COPY, {args.bound_partitions} partitions, one stream; the pipeline reaches "
             f"{grant_rate / bound['rate']:.0%} of it",
         )
@@ -247,7 +226,7 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
             "ON CONFLICT baseline",
             conflict["rows"],
             conflict["seconds"],
-            self_rss_mb(),
+            peak_rss_mb(),
             "COPY to staging + INSERT ... ON CONFLICT DO NOTHING; the pipeline is "
             f"{grant_rate / conflict['rate']:.2f}x this (target >= 2.5x)",
         )
@@ -306,7 +285,7 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
         "user lookup (median)",
         LOOKUPS,
         lookup_ms["median_ms"] / 1000 * LOOKUPS,
-        self_rss_mb(),
+        peak_rss_mb(),
         f"<= {2 if args.backend == 'postgresql' else 5} ms per user "
         f"(median {lookup_ms['median_ms']:.3f} ms, p99 {lookup_ms['p99_ms']:.3f} ms)",
     )
@@ -318,7 +297,7 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
         "naive executemany",
         baseline["rows"],
         baseline["seconds"],
-        self_rss_mb(),
+        peak_rss_mb(),
         f"pipeline is {ratio:.2f}x this baseline",
     )
     document = {
@@ -343,6 +322,26 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
     if not args.keep:
         shutil.rmtree(home, ignore_errors=True)
     return 0
+
+
+def reporter(figures: list[dict[str, Any]]) -> Callable[..., None]:
+    """``report(stage, rows, seconds, rss_mb, target="")``: print one line and keep it in ``figures``."""
+
+    def report(stage: str, rows: int, seconds: float, rss_mb: float, target: str = "") -> None:
+        rate = rows / seconds if seconds > 0 else 0.0
+        figures.append(
+            {
+                "stage": stage,
+                "rows": rows,
+                "seconds": round(seconds, 3),
+                "rows_per_s": round(rate),
+                "peak_rss_mb": round(rss_mb),
+                "target": target,
+            }
+        )
+        print(f"{stage:<22} {rows:>13,} {seconds:>9.2f} {rate:>13,.0f} {rss_mb:>12,.0f}  {target}", flush=True)
+
+    return report
 
 
 def reproducing_command(args: argparse.Namespace) -> str:
@@ -406,7 +405,7 @@ def child_grant(env: dict[str, str], writers: int) -> int:
     outcomes = runs.grant(pipeline, run, run.entries, writers=writers)
     seconds = time.perf_counter() - started
     runs.require_all_done(outcomes)
-    print(json.dumps({"written": sum(o.written for o in outcomes), "seconds": seconds, "rss_mb": self_rss_mb()}))
+    print(json.dumps({"written": sum(o.written for o in outcomes), "seconds": seconds, "rss_mb": peak_rss_mb()}))
     return 0
 
 
@@ -433,7 +432,7 @@ def child_reconcile(env: dict[str, str]) -> int:
                 "open_breaks": result.open_breaks,
                 "checksum_partitions": result.checksum_partitions,
                 "row_partitions": result.row_partitions,
-                "worker_peak_rss_mb": max(result.extra["worker_peak_rss_mb"], self_rss_mb()),
+                "worker_peak_rss_mb": max(result.extra["worker_peak_rss_mb"], peak_rss_mb()),
                 "report_s": report_s,
                 "partitions": len(result.partitions),
             }
@@ -615,17 +614,6 @@ def reset_postgres(pg_url: str) -> None:
     with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as connection:
         connection.execute("DROP SCHEMA public CASCADE")
         connection.execute("CREATE SCHEMA public")
-
-
-def self_rss_mb() -> float:
-    """Peak resident memory of this process image (VmHWM); ru_maxrss would carry the parent's over exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,6 +44,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 
 import bench_delivery  # noqa: E402  (this script's folder is on sys.path)
+from machine import peak_rss_mb, reset_peak_rss  # noqa: E402
 
 from pipeline.campaigns import IssuerSpec  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
@@ -128,35 +128,15 @@ class StagePeaks:
 
     def __init__(self) -> None:
         self.rows: list[tuple[str, float, float]] = []  # (stage, seconds, peak MB)
-        self.resets = _reset_peak()
+        self.resets = reset_peak_rss()
         self.started = time.perf_counter()
 
     def end(self, stage: str) -> None:
         """Record ``stage`` (from the previous one's end to now) and start the next one's peak afresh."""
         now = time.perf_counter()
-        self.rows.append((stage, now - self.started, _peak_mb()))
-        self.resets = _reset_peak() and self.resets
+        self.rows.append((stage, now - self.started, peak_rss_mb()))
+        self.resets = reset_peak_rss() and self.resets
         self.started = time.perf_counter()
-
-
-def _reset_peak() -> bool:
-    """Set this process's peak resident memory (VmHWM) to its current size; False where Linux does not allow it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def _peak_mb() -> float:
-    """This process's peak resident memory since the last reset (VmHWM), in MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _current_mb() -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import resource
 import sqlite3
 from importlib import metadata
 from pathlib import Path
@@ -75,3 +76,26 @@ def _postgres_version(pg_url: str) -> str:
         }
     tuned = ", ".join(f"{k} {v[0]}" for k, v in settings.items() if v)
     return f"PostgreSQL {row[0] if row else '?'} ({tuned})"
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS measurement for this process (VmHWM); False where Linux does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since the last reset (VmHWM), in MB.
+
+    ru_maxrss would carry the parent's peak over exec; it is the fallback off Linux.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

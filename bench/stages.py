@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from machine import reset_peak_rss  # bench/machine.py, beside this script
+
 STAGES = ("generate", "freeze", "partition", "grant", "reconcile", "notify")
 SAMPLED = ("grant", "reconcile", "notify")
 TENTHS = 10
@@ -36,14 +38,6 @@ def parse(text: str) -> list[str]:
     if unknown:
         raise SystemExit(f"--stages: unknown {', '.join(unknown)}; choose from {','.join(STAGES)}")
     return [name for name in STAGES if name in named]
-
-
-def reset_peak_rss() -> None:
-    """Start a new peak-RSS measurement for this process (VmHWM); a no-op where Linux does not allow it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def run(args: argparse.Namespace, home: Path, env: dict[str, str], report: Report, rss: Callable[[], float]) -> int:
