@@ -27,7 +27,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # machine.py and stages.py, beside this script
-from machine import peak_rss_mb  # noqa: E402
+import machine  # noqa: E402
+from machine import peak_rss_mb, reset_peak_rss  # noqa: E402
 
 BASELINE_SAMPLE_USERS = 200_000
 LOOKUPS = 1000
@@ -123,24 +124,10 @@ def stages_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> i
         print(json.dumps(figures))
         return status
     if args.record is not None and status == 0:
-        import machine  # bench/machine.py, beside this script
-
         command = reproducing_command(args) + f" --stages {args.stages}"
         if any(name in stages.SAMPLED for name in names):
             command += f" --partitions-sample {args.partitions_sample}"
-        document = {
-            "benchmark": "grant pipeline, stage by stage",
-            "command": command,
-            "machine": machine.describe(args.pg_url if args.backend == "postgresql" else None),
-            "users": args.users,
-            "backend": args.backend,
-            "partitions": args.partitions,
-            "writers": args.writers,
-            "stages": figures,
-        }
-        args.record.parent.mkdir(parents=True, exist_ok=True)
-        args.record.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-        print(f"recorded in {args.record}; render the page with .venv/bin/python bench/performance_page.py")
+        write_record(args, record_document(args, "grant pipeline, stage by stage", command, figures))
     return status
 
 
@@ -155,8 +142,6 @@ def airflow_bench(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
-    import machine  # bench/machine.py, beside this script
-    from machine import reset_peak_rss
 
     from pipeline.config import load_settings
     from pipeline.grants import runs
@@ -301,14 +286,7 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
         f"pipeline is {ratio:.2f}x this baseline",
     )
     document = {
-        "benchmark": "grant pipeline",
-        "command": reproducing_command(args),
-        "machine": machine.describe(args.pg_url if args.backend == "postgresql" else None),
-        "users": args.users,
-        "backend": args.backend,
-        "partitions": args.partitions,
-        "writers": args.writers,
-        "stages": figures,
+        **record_document(args, "grant pipeline", reproducing_command(args), figures),
         "lookup": lookup_ms,
         "lookups": LOOKUPS,
         "ratio_vs_naive": ratio,
@@ -316,12 +294,33 @@ def run_bench(args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
     if args.json:
         print(json.dumps(document, indent=2))
     if args.record is not None:
-        args.record.parent.mkdir(parents=True, exist_ok=True)
-        args.record.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-        print(f"recorded in {args.record}; render the page with .venv/bin/python bench/performance_page.py")
+        write_record(args, document)
     if not args.keep:
         shutil.rmtree(home, ignore_errors=True)
     return 0
+
+
+def record_document(
+    args: argparse.Namespace, benchmark: str, command: str, figures: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """What a --record file holds: the figures, the command that repeats them and the machine."""
+    return {
+        "benchmark": benchmark,
+        "command": command,
+        "machine": machine.describe(args.pg_url if args.backend == "postgresql" else None),
+        "users": args.users,
+        "backend": args.backend,
+        "partitions": args.partitions,
+        "writers": args.writers,
+        "stages": figures,
+    }
+
+
+def write_record(args: argparse.Namespace, document: dict[str, Any]) -> None:
+    """Write ``document`` to --record (docs/performance/*.json feed docs/performance.md)."""
+    args.record.parent.mkdir(parents=True, exist_ok=True)
+    args.record.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    print(f"recorded in {args.record}; render the page with .venv/bin/python bench/performance_page.py")
 
 
 def reporter(figures: list[dict[str, Any]]) -> Callable[..., None]:

@@ -35,7 +35,6 @@ measure what the senders did.
 from __future__ import annotations
 
 import argparse
-import bisect
 import contextlib
 import json
 import os
@@ -51,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from pipeline.delivery import rate_budget
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -224,7 +225,7 @@ def bench_once(args: argparse.Namespace) -> int | None:
     # The rate the service saw, from its arrival times: every process's requests together.
     arrivals = sorted(stats["arrivals"])
     achieved = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else 0.0
-    most = most_in_window(arrivals, WINDOW_S)
+    most = rate_budget.busiest_window(arrivals, WINDOW_S)
     own = ", ".join(f"{d['budgets']['shop']['requests_per_s'] or 0:.2f}" for d in documents)
     slots_missed = sum(d["budgets"]["shop"]["slots_missed"] for d in documents)
     # The budget is a ceiling: it is held when the rate never goes above it by more than 5 %. It is
@@ -286,11 +287,6 @@ def busy_cpu(processes: int) -> Iterator[None]:
             burner.kill()
         for burner in burners:
             burner.wait()
-
-
-def most_in_window(arrivals: list[float], window_s: float) -> int:
-    """The largest number of ``arrivals`` (sorted, seconds) inside any half-open window of ``window_s``."""
-    return max((bisect.bisect_left(arrivals, t + window_s) - i for i, t in enumerate(arrivals)), default=0)
 
 
 def _run_measured(command: list[str], env: dict[str, str], home: Path) -> tuple[str, int]:

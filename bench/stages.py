@@ -119,18 +119,20 @@ def _reconcile(pipeline: Any, run_handle: Any, entries: list[Any]) -> list[tuple
 
     snapshot_dir = Path(run_handle.entries[0].path).parent.parent
     excluded = snapshot_dir / EXCLUDED_FILE_NAME
+    excluded_file = excluded if storage.exists(excluded) else None
+    terms, known = item_terms(pipeline), _known_skus(pipeline)
     rates = []
     for entry in entries:
         task = PartitionTask(
             pipeline.settings.ledger_url,
             pipeline.keys.campaign_key,
             run_handle.snapshot_id,
-            item_terms(pipeline),
-            _known_skus(pipeline),
+            terms,
+            known,
             entry,
             True,
             "checksum",
-            excluded if storage.exists(excluded) else None,
+            excluded_file,
         )
         started = time.perf_counter()
         check = check_partition(task)

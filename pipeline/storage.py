@@ -224,17 +224,22 @@ def read_bytes(where: Location) -> bytes:
             return where.read_bytes()
         except FileNotFoundError as exc:
             raise ObjectNotFoundError(f"{where}: file not found") from exc
-    filesystem = _filesystem(where.options)
+    with _reading(where) as filesystem, filesystem.open_input_file(where.arrow_path) as handle:
+        data = handle.read()
+    return bytes(data)
+
+
+@contextlib.contextmanager
+def _reading(where: ObjectUri) -> Iterator[Any]:
+    """The store's filesystem, with a missing object as ObjectNotFoundError and other failures as StorageError."""
     try:
-        with filesystem.open_input_file(where.arrow_path) as handle:
-            data = handle.read()
+        yield _filesystem(where.options)
     except FileNotFoundError as exc:
         raise ObjectNotFoundError(missing_message(where)) from exc
     except OSError as exc:
         if any(marker in str(exc) for marker in _NO_KEY + _NO_BUCKET):
             raise ObjectNotFoundError(missing_message(where)) from exc
         raise _store_error(exc, where, "read") from exc
-    return bytes(data)
 
 
 def read_text(where: Location) -> str:
@@ -352,8 +357,8 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
@@ -362,16 +367,12 @@ def local_file(where: Location, scratch: Path) -> Path:
     if isinstance(where, Path):
         return where
     target = scratch / f"download-{where.name}"
-    filesystem = _filesystem(where.options)
-    try:
-        with filesystem.open_input_stream(where.arrow_path) as source, open(target, "wb") as sink:
-            shutil.copyfileobj(source, sink, COPY_CHUNK_BYTES)
-    except FileNotFoundError as exc:
-        raise ObjectNotFoundError(missing_message(where)) from exc
-    except OSError as exc:
-        if any(marker in str(exc) for marker in _NO_KEY + _NO_BUCKET):
-            raise ObjectNotFoundError(missing_message(where)) from exc
-        raise _store_error(exc, where, "read") from exc
+    with (
+        _reading(where) as filesystem,
+        filesystem.open_input_stream(where.arrow_path) as source,
+        open(target, "wb") as sink,
+    ):
+        shutil.copyfileobj(source, sink, COPY_CHUNK_BYTES)
     return target
 
 

@@ -26,8 +26,9 @@ goes however late, so that no request waits forever on a machine that cannot wak
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -117,3 +118,9 @@ def hold_issuer(engine: Engine, issuer: str, seconds: float) -> None:
             sa.text(sql),
             {"issuer": issuer, "hold": round(seconds * 1_000_000), "now": int(time.time() * 1_000_000)},
         )
+
+
+def busiest_window(instants: Iterable[float], window_s: float = 1.0) -> int:
+    """The most of ``instants`` (seconds) inside any half-open window of ``window_s``: what the bound above is about."""
+    times = sorted(instants)
+    return max((bisect.bisect_left(times, t + window_s) - i for i, t in enumerate(times)), default=0)

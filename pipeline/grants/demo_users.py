@@ -8,6 +8,7 @@ CSV also non-integers) exercise validation without tripping the 0.01 % limit.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ def write_demo_users(
     rows = bad_rows = duplicate_rows = 0
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with schemas.replaced_atomically(out) as temporary:
+        with schemas.replaced_atomically(out) as temporary, contextlib.ExitStack() as closing:
             writer: pq.ParquetWriter | None = None
             for number, (users, slice_seed) in enumerate(_valid_user_slices(count, seed)):
                 if before_write is not None:
@@ -76,10 +77,9 @@ def write_demo_users(
                     frame.write_parquet(temporary)
                 else:
                     table = frame.to_arrow()
-                    writer = writer or pq.ParquetWriter(temporary, table.schema, compression="zstd")
+                    if writer is None:
+                        writer = closing.enter_context(pq.ParquetWriter(temporary, table.schema, compression="zstd"))
                     writer.write_table(table)
-            if writer is not None:
-                writer.close()
     except OSError as exc:  # a folder that is a file, no permission, a full disk
         where = f": {exc.filename}" if exc.filename else ""
         raise ConfigError(f"--out {out}: cannot write it ({exc.strerror or exc}{where})") from exc

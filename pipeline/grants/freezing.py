@@ -4,16 +4,16 @@ A snapshot is the sorted set of distinct valid ids, hashed in that order; its
 quarantine is every unusable or repeated row, in file order.  Neither needs the
 whole file in memory at once:
 
-1. **Split.**  One streaming pass (Polars' streaming engine, several sinks over
-   one scan) writes the valid rows to local spill files grouped by the id's
-   ledger bucket (:func:`~pipeline.grants.partitioning.user_bucket_expr`, a
-   well-mixed function of the id, so the groups come out even), the rejected
-   rows to one file in row order, and every thousandth valid id to a sample.
+1. **Split.**  One streaming pass (:mod:`pipeline.grants.spill`) writes each row's
+   value and row number to local spill files grouped by the id's ledger bucket
+   (:func:`~pipeline.grants.partitioning.user_bucket_expr`, a well-mixed function
+   of the id, so the groups come out even); rejected rows form a group of their
+   own and are classified again from their values when read.
 2. **Deduplicate.**  A user's bucket is fixed, so every row of one id is in one
    group: each group, read alone, is sorted, its repeats become quarantine rows
    (the first row of an id stays, the later ones are duplicates), the
-   exclusions are taken out, and its distinct ids are cut at id boundaries
-   chosen from the sample into id ranges.
+   exclusions are taken out, and its distinct ids are cut into id ranges at
+   boundaries taken from the first group's ids (an even sample of all ids).
 3. **Merge.**  Range by range, in id order, the pieces every group left for
    that range are sorted together: the snapshot's ids in order, hashed and
    written piece by piece.
@@ -29,17 +29,17 @@ The files written are byte for byte those of sorting the whole file in memory.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from pipeline import schemas
 from pipeline.grants.partitioning import BUCKET_MODULUS, user_bucket_expr
+from pipeline.grants.spill import group_rows, new_piece, numbered_folders, read_group, spill_by_group
 from pipeline.grants.user_files import EXAMPLES_IN_MESSAGE_MAX, UserRows, unreadable
 from pipeline.storage import Location
-
-SAMPLE_EVERY = 1000  # one valid id in this many goes to the sample that places the range boundaries
 
 
 @dataclass(frozen=True)
@@ -64,19 +64,17 @@ class Frozen:
     excluded_file: Path | None
     first_rejected: list[tuple[int, str | None, str]]
     users_file: Path
-    range_folders: list[Path] = field(default_factory=list)
+    range_folders: list[Path]
 
     def write_users(self, write: bool = True) -> str:
         """Merge the id ranges into ``users_file`` (unless not ``write``); the snapshot id."""
         digest = hashlib.sha256()
-        with schemas.ParquetStream("snapshot", self.users_file) as out:
+        with schemas.ParquetStream("snapshot", self.users_file) if write else nullcontext() as out:
             for folder in self.range_folders:
-                ids = _read(folder)["user_id"].sort()
+                ids = read_group(folder)["user_id"].sort()
                 schemas.update_int64_digest(digest, ids)
-                if write:
+                if out is not None:
                     out.write(ids.to_frame())
-            if not write:
-                out.write(pl.DataFrame(schema={"user_id": pl.Int64}))
         return digest.hexdigest()[:16]
 
 
@@ -93,7 +91,7 @@ def freeze_rows(
         _split(scanned, scratch, groups)
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise unreadable(source, exc) from exc
-    folders = {int(folder.name.rpartition("=")[2]): folder for folder in (scratch / "groups").glob("group=*")}
+    folders = numbered_folders(scratch / "groups")
     rejected_folder = folders.pop(groups, None)
     rejected = _rejected(scanned, rejected_folder)
     by_reason = dict(rejected.group_by("reason").len().collect().iter_rows())
@@ -104,20 +102,20 @@ def freeze_rows(
         .collect()
         .iter_rows()
     )
-    group_folders = [folders[number] for number in sorted(folders)]
-    valid_rows = sum(_rows(folder) for folder in group_folders)
+    group_folders = list(folders.values())
+    valid_rows = sum(group_rows(folder) for folder in group_folders)
     ranges = -(-valid_rows // rows_in_memory)
 
     duplicate_rows = eligible = 0
     excluded: list[pl.Series] = []
     cuts: pl.Series | None = None
     for number, folder in enumerate(group_folders):
-        repeated, kept, left_out = _deduplicate(scanned, _read(folder), exclusions)
+        repeated, kept, left_out = _deduplicate(scanned, read_group(folder), exclusions)
         if cuts is None:
             # A group is an even sample of all ids (the bucket mixes them): its ids place the range cuts.
             cuts = _range_cuts(kept, ranges)
         if repeated.height:
-            repeated.write_ipc(_new_file(scratch / "duplicates", number))
+            repeated.write_ipc(new_piece(scratch / "duplicates", number))
         duplicate_rows += repeated.height
         eligible += kept.len()
         excluded.append(left_out)
@@ -125,7 +123,7 @@ def freeze_rows(
         for range_number, (start, stop) in enumerate(zip(bounds, bounds[1:], strict=False)):
             if stop > start:
                 kept.slice(start, stop - start).to_frame().write_ipc(
-                    _new_file(scratch / "ranges" / f"{range_number:06d}", number)
+                    new_piece(scratch / "ranges" / f"{range_number:06d}", number)
                 )
 
     excluded_ids = pl.concat(excluded).sort() if excluded else pl.Series("user_id", [], pl.Int64)
@@ -159,25 +157,18 @@ def freeze_rows(
         excluded_file,
         first_rejected,
         scratch / "users.parquet",
-        _numbered_folders(scratch / "ranges"),
+        list(numbered_folders(scratch / "ranges").values()),
     )
 
 
 def _split(scanned: UserRows, scratch: Path, groups: int) -> None:
-    """One streaming pass: every row's (value, row_number) into its group's spill; rejected rows in group ``groups``.
-
-    One sink only: several sinks over one scan would make Polars buffer the rows one sink
-    has not taken yet, and memory would grow with the file.
-    """
+    """Every row's (value, row_number) into its bucket group's spill; the rejected rows into group ``groups``."""
     group = (
         pl.when(pl.col("reason").is_null())
         .then(user_bucket_expr() * groups // BUCKET_MODULUS)
         .otherwise(pl.lit(groups, dtype=pl.Int64))
-        .alias("group")
     )
-    scanned.rows.select("value", "row_number", group).sink_ipc(
-        pl.PartitionBy(scratch / "groups", key="group", include_key=False), mkdir=True, engine="streaming"
-    )
+    spill_by_group(scanned.rows.select("value", "row_number", group.alias("group")), scratch / "groups")
 
 
 def _rejected(scanned: UserRows, folder: Path | None) -> pl.LazyFrame:
@@ -251,23 +242,3 @@ def _write_quarantine(
                     pl.col("reason").cast(pl.String),
                 )
             )
-
-
-def _numbered_folders(parent: Path) -> list[Path]:
-    """Sub-folders in number order: ``group=N`` from a partitioned sink, or zero-padded names."""
-    if not parent.exists():
-        return []
-    return sorted(parent.iterdir(), key=lambda folder: int(folder.name.rpartition("=")[2]))
-
-
-def _new_file(folder: Path, number: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{number:06d}.arrow"
-
-
-def _read(folder: Path) -> pl.DataFrame:
-    return pl.scan_ipc(sorted(folder.glob("*.*"))).collect()
-
-
-def _rows(folder: Path) -> int:
-    return int(pl.scan_ipc(sorted(folder.glob("*.*"))).select(pl.len()).collect().item())

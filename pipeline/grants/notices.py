@@ -39,7 +39,7 @@ import sqlalchemy as sa
 from pipeline import ledger, schemas
 from pipeline.errors import ConfigError
 from pipeline.grants import runs as jobs
-from pipeline.grants.partitioning import PartitionEntry
+from pipeline.grants.partitioning import PartitionEntry, split_bucket_range
 from pipeline.storage import Location
 from pipeline.worker_processes import map_in_processes
 
@@ -327,7 +327,7 @@ class _GrantedQuery:
         voided = connection.execute(sa.text(_VOIDS_IN_RANGE_SQL), params).first() is not None
         packed_sql = self.packed_sql(voided)
         frames = []
-        for lo, hi in _bucket_slices(entry):
+        for lo, hi in split_bucket_range(entry.bucket_lo, entry.bucket_hi, -(-entry.rows // USERS_PER_QUERY)):
             slice_params = {**params, "lo": lo, "hi": hi, "t": first[0]}
             if self.dialect == "sqlite":
                 frames.append(self._sqlite_packed(connection, packed_sql, slice_params))
@@ -407,14 +407,6 @@ SQLITE_EXPORT_CACHE_SIZE = -16_384
 # Users per query on SQLite, whose answer is one text of up to 40 bytes per user (SQLite refuses
 # texts above 1e9 bytes): a larger partition's key range is read in slices of about this many.
 USERS_PER_QUERY = 2_000_000
-
-
-def _bucket_slices(entry: PartitionEntry) -> list[tuple[int, int]]:
-    """The partition's bucket range in slices of about :data:`USERS_PER_QUERY` users (buckets are uniform)."""
-    slices = max(1, -(-entry.rows // USERS_PER_QUERY))
-    width = entry.bucket_hi - entry.bucket_lo + 1
-    bounds = [entry.bucket_lo + width * i // slices for i in range(slices + 1)]
-    return [(bounds[i], bounds[i + 1] - 1) for i in range(slices) if bounds[i + 1] > bounds[i]]
 
 
 def _same_amount(amount: int | None) -> str:

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schemas, storage
 from pipeline.errors import ConfigError, EntitleError, PartitionError, invariant
+from pipeline.grants.spill import numbered_folders, read_group, spill_by_group
 from pipeline.storage import Location
 
 BUCKET_MODULUS = 2_147_483_647
@@ -93,6 +94,14 @@ def bucket_range(partition_id: int, partition_count: int) -> tuple[int, int]:
     lo = -(-partition_id * BUCKET_MODULUS // partition_count)
     hi = -(-(partition_id + 1) * BUCKET_MODULUS // partition_count) - 1
     return lo, hi
+
+
+def split_bucket_range(lo: int, hi: int, count: int) -> list[tuple[int, int]]:
+    """The inclusive bucket range ``lo..hi`` cut into ``count`` adjacent ranges of equal width (at least one,
+    at most one per bucket); buckets are uniform, so each holds about as many users."""
+    count = max(1, min(count, hi - lo + 1))
+    edges = [lo + (hi - lo + 1) * i // count for i in range(count + 1)]
+    return [(edges[i], edges[i + 1] - 1) for i in range(count)]
 
 
 def check_partition_count(partition_count: int) -> None:
@@ -166,24 +175,22 @@ def _groups(
     """(partition ids, their users in (user_bucket, user_id) order) for each group of partitions."""
     local = storage.local_file(users_file, scratch)
     try:
-        schemas.check_schema(pq.read_schema(local), "snapshot", str(users_file))
-        total = pq.read_metadata(local).num_rows
+        metadata = pq.read_metadata(local)
     except (OSError, pa.ArrowInvalid) as exc:
         raise PartitionError(f"{users_file}: not a readable Parquet file ({exc})") from exc
-    per_group = max(1, min(partition_count, rows_in_memory * partition_count // max(total, 1)))
+    schemas.check_schema(metadata.schema.to_arrow_schema(), "snapshot", str(users_file))
+    per_group = max(1, min(partition_count, rows_in_memory * partition_count // max(metadata.num_rows, 1)))
     groups = -(-partition_count // per_group)
     snapshot = pl.scan_parquet(local).select("user_id")
     if groups > 1:  # the ids only (the bucket is computed again): half the spill to write and read
-        group = (user_bucket_expr() * partition_count // BUCKET_MODULUS // per_group).alias("group")
-        snapshot.with_columns(group).sink_ipc(
-            pl.PartitionBy(scratch / "groups", key="group", include_key=False), mkdir=True, engine="streaming"
-        )
+        group = user_bucket_expr() * partition_count // BUCKET_MODULUS // per_group
+        spill_by_group(snapshot.with_columns(group.alias("group")), scratch / "groups")
+    spilled = numbered_folders(scratch / "groups")
     for number in range(groups):
         if groups == 1:
             users = snapshot.collect()
         else:
-            files = sorted((scratch / "groups" / f"group={number}").glob("*.*"))
-            users = pl.scan_ipc(files).collect() if files else snapshot.clear().collect()
+            users = read_group(spilled[number]) if number in spilled else snapshot.clear().collect()
         ordered = _bucket_order(users.select(user_bucket_expr().alias("user_bucket"), "user_id"))
         del users
         invariant(_in_key_order(ordered), f"{users_file}: the snapshot's ids are not in ascending order")

@@ -120,7 +120,7 @@ def _publish(
         failed_path = root / "rejected" / f"{users_file.name}.quarantine.parquet"
         if not dry_run:
             storage.publish_file(frozen.quarantine_file, failed_path)
-        listed = "; ".join(f"row {r} {reason} ({raw!r})" for r, raw, reason in frozen.first_rejected)
+        listed = user_files.describe_rows(frozen.first_rejected)
         raise SnapshotError(
             f"{users_file}: {rejected:,} of {counts.rows_read:,} rows rejected ({rejected_share:.4%}), more than the "
             f"allowed {rejected_share_max:.4%} (null {counts.null_rows:,}, not an integer {counts.not_integer_rows:,}, "
@@ -138,16 +138,10 @@ def _publish(
         directory=str(directory),
         source_file=str(users_file),
         exclusion_file=None if exclusion_file is None else str(exclusion_file),
-        rows_read=counts.rows_read,
-        eligible_users=counts.eligible_users,
-        null_rows=counts.null_rows,
-        not_integer_rows=counts.not_integer_rows,
-        out_of_range_rows=counts.out_of_range_rows,
-        duplicate_rows=counts.duplicate_rows,
-        excluded_users=counts.excluded_users,
         rejected_share=rejected_share,
         quarantine_file=str(directory / "quarantine.parquet"),
         store=storage.options_of(directory),
+        **asdict(counts),
     )
     if dry_run:
         return report

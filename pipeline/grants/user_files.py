@@ -19,6 +19,7 @@ file in memory; the text of a row as the file had it (the quarantine's
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,11 +65,23 @@ class UserRows:
 
 def scan_user_file(path: Location, local: Path, id_column: str = USER_ID_COLUMN) -> UserRows:
     """Classify the id column of ``local`` (the file behind ``path``, which names it in errors)."""
+    if _kind(path, id_column) == "parquet":
+        return _scan_parquet(path, local, id_column)
+    return _scan_csv(path, local, id_column)
+
+
+def describe_rows(rows: Iterable[tuple[int, str | None, str]]) -> str:
+    """``row 12 null (None); row 40 not_integer ('abc')``: (row_number, raw_value, reason) rows for a message."""
+    return "; ".join(f"row {r} {reason} ({raw!r})" for r, raw, reason in rows)
+
+
+def _kind(path: Location, id_column: str) -> str:
+    """``parquet`` or ``csv`` from the file name; SnapshotError for any other."""
     suffixes = "".join(path.suffixes).lower()
     if suffixes.endswith((".parquet", ".pq")):
-        return _scan_parquet(path, local, id_column)
+        return "parquet"
     if suffixes.endswith((".csv", ".csv.gz")):
-        return _scan_csv(path, local, id_column)
+        return "csv"
     raise SnapshotError(f"{path}: unknown file type; use a .parquet or .csv file with a '{id_column}' column")
 
 
@@ -89,9 +102,7 @@ def readable_file(path: Location, scratch: Path, id_column: str = USER_ID_COLUMN
     """``path`` as a local file (downloaded into ``scratch`` from an object store); SnapshotError if absent."""
     if not storage.exists(path):
         raise SnapshotError(storage.missing_message(path))
-    suffixes = "".join(path.suffixes).lower()
-    if not suffixes.endswith((".parquet", ".pq", ".csv", ".csv.gz")):
-        raise SnapshotError(f"{path}: unknown file type; use a .parquet or .csv file with a '{id_column}' column")
+    _kind(path, id_column)
     try:
         return storage.local_file(path, scratch)
     except FileNotFoundError as exc:
@@ -105,7 +116,7 @@ def unreadable(path: Location, exc: Exception) -> SnapshotError | StorageError:
             f"{path}: no space left for the scratch files while reading it ({exc}); freezing needs about "
             "16 bytes a user beside the snapshots (TMPDIR for a dry run or an s3:// home): free space there"
         )
-    if "".join(path.suffixes).lower().endswith((".csv", ".csv.gz")):
+    if _kind(path, USER_ID_COLUMN) == "csv":
         return SnapshotError(f"{path}: cannot parse the CSV ({exc}); check quoting and line endings")
     return SnapshotError(f"{path}: cannot read the user ids ({exc}); is the file truncated?")
 
@@ -115,8 +126,9 @@ def load_exclusions(path: Location, id_column: str = USER_ID_COLUMN) -> pl.DataF
     classified = classify(path, id_column)
     bad = classified.filter(pl.col("reason").is_not_null())
     if bad.height:
-        examples = bad.select("row_number", "raw_value", "reason").head(EXAMPLES_IN_MESSAGE_MAX)
-        listed = "; ".join(f"row {r} {reason} ({raw!r})" for r, raw, reason in examples.iter_rows())
+        listed = describe_rows(
+            bad.select("row_number", "raw_value", "reason").head(EXAMPLES_IN_MESSAGE_MAX).iter_rows()
+        )
         raise SnapshotError(
             f"{path}: {bad.height:,} exclusion rows are not valid user ids ({listed}). An exclusion that cannot "
             "be read could grant a blocked account, so nothing was granted; fix the exclusion file."

@@ -55,7 +55,7 @@ from pipeline.campaigns import IssuerSpec
 from pipeline.delivery.issuers import Issuer, IssuerRejected, IssuerUnavailable, build_issuer
 from pipeline.errors import StorageError, invariant
 from pipeline.grants import runs
-from pipeline.grants.partitioning import BUCKET_MODULUS, bucket_range, user_bucket_expr
+from pipeline.grants.partitioning import BUCKET_MODULUS, bucket_range, split_bucket_range, user_bucket_expr
 from pipeline.reconciliation.verdict import BREAKS, INCOMPLETE, REPAIR_COMMAND, Bridge, Step, Verdict, judge
 
 ISSUER_BREAK_CLASSES = ("issuer_missing", "issuer_unexpected")
@@ -255,7 +255,9 @@ def _compare(
     missing_parts, unexpected_parts, voided_parts = [], [], []
     for partition_id in range(partition_count):
         exported = spill.keys_of(partition_id)
-        slices = _bucket_slices(bucket_range(partition_id, partition_count), -(-exported.height // compare_keys_max))
+        slices = split_bucket_range(
+            *bucket_range(partition_id, partition_count), -(-exported.height // compare_keys_max)
+        )
         if len(slices) > 1:
             exported = exported.with_columns(user_bucket_expr("user_id").alias("user_bucket"))
         for buckets in slices:
@@ -272,14 +274,6 @@ def _compare(
     return _Compared(
         pl.concat(missing_parts), pl.concat(unexpected_parts), pl.concat(voided_parts), ledger_live, issuer_held
     )
-
-
-def _bucket_slices(buckets: tuple[int, int], count: int) -> list[tuple[int, int]]:
-    """The inclusive bucket range ``buckets`` cut into ``count`` (at least one) adjacent ranges of equal width."""
-    lo, hi = buckets
-    count = max(1, min(count, hi - lo + 1))
-    edges = [lo + (hi - lo + 1) * i // count for i in range(count + 1)]
-    return [(edges[i], edges[i + 1] - 1) for i in range(count)]
 
 
 def _live_count(pipeline: runs.Pipeline, skus: dict[int, str]) -> int:

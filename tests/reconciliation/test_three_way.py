@@ -28,7 +28,7 @@ from pipeline.config import Settings
 from pipeline.delivery.issuers import Answer, IssuerUnavailable
 from pipeline.errors import StorageError
 from pipeline.grants import corrections, runs
-from pipeline.grants.partitioning import BUCKET_MODULUS, partition_of
+from pipeline.grants.partitioning import BUCKET_MODULUS, partition_of, split_bucket_range
 from pipeline.reconciliation import three_way
 
 GRANTED = USERS[:200]  # each holds coupon-2000 and coupon-3000, delivered by issuer "shop"
@@ -209,9 +209,9 @@ def test_a_home_without_room_for_the_spill_names_the_folder_and_removes_it(
     width=st.integers(1, BUCKET_MODULUS),
     count=st.integers(-1, 10_000),
 )
-def test_bucket_slices_cover_their_range_exactly_in_order(lo: int, width: int, count: int) -> None:
+def test_bucket_range_slices_cover_their_range_exactly_in_order(lo: int, width: int, count: int) -> None:
     hi = min(lo + width, BUCKET_MODULUS) - 1
-    slices = three_way._bucket_slices((lo, hi), count)
+    slices = split_bucket_range(lo, hi, count)
     assert 1 <= len(slices) <= max(1, count)
     assert slices[0][0] == lo and slices[-1][1] == hi
     assert all(a <= b for a, b in slices), "no empty slice"

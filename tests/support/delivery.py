@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import json
 import signal
@@ -17,6 +16,7 @@ from typing import Any
 import httpx
 
 from pipeline.config import Settings, load_settings
+from pipeline.delivery import rate_budget
 
 CAMPAIGN = "kakao-outage-2022"
 
@@ -227,5 +227,4 @@ def busy_cpu(processes: int) -> Iterator[None]:
 
 def most_in_one_second(arrivals: list[float]) -> int:
     """The largest number of ``arrivals`` (seconds) inside any half-open one-second window."""
-    times = sorted(arrivals)
-    return max((bisect.bisect_left(times, t + 1.0) - i for i, t in enumerate(times)), default=0)
+    return rate_budget.busiest_window(arrivals)

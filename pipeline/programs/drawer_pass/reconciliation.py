@@ -57,7 +57,6 @@ class PassReconciliation(Judged):
     checks: tuple[PassCheck, ...]
     outcome: Verdict  # status and explanation are the document's "verdict" and "explanation"
 
-
     def as_dict(self) -> dict[str, Any]:
         """Plain values for --json; the whole verdict comes last, as ``outcome``."""
         values = asdict(self)

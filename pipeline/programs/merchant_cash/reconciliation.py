@@ -83,7 +83,6 @@ class MerchantReconciliation(Judged):
     tiers: list[TierLine] = field(default_factory=list)
     breaks: list[PayoutBreak] = field(default_factory=list)
 
-
     def as_dict(self) -> dict[str, Any]:
         """Plain values for --json and XCom; the whole verdict comes last, as ``outcome``."""
         return {
